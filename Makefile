@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine:
+#   make demo   create .venv, install, run the whole pipeline on the built-in model (edgeft quickstart)
+#   make test   create .venv, install, run the test suite
+# On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip never
+# pulls a multi-GB CUDA build: from a local wheel (pip --find-links) when there is one, else from
+# PyTorch's CPU index. Extra pip arguments for torch go in TORCH_PIP_ARGS.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing torch with CUDA"; $(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS); \
+	else \
+		echo "No NVIDIA GPU: installing the CPU build of torch first"; \
+		$(PY) -m pip install -q --no-index --no-deps torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS) 2>/dev/null \
+		|| $(PY) -m pip install -q --timeout 30 --retries 1 torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS) \
+			--index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/edgeft doctor
+	$(VENV)/bin/edgeft models pull smollm2-135m
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not real and not browser" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,219 @@
+"""The run directory and its manifest (`edgeft.json`): the only contract between stages.
+
+Every write here is atomic (temp file or temp directory, then `os.replace`), so an interrupted
+command never leaves a half-written manifest, adapter or export behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgeft import __version__
+from edgeft.errors import DiskSpaceError, RunError
+
+MANIFEST = "edgeft.json"
+SCHEMA_VERSION = 1
+
+
+def now() -> str:
+    """UTC timestamp for the manifest, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path, what: str = "file") -> dict:
+    """Read a JSON object, turning a corrupt or missing file into a message that names it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{what} {path} is not valid JSON ({e}). Delete it or re-run the stage that wrote it.") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{what} {path} should hold a JSON object, found {type(data).__name__}.")
+    return data
+
+
+def check_free_space(path: Path, need_bytes: int, what: str) -> None:
+    """Fail before starting work that would run out of disk halfway."""
+    path = Path(path)
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise DiskSpaceError(
+            f"{what} needs about {human_size(need_bytes)} of free disk at {probe}, "
+            f"but only {human_size(free)} is free. Free some space or point EDGEFT_HOME / --output elsewhere."
+        )
+
+
+def human_size(n: float) -> str:
+    """1536 -> '1.5 KB' (decimal units, like `ls -h --si` and model cards)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def dir_size(path: Path) -> int:
+    """Total bytes of the regular files under `path`."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, *, force: bool = False, what: str = "output") -> Iterator[Path]:
+    """Yield a temp directory beside `target`; on success it replaces `target` in one rename.
+
+    On any error (or Ctrl-C) the temp directory is removed and `target` is left untouched.
+    """
+    target = Path(target)
+    if target.exists() and not force:
+        raise RunError(f"{what} already exists: {target}. Pass --force to replace it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Run:
+    """A run directory: `edgeft.json` plus one folder per stage's output."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # --- layout -------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.path / "merged"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / "logs"
+
+    def export_dir(self, precision: str) -> Path:
+        return self.path / f"onnx-{precision}"
+
+    # --- lifecycle ----------------------------------------------------------------------
+    @staticmethod
+    def is_run(path: Path) -> bool:
+        return (Path(path) / MANIFEST).is_file()
+
+    @classmethod
+    def create(cls, path: Path, *, force: bool = False, **fields: Any) -> "Run":
+        """Start a new run directory; an existing run is replaced only with `force`."""
+        path = Path(path)
+        if path.exists():
+            if path.is_file():
+                raise RunError(f"{path} is a file, not a run directory. Choose another --output.")
+            if any(path.iterdir()):
+                if not cls.is_run(path):
+                    raise RunError(
+                        f"{path} exists and is not an edgeft run (no {MANIFEST}); refusing to touch it. "
+                        "Choose another --output."
+                    )
+                if not force:
+                    raise RunError(
+                        f"run {path} already exists. Pass --force to start it over, "
+                        f"or --resume {path} to continue it."
+                    )
+                shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        write_json_atomic(
+            run.manifest_path,
+            {"schema_version": SCHEMA_VERSION, "edgeft_version": __version__, "created_at": now(), **fields, "stages": {}},
+        )
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> "Run":
+        path = Path(path)
+        if not path.exists():
+            raise RunError(f"run directory not found: {path}. Create one with `edgeft tune`.")
+        if not cls.is_run(path):
+            raise RunError(f"{path} is not an edgeft run (no {MANIFEST} in it). Create one with `edgeft tune`.")
+        run = cls(path)
+        version = run.manifest().get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise RunError(f"{run.manifest_path} has schema version {version!r}; this edgeft reads {SCHEMA_VERSION}.")
+        return run
+
+    # --- manifest -----------------------------------------------------------------------
+    def manifest(self) -> dict:
+        return read_json(self.manifest_path, "run manifest")
+
+    def update(self, **fields: Any) -> dict:
+        data = self.manifest()
+        data.update(fields)
+        write_json_atomic(self.manifest_path, data)
+        return data
+
+    def stage(self, name: str) -> dict | None:
+        return self.manifest().get("stages", {}).get(name)
+
+    def record_stage(self, name: str, **entry: Any) -> dict:
+        """Merge `entry` into the stage's record and stamp it; returns the whole stage record."""
+        data = self.manifest()
+        stages = data.setdefault("stages", {})
+        record = {**stages.get(name, {}), **entry, "updated_at": now()}
+        stages[name] = record
+        write_json_atomic(self.manifest_path, data)
+        return record

@@ -1,0 +1,140 @@
+"""Shared fixtures: no network, isolated caches, tiny random Llama / Phi-3 checkpoints, the real SmolLM2."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).parent / "assets"
+REPO = Path(__file__).resolve().parents[1]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Phi-3-mini's own template: eos is <|endoftext|>, the end of a turn is <|end|>.
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+_real_connect = socket.socket.connect
+
+
+def _guarded_connect(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    try:
+        if self.family == socket.AF_UNIX or ipaddress.ip_address(host).is_loopback:
+            return _real_connect(self, address)
+    except ValueError:
+        if host == "localhost":
+            return _real_connect(self, address)
+    raise OSError(f"network access is forbidden in tests (tried to connect to {address})")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test gets its own cache dirs, HF offline, and no sockets except loopback."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGEFT_HOME", str(home / "edgeft"))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+
+
+def _tiny_tokenizer(out: Path, template: str, eos: str, pad: str):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(ASSETS / "tokenizer.json"),
+        eos_token=eos,
+        pad_token=pad,
+        unk_token="<|endoftext|>",
+        chat_template=template,
+        model_max_length=2048,
+    )
+    tok.save_pretrained(out)
+    return tok
+
+
+def _save_tiny(out: Path, config, tok) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with a ChatML template: the shape of SmolLM2."""
+    from transformers import LlamaConfig
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = _tiny_tokenizer(out, CHATML_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    return _save_tiny(out, config, tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> Path:
+    """A 2-layer Phi-3 (fused qkv_proj / gate_up_proj) with Phi-3's template and eos."""
+    from transformers import Phi3Config
+
+    out = tmp_path_factory.mktemp("tiny-phi3")
+    tok = _tiny_tokenizer(out, PHI3_TEMPLATE, eos="<|endoftext|>", pad="<|endoftext|>")
+    config = Phi3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+        # The genai builder needs these equal unless LongRoPE factors are given.
+        max_position_embeddings=4096, original_max_position_embeddings=4096,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    return _save_tiny(out, config, tok)
+
+
+@pytest.fixture(params=["llama", "phi3"])
+def tiny_model(request) -> Path:
+    """Both tiny architectures, one after the other."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def real_home(tmp_path_factory) -> Path:
+    """An EDGEFT_HOME holding the real built-in SmolLM2, fetched once per session.
+
+    Set EDGEFT_TEST_HOME to reuse a cache across sessions (the download is ~93 MB, the conversion ~30 s).
+    """
+    home = Path(os.environ.get("EDGEFT_TEST_HOME") or tmp_path_factory.mktemp("edgeft-real-home"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEFT_HOME", str(home))
+        from edgeft.models import ensure_builtin
+
+        ensure_builtin("smollm2-135m")
+    return home
+
+
+@pytest.fixture
+def smollm2(real_home, monkeypatch) -> Path:
+    """The real SmolLM2 folder, with EDGEFT_HOME pointing at the shared session cache."""
+    monkeypatch.setenv("EDGEFT_HOME", str(real_home))
+    return real_home / "models" / "smollm2-135m"
