@@ -14,6 +14,7 @@ import click
 
 from edgeft import __version__
 from edgeft.errors import EdgeftError
+from edgeft.pipeline.config import TuneConfig  # a light dataclass: the tune options are built from it
 
 log = logging.getLogger("edgeft")
 
@@ -117,6 +118,118 @@ def models_rm(name: str) -> None:
     from edgeft.models import remove_model
 
     click.echo(f"removed {remove_model(name)}")
+
+
+# --- data & tune --------------------------------------------------------------------------
+
+
+def config_options(cls, skip: tuple[str, ...] = ()):
+    """Click options generated from a config dataclass: one source for names, defaults and help."""
+    from dataclasses import MISSING, fields
+
+    def decorate(func):
+        for f in reversed(fields(cls)):
+            if f.name in skip:
+                continue
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not MISSING else None
+            if f.type == "bool":
+                func = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, help=f.metadata["help"])(func)
+                continue
+            choices = f.metadata.get("choices")
+            kind = click.Choice(choices) if choices else {"int": int, "float": float, "str": str}[f.type]
+            func = click.option(flag, f.name, type=kind, default=default, show_default=default not in ("", None), help=f.metadata["help"])(func)
+        return func
+
+    return decorate
+
+
+def explicit(ctx: click.Context, params: dict) -> dict:
+    """Only the options the user actually typed, so they override a config file but defaults do not."""
+    from click.core import ParameterSource
+
+    return {k: v for k, v in params.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+
+
+@cli.group()
+def data() -> None:
+    """Check training data before you train."""
+
+
+@data.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--model", default="smollm2-135m", show_default=True, help="Model whose tokenizer and chat template to use.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "chat", "alpaca", "completion", "text"]), default="auto", show_default=True)
+@click.option("--max-seq-len", type=int, default=1024, show_default=True, help="Report examples longer than this (tune truncates them).")
+@click.option("--train-on-prompt", is_flag=True, help="Count prompt tokens as trained too.")
+@click.option("--method", type=click.Choice(["qlora", "lora", "dora"]), default="qlora", show_default=True, help="For the time estimate.")
+@click.option("--epochs", type=float, default=3.0, show_default=True, help="For the time estimate.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For the time estimate.")
+def data_check(file, model, fmt, max_seq_len, train_on_prompt, method, epochs, device) -> None:
+    """Check a data file the way OpenAI's fine-tuning data preparation does, then count tokens.
+
+    \b
+    Formats (detected from the keys; --format forces one):
+      chat        {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "...", "weight": 1}]}
+      alpaca      {"instruction": "...", "input": "...", "output": "..."}
+      completion  {"prompt": "...", "completion": "..."}
+      text        {"text": "..."}
+    Exits with status 1 if any example has a problem.
+    """
+    from edgeft.models import resolve_model
+    from edgeft.pipeline.data import check_data, load_dataset
+    from edgeft.pipeline.tune import estimate_seconds, load_tokenizer, pick_device_name
+
+    dataset = load_dataset(file, fmt)
+    if dataset.problems:  # no need to fetch a tokenizer to report these
+        from edgeft.pipeline.data import DataReport
+
+        report = DataReport(dataset, [], None, dataset.problems)
+    else:
+        resolved = resolve_model(model)
+        report = check_data(file, load_tokenizer(resolved.path), fmt=fmt, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+    for line in report.lines(max_seq_len):
+        click.echo(line)
+    if not report.ok:
+        sys.exit(1)
+    dev = pick_device_name(device)
+    tokens = report.stats.tokens_per_epoch * epochs
+    seconds, basis = estimate_seconds(model, resolved.path, method, dev, int(tokens))
+    click.echo(f"  {epochs:g} epoch(s)          {int(tokens):,} tokens, about {_duration(seconds)} with {method} on {dev} ({basis})")
+    click.echo("No problems found.")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with settings (flags override it).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue an interrupted run from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Replace an existing run directory.")
+@config_options(TuneConfig)
+@click.pass_context
+def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
+    """Fine-tune a model on your chat data with QLoRA (default), LoRA or DoRA.
+
+    \b
+    Examples:
+      edgeft tune --data samples/recipes/train.jsonl --eval-file samples/recipes/eval.jsonl
+      edgeft tune --model ./my-hf-model --data chats.jsonl --method lora --epochs 2 --output runs/support
+      edgeft tune --config samples/recipes/tune.toml
+      edgeft tune --resume runs/support          # after Ctrl-C: same optimizer, schedule and data order
+    Only assistant turns (and the token that ends them) are trained unless --train-on-prompt.
+    """
+    from edgeft.pipeline import tune as tuning
+    from edgeft.pipeline.config import load_config
+
+    if resume_dir:
+        run_dir = tuning.resume(resume_dir)
+    else:
+        cfg = load_config(TuneConfig, config_file, explicit(ctx, options))
+        run_dir = tuning.tune(cfg, force=force)
+    for line in tuning.summary(run_dir):
+        click.echo(line)
 
 
 def main() -> None:

@@ -9,21 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ASSETS = Path(__file__).parent / "assets"
+from tests.tiny import build_tiny_llama, build_tiny_phi3
+
 REPO = Path(__file__).resolve().parents[1]
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# Phi-3-mini's own template: eos is <|endoftext|>, the end of a turn is <|end|>.
-PHI3_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-
 _real_connect = socket.socket.connect
 
 
@@ -52,64 +40,16 @@ def isolated(tmp_path, monkeypatch):
     yield tmp_path
 
 
-def _tiny_tokenizer(out: Path, template: str, eos: str, pad: str):
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(ASSETS / "tokenizer.json"),
-        eos_token=eos,
-        pad_token=pad,
-        unk_token="<|endoftext|>",
-        chat_template=template,
-        model_max_length=2048,
-    )
-    tok.save_pretrained(out)
-    return tok
-
-
-def _save_tiny(out: Path, config, tok) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64) with a ChatML template: the shape of SmolLM2."""
-    from transformers import LlamaConfig
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = _tiny_tokenizer(out, CHATML_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>")
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    return _save_tiny(out, config, tok)
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_phi3(tmp_path_factory) -> Path:
     """A 2-layer Phi-3 (fused qkv_proj / gate_up_proj) with Phi-3's template and eos."""
-    from transformers import Phi3Config
-
-    out = tmp_path_factory.mktemp("tiny-phi3")
-    tok = _tiny_tokenizer(out, PHI3_TEMPLATE, eos="<|endoftext|>", pad="<|endoftext|>")
-    config = Phi3Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4,
-        # The genai builder needs these equal unless LongRoPE factors are given.
-        max_position_embeddings=4096, original_max_position_embeddings=4096,
-        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
-    return _save_tiny(out, config, tok)
+    return build_tiny_phi3(tmp_path_factory.mktemp("tiny-phi3"))
 
 
 @pytest.fixture(params=["llama", "phi3"])

@@ -1,0 +1,139 @@
+"""Configuration dataclasses. Each field carries its help text; the CLI options are built from them.
+
+Precedence: defaults < `--config FILE.toml` < command-line flags. The resolved config is saved in
+the run manifest, so a run can always be reproduced or resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None, **kw) -> Any:
+    """A dataclass field with CLI metadata: help text, allowed choices, optional flag name."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TuneConfig:
+    """Everything `edgeft tune` needs. Defaults suit a ~100M-4B model on one CPU or GPU."""
+
+    model: str = opt("smollm2-135m", "Base model: built-in name, HF folder, .gguf file or Hub id.")
+    data: str = opt("", "Training data: JSONL or JSON array (chat, alpaca, prompt/completion or text).")
+    eval_file: str = opt("", "Held-out data for eval loss/perplexity (same formats as --data).")
+    val_split: float = opt(0.0, "Hold out this fraction of --data for evaluation when there is no --eval-file.")
+    format: str = opt("auto", "Data format; auto detects it from the keys.", choices=("auto", "chat", "alpaca", "completion", "text"))
+    output: str = opt("", "Run directory to create (default: runs/<data name>-<method>).")
+    method: str = opt("qlora", "qlora = 4-bit NF4 base + LoRA (least memory); lora = full-precision base; dora = weight-decomposed LoRA.", choices=("qlora", "lora", "dora"))
+    lora_r: int = opt(16, "LoRA rank: higher = more capacity, more memory.")
+    lora_alpha: int = opt(32, "LoRA scaling numerator (the update is scaled by alpha/r).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input during training.")
+    target_modules: str = opt("all-linear", "Comma-separated module names to adapt, or all-linear (every linear layer but the output head).")
+    epochs: float = opt(3.0, "Passes over the training data (fractions allowed).")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = run all epochs). The schedule follows it.")
+    learning_rate: float = opt(2e-4, "Peak learning rate.", flag="--lr")
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.05, "Fraction of steps spent warming the learning rate up from 0.")
+    weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = off).")
+    max_seq_len: int = opt(1024, "Examples longer than this many tokens are truncated (data check reports how many).")
+    batch_tokens: int = opt(2048, "Tokens per step: examples are packed into one row up to this length, with no padding.")
+    grad_accum: int = opt(1, "Steps of gradients to accumulate before each optimizer update.")
+    train_on_prompt: bool = opt(False, "Also train on system/user tokens (default: only assistant turns and their end-of-turn token).")
+    eval_every: int = opt(0, "Also evaluate every N optimizer steps (0 = once per epoch).")
+    save_every: int = opt(50, "Write a resumable checkpoint every N optimizer steps (and always on Ctrl-C).")
+    seed: int = opt(42, "Seed for data order, dropout and LoRA initialisation.")
+    device: str = opt("auto", "Where to train: auto picks CUDA when available.", choices=("auto", "cpu", "cuda"))
+    precision: str = opt("auto", "Compute precision; auto = bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.", choices=("auto", "fp32", "bf16", "fp16"))
+    threads: int = opt(0, "CPU threads for torch (0 = all cores).")
+    gradient_checkpointing: str = opt("auto", "Trade compute for memory; auto = on for CUDA, off on CPU.", choices=("auto", "on", "off"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Fail on the first bad value, naming the field, the value and what is allowed."""
+        checks = [
+            ("lora_r", self.lora_r >= 1, "a positive integer"),
+            ("lora_alpha", self.lora_alpha > 0, "positive"),
+            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)"),
+            ("epochs", self.epochs > 0, "positive"),
+            ("max_steps", self.max_steps >= 0, "0 or more"),
+            ("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)"),
+            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "0 or more"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "0 or more"),
+            ("max_seq_len", self.max_seq_len >= 16, "at least 16"),
+            ("batch_tokens", self.batch_tokens >= 16, "at least 16"),
+            ("grad_accum", self.grad_accum >= 1, "at least 1"),
+            ("val_split", 0.0 <= self.val_split <= 0.5, "in [0, 0.5]"),
+            ("eval_every", self.eval_every >= 0, "0 or more"),
+            ("save_every", self.save_every >= 1, "at least 1"),
+            ("threads", self.threads >= 0, "0 or more"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{name} = {getattr(self, name)!r} is invalid: it must be {allowed}.")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is invalid: choose one of {', '.join(choices)}.")
+        if self.batch_tokens < self.max_seq_len:
+            raise ConfigError(
+                f"batch_tokens ({self.batch_tokens}) is smaller than max_seq_len ({self.max_seq_len}): "
+                "one full-length example must fit in a step. Raise --batch-tokens or lower --max-seq-len."
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def load_config(cls, path: str | Path | None, overrides: dict[str, Any]):
+    """Build a config from a TOML file (optional) and explicit overrides (the flags the user gave)."""
+    values: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        values = values.get("tune", values) if cls is TuneConfig else values
+    values.update(overrides)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        import difflib
+
+        hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown]
+        raise ConfigError(f"unknown setting(s) in {path or 'options'}: {', '.join(hints)}.")
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value, want = values[f.name], _TYPES[f.type]
+        if not isinstance(value, want) or (f.type != "bool" and isinstance(value, bool)):
+            raise ConfigError(f"{f.name} = {value!r} in {path or 'options'} has the wrong type: expected {f.type}.")
+        if f.type == "float":
+            values[f.name] = float(value)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"bad setting in {path or 'options'}: {e}") from None
