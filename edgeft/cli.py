@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -117,6 +118,43 @@ def models_rm(name: str) -> None:
     from edgeft.models import remove_model
 
     click.echo(f"removed {remove_model(name)}")
+
+
+# --- chat & serve -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--system", help="A system prompt that starts every conversation.")
+@click.option("-p", "--prompt", help="Answer this one message and exit. Text piped on stdin does the same.")
+@click.option("--max-tokens", type=int, help="Most new tokens per answer.  [default: up to the context size]")
+@click.option("--temperature", type=float, help="0 = greedy, up to 2 = wild.  [default: the model's own]")
+@click.option("--top-p", type=float, help="Nucleus sampling mass, (0, 1].")
+@click.option("--top-k", type=int, help="Sample among the k most likely tokens; 0 = no limit.")
+@click.option("--repetition-penalty", type=float, help="> 1 discourages repetition; 1 = off.")
+@click.option("--stop", multiple=True, help="A string that ends the answer (repeatable, up to 4).")
+@click.option("--seed", type=int, help="Makes sampled answers repeatable.")
+@click.option("--threads", type=int, help="CPU threads for ONNX Runtime.  [default: all cores]")
+@click.option("--stats", is_flag=True, help="After each answer, print tokens/s and time to first token.")
+def chat(path: Path, system: str | None, prompt: str | None, threads: int | None, stats: bool, **generation) -> None:
+    """Chat with an exported model in the terminal: PATH is runs/NAME or runs/NAME/onnx-int4.
+
+    \b
+    In the chat: Ctrl-C stops the answer, /reset starts over, /exit or Ctrl-D leaves.
+    For scripts: edgeft chat runs/NAME --prompt "..."   or   echo "..." | edgeft chat runs/NAME
+    """
+    from edgeft.runtime import ChatModel, GenerationOptions
+    from edgeft.runtime.chat import answer_once, chat_loop
+
+    options = {k: (list(v) if k == "stop" else v) for k, v in generation.items() if v not in (None, ())}
+    GenerationOptions(**options)  # bad options fail before the model loads
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    model = ChatModel.load(path, threads=threads)
+    if prompt is not None:
+        answer_once(model, prompt, system=system, options=options, stats=stats)
+    else:
+        chat_loop(model, system=system, options=options, stats=stats)
 
 
 def main() -> None:
