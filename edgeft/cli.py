@@ -157,5 +157,37 @@ def chat(path: Path, system: str | None, prompt: str | None, threads: int | None
         chat_loop(model, system=system, options=options, stats=stats)
 
 
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 opens it to the network.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--api-key", envvar="EDGEFT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set EDGEFT_API_KEY).")
+@click.option("--parallel", default=1, show_default=True, help="Answers generated at the same time (each uses --threads).")
+@click.option("--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 503.")
+@click.option("--max-body", default=1_000_000, show_default=True, help="Largest request body accepted, in bytes.")
+@click.option("--threads", type=int, help="CPU threads for ONNX Runtime per answer.  [default: all cores]")
+def serve(path: Path, host: str, port: int, api_key: str | None, parallel: int, queue_size: int, max_body: int,
+          threads: int | None) -> None:  # fmt: skip
+    """Serve an exported model: OpenAI-compatible API at /v1 and a web chat page at /.
+
+    \b
+    PATH is runs/NAME or runs/NAME/onnx-int4. Then, for example:
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "edgeft", "messages": [{"role": "user", "content": "Hi!"}]}'
+    or open http://127.0.0.1:8000/ in a browser.
+    """
+    from edgeft.errors import ConfigError
+
+    for name, value, low in (("--parallel", parallel, 1), ("--queue-size", queue_size, 0), ("--max-body", max_body, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}.")
+    try:
+        from edgeft.runtime.server import serve as run_server
+    except ImportError as e:
+        raise ConfigError(f"edgeft serve needs the server extra ({e.name} is missing): pip install 'edgeft[serve]'.") from e
+    run_server(path, host=host, port=port, api_key=api_key, threads=threads, parallel=parallel, max_queue=queue_size,
+               max_body=max_body)  # fmt: skip
+
+
 def main() -> None:
     cli(prog_name="edgeft")

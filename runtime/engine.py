@@ -29,6 +29,10 @@ MAX_STOP_STRINGS = 4  # as in OpenAI's API; each one costs a scan per token
 MAX_SEED = 2**31 - 1  # onnxruntime-genai's random_seed is a C++ int
 
 
+class ContextLengthError(GenerationError):
+    """The prompt, or the prompt plus max_tokens, does not fit in the model's context."""
+
+
 # --- options and results ------------------------------------------------------------------
 
 
@@ -350,12 +354,12 @@ class ChatModel:
         prompt_ids = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
         room = self.context_length - len(prompt_ids)
         if room < 1:
-            raise GenerationError(
+            raise ContextLengthError(
                 f"the prompt is {len(prompt_ids)} tokens, but {self.name} has a context of {self.context_length} "
                 "tokens and needs room for at least one new token. Shorten the conversation or start a new one."
             )
         if opts.max_tokens is not None and opts.max_tokens > room:
-            raise GenerationError(
+            raise ContextLengthError(
                 f"max_tokens={opts.max_tokens} does not fit: the prompt is {len(prompt_ids)} tokens and {self.name} "
                 f"has a context of {self.context_length}, so at most {room} new tokens fit. Lower max_tokens."
             )
