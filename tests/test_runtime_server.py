@@ -15,75 +15,12 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from edgeft.runtime import ChatModel
 from edgeft.runtime.server import create_app
+from tests.helpers import LiveServer, SlowModel, wait_for
 
 HI = [{"role": "user", "content": "hi"}]
-
-
-class LiveServer:
-    """A uvicorn server on a free loopback port, in a background thread."""
-
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def client(self, api_key: str = "unused", **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=30, **kwargs)
-
-    def post(self, body, **kwargs) -> httpx.Response:
-        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
-        kwargs.setdefault("timeout", 30)
-        return httpx.post(f"{self.url}/v1/chat/completions", content=content, headers=headers, **kwargs)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-class SlowModel:
-    """A ChatModel whose answers trickle out (20 ms a piece), so tests can act mid-answer.
-
-    The tiny models write thousands of tokens a second: too fast to disconnect in the middle.
-    Every stream it hands out is kept, so a test can check how each one ended.
-    """
-
-    def __init__(self, model: ChatModel, delay: float = 0.02):
-        self.model, self.delay, self.streams = model, delay, []
-        self.name, self.context_length, self.path = model.name, model.context_length, model.path
-
-    def stream(self, messages, **options):
-        stream = SlowStream(self.model.stream(messages, **options), self.delay)
-        self.streams.append(stream)
-        return stream
-
-
-class SlowStream:
-    def __init__(self, inner, delay):
-        self.inner, self.delay = inner, delay
-
-    def __iter__(self):
-        for piece in self.inner:
-            time.sleep(self.delay)
-            yield piece
-
-    def cancel(self):
-        self.inner.cancel()
-
-    @property
-    def result(self):
-        return self.inner.result
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +144,7 @@ def test_full_queue_answers_503_with_retry_after(model):
                 health = httpx.get(f"{live.url}/health").json()
                 assert (health["running"], health["waiting"]) == (1, 1)
         # both clients left: their generations stop and the server takes work again
-        _wait_for(lambda: httpx.get(f"{live.url}/health").json()["running"] == 0)
+        wait_for(lambda: httpx.get(f"{live.url}/health").json()["running"] == 0)
         assert live.post({"messages": HI, "max_tokens": 5}).status_code == 200
     finally:
         live.stop()
@@ -223,7 +160,7 @@ def test_client_disconnect_mid_stream_stops_generation(model):
             for _ in range(5):
                 next(lines)
         # the connection is closed here, after a handful of tokens
-        _wait_for(lambda: slow.streams[0].result is not None)
+        wait_for(lambda: slow.streams[0].result is not None)
         result = slow.streams[0].result
         assert result.finish_reason == "cancelled"
         assert result.usage["completion_tokens"] < 200
@@ -237,17 +174,10 @@ def test_client_disconnect_during_non_streaming_request_stops_generation(model):
     try:
         with pytest.raises(httpx.ReadTimeout):
             live.post({"messages": HI, "max_tokens": 2000, "temperature": 0}, timeout=0.5)
-        _wait_for(lambda: slow.streams[0].result is not None)
+        wait_for(lambda: slow.streams[0].result is not None)
         assert slow.streams[0].result.finish_reason == "cancelled"
     finally:
         live.stop()
-
-
-def _wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 # --- bad input ----------------------------------------------------------------------------
@@ -381,7 +311,7 @@ def test_edgeft_serve_command(tiny_phi3_export, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "edgeft", "serve", str(tiny_phi3_export), "--port", str(port),
                              "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
     try:
-        _wait_for(lambda: _health(port), timeout=60)
+        wait_for(lambda: _health(port), timeout=60)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="from-env", max_retries=0)
         assert client.chat.completions.create(model="m", messages=HI, max_tokens=3).usage.completion_tokens <= 3
         with pytest.raises(openai.AuthenticationError):
