@@ -181,10 +181,8 @@ def serve(path: Path, host: str, port: int, api_key: str | None, parallel: int, 
     for name, value, low in (("--parallel", parallel, 1), ("--queue-size", queue_size, 0), ("--max-body", max_body, 1)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}.")
-    try:
-        from edgeft.runtime.server import serve as run_server
-    except ImportError as e:
-        raise ConfigError(f"edgeft serve needs the server extra ({e.name} is missing): pip install 'edgeft[serve]'.") from e
+    from edgeft.runtime.server import serve as run_server  # says to install edgeft[serve] if fastapi is missing
+
     run_server(path, host=host, port=port, api_key=api_key, threads=threads, parallel=parallel, max_queue=queue_size,
                max_body=max_body)  # fmt: skip
 
