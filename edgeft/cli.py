@@ -159,10 +159,11 @@ def chat(path: Path, system: str | None, prompt: str | None, threads: int | None
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 opens it to the network.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 opens it to others.")
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
-@click.option("--api-key", envvar="EDGEFT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set EDGEFT_API_KEY).")
-@click.option("--parallel", default=1, show_default=True, help="Answers generated at the same time (each uses --threads).")
+@click.option("--api-key", envvar="EDGEFT_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1.  [env: EDGEFT_API_KEY]")
+@click.option("--parallel", default=1, show_default=True, help="Answers generated at once (each uses --threads).")
 @click.option("--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 503.")
 @click.option("--max-body", default=1_000_000, show_default=True, help="Largest request body accepted, in bytes.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime per answer.  [default: all cores]")

@@ -14,11 +14,12 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from edgeft.errors import GenerationError, ModelError
+from edgeft.runtime.template import ChatTemplate
 
 log = logging.getLogger("edgeft")
 
@@ -241,7 +242,8 @@ class ChatStream:
         import onnxruntime_genai as og
 
         model, started = self.model, time.perf_counter()
-        generator = og.Generator(model._og_model, model._search_params(self._options, self.prompt_tokens + self._max_tokens))
+        params = model._search_params(self._options, max_length=self.prompt_tokens + self._max_tokens)
+        generator = og.Generator(model._og_model, params)
         generator.append_tokens(self._prompt_ids)  # the prefill: runs the model over the whole prompt
         decoder = model._tokenizer.create_stream()
         stops = StopStringFilter(self._options.stop)
@@ -288,7 +290,8 @@ class ChatStream:
 class ChatModel:
     """An exported chat model, ready to answer. Make one with `ChatModel.load(path)`."""
 
-    def __init__(self, path: Path, og_model: Any, tokenizer: Any, genai_config: dict, template: "ChatTemplate", name: str):
+    def __init__(self, path: Path, og_model: Any, tokenizer: Any, genai_config: dict, template: ChatTemplate,
+                 name: str):  # fmt: skip
         self.path = path
         self.name = name
         self.genai_config = genai_config
@@ -298,7 +301,9 @@ class ChatModel:
         model_cfg = genai_config.get("model", {})
         context = model_cfg.get("context_length") or genai_config.get("search", {}).get("max_length")
         if not isinstance(context, int) or context < 2:
-            raise ModelError(f"{path / 'genai_config.json'} has no usable model.context_length ({context!r}). Export again.")
+            raise ModelError(
+                f"{path / 'genai_config.json'} has no usable model.context_length ({context!r}). Export again."
+            )
         self.context_length: int = context
         eos = model_cfg.get("eos_token_id", [])
         self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else eos)
@@ -312,7 +317,7 @@ class ChatModel:
             raise GenerationError(f"threads must be a whole number of at least 1, got {threads!r}.")
         folder, name = resolve_export(Path(path))
         genai_config = _read_json(folder / "genai_config.json")
-        template = ChatTemplate.from_folder(folder)
+        template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
         config = og.Config(str(folder))
         if threads:
             # The og.Config overlay changes the session options in memory, so a large export is
@@ -322,7 +327,9 @@ class ChatModel:
             og_model = og.Model(config)
             tokenizer = og.Tokenizer(og_model)
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load problem
-            raise ModelError(f"onnxruntime-genai could not load {folder}: {e}. Re-export it with `edgeft export`.") from e
+            raise ModelError(
+                f"onnxruntime-genai could not load {folder}: {e}. Export it again with `edgeft export`."
+            ) from e
         # The rendered template already holds any BOS the model wants, as in transformers'
         # apply_chat_template(tokenize=True); the tokenizer must not add another.
         tokenizer.update_options(add_special_tokens="false")
@@ -460,92 +467,3 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ModelError(f"{path} should hold a JSON object. Export the model again.")
     return data
-
-
-# --- chat template --------------------------------------------------------------------------
-
-
-@dataclass
-class ChatTemplate:
-    """The model's own Jinja chat template, rendered the way transformers renders it."""
-
-    source: str
-    special_tokens: dict[str, str] = field(default_factory=dict)
-    origin: str = ""
-    _compiled: Any = field(default=None, init=False, repr=False, compare=False)
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> "ChatTemplate":
-        config = _read_json(folder / "tokenizer_config.json")
-        template, origin = config.get("chat_template"), folder / "tokenizer_config.json"
-        if isinstance(template, list):  # the older multi-template form: [{"name": "default", "template": ...}]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        if not template and (folder / "chat_template.jinja").is_file():
-            template, origin = (folder / "chat_template.jinja").read_text(encoding="utf-8"), folder / "chat_template.jinja"
-        if not isinstance(template, str) or not template.strip():
-            raise ModelError(
-                f"{folder} has no chat template (neither tokenizer_config.json 'chat_template' nor chat_template.jinja). "
-                "Export from a chat model, or add its template to tokenizer_config.json."
-            )
-        chat_template = cls(template, _special_tokens(config), str(origin))
-        chat_template.compile()
-        return chat_template
-
-    def compile(self) -> None:
-        """Parse the template now, so a broken one fails at load and not at the first message."""
-        import jinja2
-
-        try:
-            self._compiled = _jinja_env().from_string(self.source)
-        except jinja2.TemplateError as e:
-            raise ModelError(f"the chat template in {self.origin} is not valid Jinja: {e}") from None
-
-    def render(self, messages: list[dict[str, str]]) -> str:
-        import jinja2
-
-        try:
-            if self._compiled is None:
-                self.compile()
-            return self._compiled.render(messages=messages, add_generation_prompt=True, tools=None,
-                                           documents=None, **self.special_tokens)  # fmt: skip
-        except jinja2.TemplateError as e:
-            # raise_exception() in a template is how a model says "this conversation is not allowed".
-            raise GenerationError(f"the chat template ({self.origin}) rejected the conversation: {e}") from None
-
-
-def _special_tokens(tokenizer_config: dict) -> dict[str, str]:
-    """bos_token, eos_token, ... as strings; tokenizer_config.json may store them as {'content': ...}."""
-    tokens = {}
-    for key, value in tokenizer_config.items():
-        if not key.endswith("_token"):
-            continue
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            tokens[key] = value
-    return tokens
-
-
-def _jinja_env() -> Any:
-    from datetime import datetime
-
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    # The same environment transformers uses, so templates behave identically here and in training.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
-    # transformers overrides jinja's tojson, which HTML-escapes, with plain json.dumps.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

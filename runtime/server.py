@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, AsyncIterator
 
-from edgeft.errors import EdgeftError, GenerationError
+from edgeft.errors import ConfigError, EdgeftError, GenerationError
 from edgeft.runtime.engine import ChatModel, ChatResult, ContextLengthError
 
 try:
@@ -189,7 +189,8 @@ def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bo
         raise ApiError(400, "n must be 1: this server generates one answer per request.", param="n")
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
-            raise ApiError(400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats).", param=name)
+            raise ApiError(400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats).",
+                           param=name)  # fmt: skip
     if body.get("tools") or body.get("functions"):
         raise ApiError(400, "tools and function calling are not supported by this server.", param="tools")
     stream = body.get("stream", False)
@@ -216,8 +217,10 @@ def _messages(messages: Any) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
         if isinstance(content, list):  # content parts: only text is supported
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported.", param=f"messages[{i}].content")
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):  # fmt: skip
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported.",
+                               param=f"messages[{i}].content")  # fmt: skip
             content = "\n".join(p["text"] for p in content)
         out.append({"role": role, "content": content})
     return out
@@ -230,7 +233,8 @@ def create_app(model: ChatModel, api_key: str | None = None, max_queue: int = 8,
                parallel: int = 1) -> FastAPI:  # fmt: skip
     """The ASGI app serving `model`; `api_key` (if set) is required as `Authorization: Bearer KEY` on /v1."""
     if parallel < 1 or max_queue < 0 or max_body < 1:
-        raise GenerationError(f"parallel must be >= 1, queue size >= 0 and body limit >= 1 (got {parallel}, {max_queue}, {max_body}).")
+        raise ConfigError(f"parallel must be at least 1, max_queue at least 0 and max_body at least 1; "
+                          f"got {parallel}, {max_queue}, {max_body}.")  # fmt: skip
     scheduler = Scheduler(parallel, max_queue)
     created = int(time.time())
     app = FastAPI(title="edgeft", docs_url=None, redoc_url=None, openapi_url=None)
@@ -302,8 +306,8 @@ def create_app(model: ChatModel, api_key: str | None = None, max_queue: int = 8,
         completion_id, started = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream_it:
             events = _sse(scheduler.run(stream, ticket), completion_id, started, model.name, include_usage)
-            return _TicketedStreamingResponse(events, ticket, media_type="text/event-stream",
-                                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of events
+            return _TicketedStreamingResponse(events, ticket, media_type="text/event-stream", headers=headers)
         try:
             result = await _collect(scheduler.run(stream, ticket), request, stream)
         finally:
@@ -375,7 +379,9 @@ async def _sse(events: AsyncIterator[tuple[str, Any]], completion_id: str, creat
     """ChatStream events as OpenAI chat.completion.chunk server-sent events, ending with [DONE]."""
 
     def chunk(delta: dict | None, finish_reason: str | None = None, **extra: Any) -> str:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        choices = []
+        if delta is not None:
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
         data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": choices, **extra}  # fmt: skip
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

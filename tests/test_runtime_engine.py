@@ -122,6 +122,20 @@ def test_bad_thread_count_is_refused(tiny_llama_export):
         ChatModel.load(tiny_llama_export, threads=0)
 
 
+def test_thread_count_reaches_onnx_runtime(tiny_llama_export):
+    """threads=N gives the model's session an intra-op pool of N (the caller's thread + N-1 new ones)."""
+    code = (
+        "import os; from edgeft.runtime import ChatModel\n"
+        "count = lambda: len(os.listdir('/proc/self/task'))\n"
+        f"one = ChatModel.load({str(tiny_llama_export)!r}, threads=1)\n"
+        "before = count()\n"
+        f"four = ChatModel.load({str(tiny_llama_export)!r}, threads=4)\n"
+        "print(count() - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "3"
+
+
 def test_thread_count_does_not_change_the_greedy_answer(tiny_llama_export, llama):
     one = ChatModel.load(tiny_llama_export, threads=1)
     assert one.chat(HI, max_tokens=12, temperature=0).text == llama.chat(HI, max_tokens=12, temperature=0).text

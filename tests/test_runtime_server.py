@@ -9,8 +9,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import openai
