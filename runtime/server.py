@@ -237,9 +237,14 @@ def create_app(model: ChatModel, api_key: str | None = None, max_queue: int = 8,
                           f"got {parallel}, {max_queue}, {max_body}.")  # fmt: skip
     scheduler = Scheduler(parallel, max_queue)
     created = int(time.time())
-    app = FastAPI(title="edgeft", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.shutdown()
+
+    app = FastAPI(title="edgeft", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.scheduler, app.state.model = scheduler, model
-    app.router.on_shutdown.append(scheduler.shutdown)
     page = resources.files("edgeft.runtime").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(ApiError)
