@@ -318,12 +318,13 @@ class ChatModel:
         folder, name = resolve_export(Path(path))
         genai_config = _read_json(folder / "genai_config.json")
         template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
-        config = og.Config(str(folder))
-        if threads:
-            # The og.Config overlay changes the session options in memory, so a large export is
-            # never copied just to change its thread count.
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         try:
+            config = og.Config(str(folder))
+            if threads:
+                # An overlay changes the session options in memory: a large export is never
+                # copied or rewritten just to change its thread count.
+                session = {"intra_op_num_threads": threads}
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
             og_model = og.Model(config)
             tokenizer = og.Tokenizer(og_model)
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load problem
@@ -333,8 +334,9 @@ class ChatModel:
         # The rendered template already holds any BOS the model wants, as in transformers'
         # apply_chat_template(tokenize=True); the tokenizer must not add another.
         tokenizer.update_options(add_special_tokens="false")
-        log.debug("loaded %s (context %s, threads %s)", folder, genai_config["model"].get("context_length"), threads)
-        return cls(folder, og_model, tokenizer, genai_config, template, name)
+        model = cls(folder, og_model, tokenizer, genai_config, template, name)
+        log.debug("loaded %s (context %d, threads %s)", folder, model.context_length, threads or "default")
+        return model
 
     def __repr__(self) -> str:
         return f"ChatModel({self.name!r}, path={str(self.path)!r}, context_length={self.context_length})"

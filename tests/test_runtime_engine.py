@@ -107,6 +107,13 @@ def test_a_missing_file_is_named(tmp_path, tiny_llama_export, missing):
         ChatModel.load(folder)
 
 
+def test_a_corrupt_model_file_is_a_load_error(tmp_path, tiny_llama_export):
+    folder = copy_export(tiny_llama_export, tmp_path / "export")
+    (folder / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ModelError, match=r"onnxruntime-genai could not load .*export.*edgeft export"):
+        ChatModel.load(folder)
+
+
 def test_a_hugging_face_checkpoint_gets_an_export_hint(tiny_llama):
     with pytest.raises(ModelError, match=r"not an edgeft/onnxruntime-genai export.*Hugging Face checkpoint.*edgeft export"):
         ChatModel.load(tiny_llama)
