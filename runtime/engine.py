@@ -134,8 +134,8 @@ class ChatResult:
     text: str
     finish_reason: str  # "stop" (end of turn or a stop string), "length" (max_tokens or context), "cancelled"
     usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens (OpenAI's names)
-    time_to_first_token: float | None = None  # seconds from the call to the first generated token
-    elapsed: float = 0.0  # seconds from the call to the end
+    time_to_first_token: float | None = None  # seconds from the start of generation to the first token
+    elapsed: float = 0.0  # seconds from the start of generation (not counting a wait in a queue) to the end
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -242,14 +242,16 @@ class ChatStream:
         import onnxruntime_genai as og
 
         model, started = self.model, time.perf_counter()
-        params = model._search_params(self._options, max_length=self.prompt_tokens + self._max_tokens)
-        generator = og.Generator(model._og_model, params)
-        generator.append_tokens(self._prompt_ids)  # the prefill: runs the model over the whole prompt
-        decoder = model._tokenizer.create_stream()
         stops = StopStringFilter(self._options.stop)
         parts: list[str] = []
         generated, first_token_at, last = 0, None, None
         try:
+            if self.cancelled:  # cancelled before its turn came (a server queue): skip even the prefill
+                return
+            params = model._search_params(self._options, max_length=self.prompt_tokens + self._max_tokens)
+            generator = og.Generator(model._og_model, params)
+            generator.append_tokens(self._prompt_ids)  # the prefill: runs the model over the whole prompt
+            decoder = model._tokenizer.create_stream()
             while not generator.is_done() and not self.cancelled and not stops.stopped:
                 generator.generate_next_token()
                 last = int(generator.get_next_tokens()[0])

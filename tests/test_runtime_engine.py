@@ -302,6 +302,13 @@ def test_closing_a_stream_early_keeps_the_partial_result(llama):
     assert stream.result.text == first
 
 
+def test_a_stream_cancelled_before_it_starts_does_no_work(llama):
+    stream = llama.stream(HI, max_tokens=50)
+    stream.cancel()
+    assert list(stream) == []
+    assert stream.result.finish_reason == "cancelled" and stream.result.usage["completion_tokens"] == 0
+
+
 def test_prompt_longer_than_the_context_is_a_clear_error(llama):
     with pytest.raises(GenerationError, match=r"the prompt is \d+ tokens, but .* context of 2048 tokens"):
         llama.chat([{"role": "user", "content": "hello " * 3000}])
