@@ -15,6 +15,6 @@ The terminal chat (`edgeft.runtime.chat`) and the server (`edgeft.runtime.server
 edgeft[serve]) are built on the same ChatModel.
 """
 
-from edgeft.runtime.engine import ChatModel, ChatResult, ChatStream, GenerationOptions
+from edgeft.runtime.engine import ChatModel, ChatResult, ChatStream, ContextLengthError, GenerationOptions
 
-__all__ = ["ChatModel", "ChatResult", "ChatStream", "GenerationOptions"]
+__all__ = ["ChatModel", "ChatResult", "ChatStream", "ContextLengthError", "GenerationOptions"]
