@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast chromium clean
 
 setup: $(VENV)/.installed
 
@@ -34,11 +34,24 @@ demo: setup
 	$(VENV)/bin/edgeft doctor
 	$(VENV)/bin/edgeft models pull smollm2-135m
 
-test: setup
+test: setup chromium
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not real and not browser" $(PYTEST_ARGS)
+
+# The web page test drives Debian's chromium (test tools cannot download a browser here). Installed
+# when missing and we are root; otherwise the browser test skips and says why.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing chromium for the browser test"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null \
+				|| echo "chromium could not be installed: the browser test will be skipped"; \
+		else \
+			echo "No /usr/bin/chromium and not root: the browser test will be skipped"; \
+		fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -230,6 +231,74 @@ def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
         run_dir = tuning.tune(cfg, force=force)
     for line in tuning.summary(run_dir):
         click.echo(line)
+
+
+# --- chat & serve -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--system", help="A system prompt that starts every conversation.")
+@click.option("-p", "--prompt", help="Answer this one message and exit. Text piped on stdin does the same.")
+@click.option("--max-tokens", type=int, help="Most new tokens per answer.  [default: up to the context size]")
+@click.option("--temperature", type=float, help="0 = greedy, up to 2 = wild.  [default: the model's own]")
+@click.option("--top-p", type=float, help="Nucleus sampling mass, (0, 1].")
+@click.option("--top-k", type=int, help="Sample among the k most likely tokens; 0 = no limit.")
+@click.option("--repetition-penalty", type=float, help="> 1 discourages repetition; 1 = off.")
+@click.option("--stop", multiple=True, help="A string that ends the answer (repeatable, up to 4).")
+@click.option("--seed", type=int, help="Makes sampled answers repeatable.")
+@click.option("--threads", type=int, help="CPU threads for ONNX Runtime.  [default: all cores]")
+@click.option("--stats", is_flag=True, help="After each answer, print tokens/s and time to first token.")
+def chat(path: Path, system: str | None, prompt: str | None, threads: int | None, stats: bool, **generation) -> None:
+    """Chat with an exported model in the terminal: PATH is runs/NAME or runs/NAME/onnx-int4.
+
+    \b
+    In the chat: Ctrl-C stops the answer, /reset starts over, /exit or Ctrl-D leaves.
+    For scripts: edgeft chat runs/NAME --prompt "..."   or   echo "..." | edgeft chat runs/NAME
+    """
+    from edgeft.runtime import ChatModel, GenerationOptions
+    from edgeft.runtime.chat import answer_once, chat_loop
+
+    options = {k: (list(v) if k == "stop" else v) for k, v in generation.items() if v not in (None, ())}
+    GenerationOptions(**options)  # bad options fail before the model loads
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    model = ChatModel.load(path, threads=threads)
+    if prompt is not None:
+        answer_once(model, prompt, system=system, options=options, stats=stats)
+    else:
+        chat_loop(model, system=system, options=options, stats=stats)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 opens it to others.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--api-key", envvar="EDGEFT_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1.  [env: EDGEFT_API_KEY]")
+@click.option("--parallel", default=1, show_default=True, help="Answers generated at once (each uses --threads).")
+@click.option("--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 503.")
+@click.option("--max-body", default=1_000_000, show_default=True, help="Largest request body accepted, in bytes.")
+@click.option("--threads", type=int, help="CPU threads for ONNX Runtime per answer.  [default: all cores]")
+def serve(path: Path, host: str, port: int, api_key: str | None, parallel: int, queue_size: int, max_body: int,
+          threads: int | None) -> None:  # fmt: skip
+    """Serve an exported model: OpenAI-compatible API at /v1 and a web chat page at /.
+
+    \b
+    PATH is runs/NAME or runs/NAME/onnx-int4. Then, for example:
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "edgeft", "messages": [{"role": "user", "content": "Hi!"}]}'
+    or open http://127.0.0.1:8000/ in a browser.
+    """
+    from edgeft.errors import ConfigError
+
+    for name, value, low in (("--parallel", parallel, 1), ("--queue-size", queue_size, 0), ("--max-body", max_body, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}.")
+    from edgeft.runtime.server import serve as run_server  # says to install edgeft[serve] if fastapi is missing
+
+    run_server(path, host=host, port=port, api_key=api_key, threads=threads, parallel=parallel, max_queue=queue_size,
+               max_body=max_body)  # fmt: skip
 
 
 def main() -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +60,58 @@ def tiny_phi3(tmp_path_factory) -> Path:
 def tiny_model(request) -> Path:
     """Both tiny architectures, one after the other."""
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+# Tokens that end a turn in the chat templates we test; the export must stop on them as well as on eos.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|end|>", "<|eot_id|>")
+
+
+def _build_test_export(hf_dir: Path, out: Path) -> Path:
+    """An fp32 onnxruntime-genai export of a tiny HF checkpoint, shaped like `edgeft export` output.
+
+    The model builder writes genai_config.json and model.onnx; then the HF tokenizer files are
+    copied over with the chat template inside tokenizer_config.json, and model.eos_token_id lists
+    every token that ends a turn (Phi-3's eos is <|endoftext|>, but a turn ends with <|end|>).
+    """
+    cache = out.parent / f"{out.name}-builder-cache"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+           "-p", "fp32", "-e", "cpu", "-c", str(cache)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)  # the builder is very noisy
+    if proc.returncode != 0:
+        raise RuntimeError(f"model builder failed for {hf_dir}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    shutil.rmtree(cache, ignore_errors=True)
+
+    tokenizer_config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    template_file = hf_dir / "chat_template.jinja"  # where transformers >= 4.56 saves the template
+    tokenizer_config.setdefault("chat_template", template_file.read_text() if template_file.exists() else None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    shutil.copy(hf_dir / "tokenizer.json", out / "tokenizer.json")
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+
+    ids = {t["content"]: t["id"] for t in json.loads((hf_dir / "tokenizer.json").read_text())["added_tokens"]}
+    ends = [tokenizer_config["eos_token"]] + [t for t in END_OF_TURN_TOKENS if t in tokenizer_config["chat_template"]]
+    genai_config = json.loads((out / "genai_config.json").read_text())
+    genai_config["model"]["eos_token_id"] = sorted({ids[t] for t in ends})
+    (out / "genai_config.json").write_text(json.dumps(genai_config, indent=4))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_export(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama exported for onnxruntime-genai (fp32, ChatML, stops on <|im_end|>)."""
+    return _build_test_export(tiny_llama, tmp_path_factory.mktemp("exports") / "llama-onnx-fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_export(tiny_phi3, tmp_path_factory) -> Path:
+    """tiny_phi3 exported for onnxruntime-genai (fp32, Phi-3 template, stops on <|end|> and <|endoftext|>)."""
+    return _build_test_export(tiny_phi3, tmp_path_factory.mktemp("exports") / "phi3-onnx-fp32")
+
+
+@pytest.fixture(params=["llama", "phi3"])
+def tiny_export(request) -> Path:
+    """Both tiny exports, one after the other."""
+    return request.getfixturevalue(f"tiny_{request.param}_export")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+import time
+
 from click.testing import CliRunner, Result
 
 from edgeft.cli import cli
@@ -13,3 +18,81 @@ def run_cli(*args: str, input: str | None = None, ok: bool = True) -> Result:
     if ok:
         assert result.exit_code == 0, f"edgeft {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.output}"
     return result
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    """Poll `condition` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+class LiveServer:
+    """A uvicorn server on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def client(self, api_key: str = "unused", **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=30, **kwargs)
+
+    def post(self, body, **kwargs):
+        import httpx
+
+        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+        kwargs.setdefault("timeout", 30)
+        return httpx.post(f"{self.url}/v1/chat/completions", content=content, headers=headers, **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class SlowModel:
+    """A ChatModel whose answers trickle out (20 ms a piece), so tests can act mid-answer.
+
+    The tiny models write thousands of tokens a second: too fast to disconnect in the middle.
+    Every stream it hands out is kept, so a test can check how each one ended.
+    """
+
+    def __init__(self, model, delay: float = 0.02):
+        self.model, self.delay, self.streams, self.calls = model, delay, [], []
+        self.name, self.context_length, self.path = model.name, model.context_length, model.path
+
+    def stream(self, messages, **options):
+        stream = SlowStream(self.model.stream(messages, **options), self.delay)
+        self.calls.append(messages)
+        self.streams.append(stream)
+        return stream
+
+
+class SlowStream:
+    def __init__(self, inner, delay):
+        self.inner, self.delay = inner, delay
+
+    def __iter__(self):
+        for piece in self.inner:
+            time.sleep(self.delay)
+            yield piece
+
+    def cancel(self):
+        self.inner.cancel()
+
+    @property
+    def result(self):
+        return self.inner.result

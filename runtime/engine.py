@@ -1,0 +1,473 @@
+"""ChatModel: chat with an exported model on CPU through onnxruntime-genai, without torch.
+
+The loop is the one onnxruntime-genai's own chat example uses: render the chat template, encode,
+`append_tokens`, then `generate_next_token()` until done, decoding through a token stream. What we
+add around it: the model's own chat template rendered the way transformers renders it, option
+checks with messages a user can act on, stop strings (also when one is split across tokens),
+usage counts, cancellation from another thread, and a context-length check before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from edgeft.errors import GenerationError, ModelError
+from edgeft.runtime.template import ChatTemplate
+
+log = logging.getLogger("edgeft")
+
+ROLES = ("system", "user", "assistant")
+EXPORT_FOLDERS = ("onnx-int4", "onnx-int8", "onnx-fp32")  # preference order inside a run directory
+REQUIRED_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json")
+MAX_STOP_STRINGS = 4  # as in OpenAI's API; each one costs a scan per token
+MAX_SEED = 2**31 - 1  # onnxruntime-genai's random_seed is a C++ int
+
+
+class ContextLengthError(GenerationError):
+    """The prompt, or the prompt plus max_tokens, does not fit in the model's context."""
+
+
+# --- options and results ------------------------------------------------------------------
+
+
+@dataclass
+class GenerationOptions:
+    """How to generate one answer. `None` means the model's default from genai_config.json."""
+
+    max_tokens: int | None = None  # new tokens at most; None = up to the end of the context
+    temperature: float | None = None  # 0 = greedy (always the most likely token); 0..2
+    top_p: float | None = None  # nucleus sampling: keep the smallest set of tokens with this mass; (0, 1]
+    top_k: int | None = None  # sample among the k most likely tokens; 0 = no limit
+    repetition_penalty: float | None = None  # > 1 discourages repeating tokens; 1 = off
+    stop: str | Sequence[str] | None = None  # up to 4 strings that end the answer (not included in it)
+    seed: int | None = None  # makes sampling repeatable; None = a random seed
+
+    def __post_init__(self):
+        self.max_tokens = _check_int("max_tokens", self.max_tokens, low=1)
+        self.temperature = _check_float("temperature", self.temperature, low=0.0, high=2.0, allowed="0 to 2")
+        self.top_p = _check_float("top_p", self.top_p, low=0.0, high=1.0, allowed="greater than 0, at most 1")
+        if self.top_p == 0.0:
+            raise GenerationError("top_p must be greater than 0 and at most 1, got 0.")
+        self.top_k = _check_int("top_k", self.top_k, low=0)
+        self.repetition_penalty = _check_float(
+            "repetition_penalty", self.repetition_penalty, low=0.0, high=10.0, allowed="greater than 0, at most 10"
+        )
+        if self.repetition_penalty == 0.0:
+            raise GenerationError("repetition_penalty must be greater than 0 (1 means no penalty), got 0.")
+        self.seed = _check_int("seed", self.seed, low=0, high=MAX_SEED)
+        self.stop = _check_stop(self.stop)
+
+    @classmethod
+    def from_kwargs(cls, options: dict[str, Any]) -> "GenerationOptions":
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise GenerationError(f"unknown generation option {unknown[0]!r}; known options: {', '.join(known)}.")
+        return cls(**options)
+
+
+def _check_int(name: str, value: Any, *, low: int, high: int | None = None) -> int | None:
+    if value is None:
+        return None
+    # bool is an int in Python, but `max_tokens=True` is a mistake, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GenerationError(f"{name} must be an integer, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        allowed = f"at least {low}" if high is None else f"{low} to {high}"
+        raise GenerationError(f"{name} must be {allowed}, got {value}.")
+    return value
+
+
+def _check_float(name: str, value: Any, *, low: float, high: float, allowed: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GenerationError(f"{name} must be a number ({allowed}), got {value!r}.")
+    if math.isnan(value) or not low <= value <= high:
+        raise GenerationError(f"{name} must be {allowed}, got {value}.")
+    return float(value)
+
+
+def _check_stop(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}.")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise GenerationError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}.")
+    if any(s == "" for s in stops):
+        raise GenerationError("stop strings must not be empty.")
+    return tuple(stops)
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """Check a conversation and return it as plain {'role', 'content'} dicts."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} objects.")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise GenerationError(f"messages[{i}] must be an object with 'role' and 'content', got {m!r}.")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise GenerationError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}.")
+        if not isinstance(content, str):
+            raise GenerationError(f"messages[{i}].content must be a string, got {type(content).__name__}.")
+        if not content.strip():
+            raise GenerationError(f"messages[{i}].content is empty; every message needs some text.")
+        checked.append({"role": role, "content": content})
+    return checked
+
+
+@dataclass
+class ChatResult:
+    """One finished answer."""
+
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string), "length" (max_tokens or context), "cancelled"
+    usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens (OpenAI's names)
+    time_to_first_token: float | None = None  # seconds from the start of generation to the first token
+    elapsed: float = 0.0  # seconds from the start of generation (not counting a wait in a queue) to the end
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Generation speed after the first token (decode speed, what a reader feels)."""
+        n = self.usage["completion_tokens"] - 1
+        if n < 1 or self.time_to_first_token is None or self.elapsed <= self.time_to_first_token:
+            return None
+        return n / (self.elapsed - self.time_to_first_token)
+
+
+# --- stop strings ---------------------------------------------------------------------------
+
+
+class StopStringFilter:
+    """Holds back text that could be the start of a stop string, so none ever reaches the user.
+
+    A stop string can arrive split over several tokens ("<|" + "eot|>"), so each piece is added
+    to a buffer; the text before a complete stop string is released and generation ends, and a
+    tail that is a prefix of some stop string waits for the next piece.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.buffer = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """Add a decoded piece; return the text that is now safe to show."""
+        if not self.stops:
+            return piece
+        self.buffer += piece
+        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buffer, self.stopped = self.buffer[: min(hits)], "", True
+            return out
+        keep = self._held_back()
+        out = self.buffer[: len(self.buffer) - keep]
+        self.buffer = self.buffer[len(self.buffer) - keep :]
+        return out
+
+    def flush(self) -> str:
+        """Generation ended without a stop string: the held-back tail is ordinary text."""
+        out, self.buffer = self.buffer, ""
+        return out
+
+    def _held_back(self) -> int:
+        longest = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.buffer)), longest, -1):
+                if self.buffer.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+# --- the stream -----------------------------------------------------------------------------
+
+
+class ChatStream:
+    """An answer being generated: iterate it for text pieces; `.result` is set when it ends.
+
+    Generation starts on the first `next()`, in the thread that iterates. `cancel()` may be
+    called from any thread (a server whose client went away, a Ctrl-C handler); the stream then
+    ends after the current token with finish_reason "cancelled".
+    """
+
+    def __init__(self, model: "ChatModel", prompt_ids: list[int], options: GenerationOptions, max_tokens: int):
+        self.model = model
+        self.prompt_tokens = len(prompt_ids)
+        self.result: ChatResult | None = None
+        self._prompt_ids = prompt_ids
+        self._options = options
+        self._max_tokens = max_tokens
+        self._cancelled = threading.Event()
+        self._pieces: Iterator[str] | None = None
+
+    def cancel(self) -> None:
+        """Stop generating after the current token (thread-safe)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> str:
+        if self._pieces is None:
+            self._pieces = self._generate()
+        return next(self._pieces)
+
+    def text(self) -> str:
+        """Run to the end and return the whole answer."""
+        return "".join(self)
+
+    def close(self) -> None:
+        """Stop now and free the generator; `.result` then holds the partial answer."""
+        self.cancel()
+        if self._pieces is not None:
+            self._pieces.close()
+
+    def _generate(self) -> Iterator[str]:
+        import onnxruntime_genai as og
+
+        model, started = self.model, time.perf_counter()
+        stops = StopStringFilter(self._options.stop)
+        parts: list[str] = []
+        generated, first_token_at, last = 0, None, None
+        try:
+            if self.cancelled:  # cancelled before its turn came (a server queue): skip even the prefill
+                return
+            params = model._search_params(self._options, max_length=self.prompt_tokens + self._max_tokens)
+            generator = og.Generator(model._og_model, params)
+            generator.append_tokens(self._prompt_ids)  # the prefill: runs the model over the whole prompt
+            decoder = model._tokenizer.create_stream()
+            while not generator.is_done() and not self.cancelled and not stops.stopped:
+                generator.generate_next_token()
+                last = int(generator.get_next_tokens()[0])
+                generated += 1
+                first_token_at = first_token_at or time.perf_counter()
+                if last in model.eos_token_ids:
+                    break  # the end-of-turn token itself is not part of the answer
+                piece = stops.push(decoder.decode(last))
+                if piece:
+                    parts.append(piece)
+                    yield piece
+            if not stops.stopped and not self.cancelled and (tail := stops.flush()):
+                parts.append(tail)
+                yield tail
+        except GeneratorExit:  # the caller stopped iterating (close(), break): a cancelled answer
+            self._cancelled.set()
+            raise
+        finally:
+            if self.cancelled:
+                reason = "cancelled"
+            elif stops.stopped or last in model.eos_token_ids:
+                reason = "stop"
+            else:
+                reason = "length"
+            self.result = ChatResult(
+                text="".join(parts),
+                finish_reason=reason,
+                usage={"prompt_tokens": self.prompt_tokens, "completion_tokens": generated,
+                       "total_tokens": self.prompt_tokens + generated},
+                time_to_first_token=None if first_token_at is None else first_token_at - started,
+                elapsed=time.perf_counter() - started,
+            )  # fmt: skip
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class ChatModel:
+    """An exported chat model, ready to answer. Make one with `ChatModel.load(path)`."""
+
+    def __init__(self, path: Path, og_model: Any, tokenizer: Any, genai_config: dict, template: ChatTemplate,
+                 name: str):  # fmt: skip
+        self.path = path
+        self.name = name
+        self.genai_config = genai_config
+        self.template = template
+        self._og_model = og_model
+        self._tokenizer = tokenizer
+        model_cfg = genai_config.get("model", {})
+        context = model_cfg.get("context_length") or genai_config.get("search", {}).get("max_length")
+        if not isinstance(context, int) or context < 2:
+            raise ModelError(
+                f"{path / 'genai_config.json'} has no usable model.context_length ({context!r}). Export again."
+            )
+        self.context_length: int = context
+        eos = model_cfg.get("eos_token_id", [])
+        self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else eos)
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None) -> "ChatModel":
+        """Load an export folder (runs/NAME/onnx-int4) or a run directory (runs/NAME)."""
+        import onnxruntime_genai as og
+
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise GenerationError(f"threads must be a whole number of at least 1, got {threads!r}.")
+        folder, name = resolve_export(Path(path))
+        genai_config = _read_json(folder / "genai_config.json")
+        template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
+        try:
+            config = og.Config(str(folder))
+            if threads:
+                # An overlay changes the session options in memory: a large export is never
+                # copied or rewritten just to change its thread count.
+                session = {"intra_op_num_threads": threads}
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+            og_model = og.Model(config)
+            tokenizer = og.Tokenizer(og_model)
+        except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load problem
+            raise ModelError(
+                f"onnxruntime-genai could not load {folder}: {e}. Export it again with `edgeft export`."
+            ) from e
+        # The rendered template already holds any BOS the model wants, as in transformers'
+        # apply_chat_template(tokenize=True); the tokenizer must not add another.
+        tokenizer.update_options(add_special_tokens="false")
+        model = cls(folder, og_model, tokenizer, genai_config, template, name)
+        log.debug("loaded %s (context %d, threads %s)", folder, model.context_length, threads or "default")
+        return model
+
+    def __repr__(self) -> str:
+        return f"ChatModel({self.name!r}, path={str(self.path)!r}, context_length={self.context_length})"
+
+    # --- text -> tokens ---------------------------------------------------------------------
+    def apply_template(self, messages: Sequence[dict]) -> str:
+        """The exact prompt text the model sees for this conversation (ending with the assistant cue)."""
+        return self.template.render(check_messages(messages))
+
+    def count_tokens(self, text_or_messages: str | Sequence[dict]) -> int:
+        """Tokens in a string, or in the prompt a conversation renders to."""
+        text = text_or_messages if isinstance(text_or_messages, str) else self.apply_template(text_or_messages)
+        return len(self._tokenizer.encode(text))
+
+    # --- generation -------------------------------------------------------------------------
+    def stream(self, messages: Sequence[dict], **options: Any) -> ChatStream:
+        """Start an answer; iterate the returned ChatStream for text pieces, then read `.result`.
+
+        Options: max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed (see
+        GenerationOptions). Bad options, bad messages and prompts that do not fit the context
+        raise GenerationError here, before any generation.
+        """
+        opts = GenerationOptions.from_kwargs(options)
+        prompt_ids = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt_ids)} tokens, but {self.name} has a context of {self.context_length} "
+                "tokens and needs room for at least one new token. Shorten the conversation or start a new one."
+            )
+        if opts.max_tokens is not None and opts.max_tokens > room:
+            raise ContextLengthError(
+                f"max_tokens={opts.max_tokens} does not fit: the prompt is {len(prompt_ids)} tokens and {self.name} "
+                f"has a context of {self.context_length}, so at most {room} new tokens fit. Lower max_tokens."
+            )
+        return ChatStream(self, prompt_ids, opts, opts.max_tokens or room)
+
+    def chat(self, messages: Sequence[dict], **options: Any) -> ChatResult:
+        """Answer a conversation in one go; same options as `stream`."""
+        stream = self.stream(messages, **options)
+        stream.text()
+        assert stream.result is not None
+        return stream.result
+
+    def _search_params(self, opts: GenerationOptions, max_length: int) -> Any:
+        import onnxruntime_genai as og
+
+        defaults = self.genai_config.get("search", {})
+        temperature = opts.temperature
+        if temperature is None:
+            temperature = float(defaults.get("temperature", 1.0)) if defaults.get("do_sample") else 0.0
+        search: dict[str, Any] = {"max_length": max_length, "do_sample": temperature > 0}
+        if temperature > 0:
+            search["temperature"] = temperature
+            search["top_p"] = opts.top_p if opts.top_p is not None else float(defaults.get("top_p", 1.0))
+            search["top_k"] = opts.top_k if opts.top_k is not None else int(defaults.get("top_k", 50))
+        if opts.repetition_penalty is not None:
+            search["repetition_penalty"] = opts.repetition_penalty
+        if opts.seed is not None:
+            search["random_seed"] = opts.seed
+        params = og.GeneratorParams(self._og_model)
+        params.set_search_options(**search)
+        return params
+
+
+# --- finding and reading an export --------------------------------------------------------
+
+
+def resolve_export(path: Path) -> tuple[Path, str]:
+    """The export folder to load for `path` (an export folder or a run directory), and a display name."""
+    from edgeft.artifacts import Run
+
+    if not path.exists():
+        raise ModelError(
+            f"{path} does not exist. Pass an export folder (runs/NAME/onnx-int4) or a run directory (runs/NAME)."
+        )
+    if not path.is_dir():
+        raise ModelError(f"{path} is a file; pass the export folder that holds genai_config.json, or a run directory.")
+    if Run.is_run(path):
+        folder = _export_of_run(Run.open(path))
+        return check_export(folder), f"{path.resolve().name}/{folder.name}"
+    folder = check_export(path)
+    parent = folder.resolve().parent
+    name = f"{parent.name}/{folder.name}" if Run.is_run(parent) else folder.resolve().name
+    return folder, name
+
+
+def _export_of_run(run: Any) -> Path:
+    stage = run.stage("export") or {}
+    if stage.get("path"):
+        folder = run.path / stage["path"]
+        if not (folder / "genai_config.json").is_file():
+            raise ModelError(
+                f"the manifest of run {run.path} names the export {folder}, but it has no genai_config.json. "
+                f"Export again with `edgeft export {run.path} --int4`."
+            )
+        return folder
+    for name in EXPORT_FOLDERS:
+        if (run.path / name / "genai_config.json").is_file():
+            return run.path / name
+    raise ModelError(f"run {run.path} has no ONNX export yet. Make one with `edgeft export {run.path} --int4`.")
+
+
+def check_export(folder: Path) -> Path:
+    """Fail with the name of the first missing file if `folder` is not a loadable export."""
+    for name in REQUIRED_FILES:
+        if not (folder / name).is_file():
+            hint = ""
+            if (folder / "config.json").is_file():
+                hint = " It looks like a Hugging Face checkpoint: export it first with `edgeft export`."
+            raise ModelError(
+                f"{folder} is not an edgeft/onnxruntime-genai export: {name} is missing.{hint} "
+                "Pass runs/NAME or runs/NAME/onnx-int4 after `edgeft export runs/NAME --int4`."
+            )
+    genai_config = _read_json(folder / "genai_config.json")
+    model_file = genai_config.get("model", {}).get("decoder", {}).get("filename", "model.onnx")
+    if not (folder / model_file).is_file():
+        raise ModelError(
+            f"{folder} is an incomplete export: {model_file} (named in genai_config.json) is missing. "
+            "Export again with `edgeft export runs/NAME --int4`."
+        )
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}. Export the model again.") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} should hold a JSON object. Export the model again.")
+    return data

@@ -1,0 +1,438 @@
+"""`edgeft serve`: an OpenAI-compatible chat API and a web chat page, on FastAPI + uvicorn.
+
+    POST /v1/chat/completions   non-streaming, or `"stream": true` as server-sent events
+    GET  /v1/models             the one model served
+    GET  /health                liveness and load (no API key needed)
+    GET  /                      the web chat page
+
+Generation runs in worker threads (onnxruntime-genai releases the GIL while it computes), at most
+`parallel` at a time; up to `max_queue` more requests wait for a slot, and beyond that the server
+answers 503 with Retry-After instead of piling up work it cannot finish. A streaming client that
+disconnects cancels its generation after the current token. Every error is OpenAI's error JSON.
+
+Needs edgeft[serve] (fastapi, uvicorn); nothing else in edgeft.runtime imports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from edgeft.errors import ConfigError, EdgeftError, GenerationError
+from edgeft.runtime.engine import ChatModel, ChatResult, ContextLengthError
+
+try:
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise EdgeftError("edgeft serve needs the server extra: pip install 'edgeft[serve]'.") from e
+
+log = logging.getLogger("edgeft")
+
+API_KEY_ENV = "EDGEFT_API_KEY"
+DEFAULT_MAX_BODY = 1_000_000  # bytes; a long conversation is a few hundred KB at most
+RETRY_AFTER_S = 2
+
+# OpenAI fields we accept and ignore when they ask for nothing we would do differently.
+IGNORED_FIELDS = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "tool_choice", "logprobs",
+                  "top_logprobs", "logit_bias", "response_format", "frequency_penalty", "presence_penalty",
+                  "tools", "functions", "function_call", "reasoning_effort", "modalities"}  # fmt: skip
+OPTION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed")
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# --- admission and worker threads ---------------------------------------------------------
+
+
+class Ticket:
+    """One admitted request; released exactly once, whichever way the request ends."""
+
+    def __init__(self, scheduler: "Scheduler"):
+        self._scheduler, self._released = scheduler, False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._scheduler.admitted -= 1
+
+
+class Scheduler:
+    """At most `parallel` generations at once and `max_queue` waiting; the rest are turned away.
+
+    All counting happens on the event loop thread, so it needs no lock. A slot is given back only
+    when its worker thread has really finished, so a cancelled generation that is still computing
+    its last token never overlaps with the next one.
+    """
+
+    def __init__(self, parallel: int, max_queue: int):
+        self.parallel, self.max_queue = parallel, max_queue
+        self.admitted = 0  # running + waiting
+        self.running = 0
+        self._slots: asyncio.Semaphore | None = None
+        self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="edgeft-generate")
+
+    def admit(self) -> Ticket | None:
+        if self.admitted >= self.parallel + self.max_queue:
+            return None
+        self.admitted += 1
+        return Ticket(self)
+
+    async def run(self, stream: Any, ticket: Ticket) -> AsyncIterator[tuple[str, Any]]:
+        """Run a ChatStream in a worker thread; yield ("piece", text) ... then ("done", ChatResult)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.parallel)
+        slots, loop, events = self._slots, asyncio.get_running_loop(), asyncio.Queue()
+        await slots.acquire()  # waiting here is "in the queue"; a client that leaves is simply cancelled
+        self.running += 1
+
+        def finished(_: Any) -> None:
+            self.running -= 1
+            slots.release()
+            ticket.release()
+
+        future = loop.run_in_executor(self._executor, _pump, stream, loop, events)
+        future.add_done_callback(finished)
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "error":
+                    raise value
+                yield kind, value
+                if kind == "done":
+                    return
+        finally:
+            stream.cancel()  # a no-op when it finished; otherwise the worker stops after this token
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _pump(stream: Any, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> None:
+    """Worker thread: generate, handing each piece to the event loop."""
+
+    def put(item: tuple[str, Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            stream.cancel()
+
+    try:
+        for piece in stream:
+            put(("piece", piece))
+        put(("done", stream.result))
+    except Exception as e:  # reported to the client by the request that owns the stream
+        put(("error", e))
+
+
+# --- request parsing ----------------------------------------------------------------------
+
+
+async def read_json(request: Request, max_body: int) -> dict:
+    """The request body as a JSON object, refusing bodies over `max_body` bytes before reading them."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_body:
+        raise ApiError(413, f"the request body is {declared} bytes; this server accepts at most {max_body}.",
+                       code="request_too_large")  # fmt: skip
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body:
+            raise ApiError(413, f"the request body is over {max_body} bytes, the most this server accepts.",
+                           code="request_too_large")  # fmt: skip
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e}).") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bool]:
+    """OpenAI chat request -> (messages, generation options, stream, include_usage)."""
+    known = {"model", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options", "n",
+             *OPTION_FIELDS, *IGNORED_FIELDS}  # fmt: skip
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument: {unknown[0]}.", param=unknown[0])
+    if "model" in body and not isinstance(body["model"], str):
+        raise ApiError(400, "model must be a string.", param="model")
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, "n must be 1: this server generates one answer per request.", param="n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise ApiError(400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats).",
+                           param=name)  # fmt: skip
+    if body.get("tools") or body.get("functions"):
+        raise ApiError(400, "tools and function calling are not supported by this server.", param="tools")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise ApiError(400, "stream must be true or false.", param="stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "stream_options must be an object.", param="stream_options")
+
+    options = {k: body[k] for k in OPTION_FIELDS if body.get(k) is not None}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        options["max_tokens"] = max_tokens
+    return _messages(body.get("messages")), options, bool(stream), bool(stream_options.get("include_usage"))
+
+
+def _messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty array of {role, content} objects.", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object with role and content.", param=f"messages[{i}]")
+        role, content = m.get("role"), m.get("content")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
+        if isinstance(content, list):  # content parts: only text is supported
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):  # fmt: skip
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported.",
+                               param=f"messages[{i}].content")  # fmt: skip
+            content = "\n".join(p["text"] for p in content)
+        out.append({"role": role, "content": content})
+    return out
+
+
+# --- the app ------------------------------------------------------------------------------
+
+
+def create_app(model: ChatModel, api_key: str | None = None, max_queue: int = 8, max_body: int = DEFAULT_MAX_BODY,
+               parallel: int = 1) -> FastAPI:  # fmt: skip
+    """The ASGI app serving `model`; `api_key` (if set) is required as `Authorization: Bearer KEY` on /v1."""
+    if parallel < 1 or max_queue < 0 or max_body < 1:
+        raise ConfigError(f"parallel must be at least 1, max_queue at least 0 and max_body at least 1; "
+                          f"got {parallel}, {max_queue}, {max_body}.")  # fmt: skip
+    scheduler = Scheduler(parallel, max_queue)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.shutdown()
+
+    app = FastAPI(title="edgeft", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.scheduler, app.state.model = scheduler, model
+    page = resources.files("edgeft.runtime").joinpath("web/index.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return ApiError(400, f"invalid request: {e.errors()}").response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+
+    async def require_key(request: Request) -> None:
+        if api_key:
+            _check_key(request.headers.get("authorization"), api_key)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])  # checked before the body is read
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model.name, "running": scheduler.running,
+                "waiting": scheduler.admitted - scheduler.running}  # fmt: skip
+
+    @v1.get("/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [_model_card(model, created)]}
+
+    @v1.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict:
+        if model_id != model.name:
+            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {model.name!r}.",
+                           type="not_found_error", param="model", code="model_not_found")  # fmt: skip
+        return _model_card(model, created)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        messages, options, stream_it, include_usage = parse_chat_request(await read_json(request, max_body))
+        try:
+            # Renders and tokenizes (off the event loop: a long prompt takes a moment) and checks
+            # every option and the context length, all before the request takes a place in the queue.
+            stream = await run_in_threadpool(model.stream, messages, **options)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+        except GenerationError as e:
+            raise ApiError(400, str(e)) from None
+        ticket = scheduler.admit()
+        if ticket is None:
+            raise ApiError(503, f"the server is busy: {scheduler.running} answers running and "
+                           f"{scheduler.admitted - scheduler.running} waiting (the most is {parallel} + {max_queue}). "
+                           f"Retry in a few seconds.", type="server_error", code="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+        completion_id, started = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if stream_it:
+            events = _sse(scheduler.run(stream, ticket), completion_id, started, model.name, include_usage)
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of events
+            return _TicketedStreamingResponse(events, ticket, media_type="text/event-stream", headers=headers)
+        try:
+            result = await _collect(scheduler.run(stream, ticket), request, stream)
+        finally:
+            ticket.release()
+        return _completion(result, completion_id, started, model.name)
+
+    app.include_router(v1)
+    return app
+
+
+def _check_key(header: str | None, api_key: str) -> None:
+    if not header:
+        raise ApiError(401, "no API key: send the header 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key",
+                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise ApiError(401, "incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _model_card(model: ChatModel, created: int) -> dict:
+    return {"id": model.name, "object": "model", "created": created, "owned_by": "edgeft",
+            "context_length": model.context_length}  # fmt: skip
+
+
+class _TicketedStreamingResponse(StreamingResponse):
+    """Releases the request's queue ticket however the response ends, even if it never started."""
+
+    def __init__(self, content: Any, ticket: Ticket, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
+async def _collect(events: AsyncIterator[tuple[str, Any]], request: Request, stream: Any) -> ChatResult:
+    """Run a non-streaming request to the end, cancelling it if the client goes away meanwhile."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with contextlib.aclosing(events):
+            async for kind, value in events:
+                if kind == "done":
+                    return value
+        raise RuntimeError("generation ended without a result")
+    finally:
+        watcher.cancel()
+
+
+def _completion(result: ChatResult, completion_id: str, created: int, name: str) -> dict:
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": result.finish_reason, "logprobs": None}],
+        "usage": result.usage,
+    }  # fmt: skip
+
+
+async def _sse(events: AsyncIterator[tuple[str, Any]], completion_id: str, created: int, name: str,
+               include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    """ChatStream events as OpenAI chat.completion.chunk server-sent events, ending with [DONE]."""
+
+    def chunk(delta: dict | None, finish_reason: str | None = None, **extra: Any) -> str:
+        choices = []
+        if delta is not None:
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": choices, **extra}  # fmt: skip
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async with contextlib.aclosing(events):
+            async for kind, value in events:
+                if kind == "piece":
+                    yield chunk({"content": value})
+                else:
+                    # usage rides on the last chunk always, and on a chunk of its own when asked for, as OpenAI does
+                    yield chunk({}, value.finish_reason, usage=value.usage)
+                    if include_usage:
+                        yield chunk(None, usage=value.usage)
+    except Exception as e:  # headers are sent already: report in the stream, then end it properly
+        log.exception("generation failed mid-stream")
+        yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}', type='server_error').body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# --- running it ---------------------------------------------------------------------------
+
+
+def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          threads: int | None = None, parallel: int = 1, max_queue: int = 8, max_body: int = DEFAULT_MAX_BODY,
+          log_level: str = "info") -> None:  # fmt: skip
+    """Load the model at `path` and serve it until Ctrl-C."""
+    import uvicorn
+
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(host) and not api_key:
+        log.warning("Serving on %s without an API key: anyone who can reach this machine can use the model. "
+                    "Set --api-key or %s.", host, API_KEY_ENV)  # fmt: skip
+    model = ChatModel.load(path, threads=threads)
+    app = create_app(model, api_key=api_key, max_queue=max_queue, max_body=max_body, parallel=parallel)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("Serving %s on http://%s:%d  (web chat at /, OpenAI API at /v1%s). Ctrl-C stops.",
+             model.name, shown, port, ", API key required" if api_key else "")  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

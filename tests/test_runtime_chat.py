@@ -1,0 +1,178 @@
+"""`edgeft chat`: one-shot answers for scripts, and the interactive loop driven through a real terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edgeft.runtime import ChatModel
+from edgeft.runtime.chat import chat_loop
+from tests.helpers import run_cli
+
+
+def test_prompt_gives_one_answer_and_exits(tiny_export):
+    model = ChatModel.load(tiny_export)
+    expected = model.chat([{"role": "user", "content": "hi"}], max_tokens=12, temperature=0).text
+    result = run_cli("chat", tiny_export, "--prompt", "hi", "--max-tokens", "12", "--temperature", "0")
+    assert result.stdout == expected + "\n"
+
+
+def test_text_on_stdin_gives_one_answer(tiny_llama_export):
+    model = ChatModel.load(tiny_llama_export)
+    expected = model.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                          max_tokens=8, temperature=1, seed=4).text  # fmt: skip
+    result = run_cli("chat", tiny_llama_export, "--system", "Be brief.", "--max-tokens", "8", "--temperature", "1",
+                     "--seed", "4", input="hi\n")  # fmt: skip
+    assert result.stdout == expected + "\n"
+
+
+def test_stats_go_to_stderr(tiny_llama_export):
+    result = run_cli("chat", tiny_llama_export, "-p", "hi", "--max-tokens", "6", "--stats")
+    assert re.search(r"\[6 tokens, [\d.]+ tokens/s, first token [\d.]+ s, length\]", result.stderr)
+    assert "tokens/s" not in result.stdout
+
+
+def test_stop_strings_from_the_command_line(tiny_llama_export):
+    args = ["chat", tiny_llama_export, "-p", "hi", "--max-tokens", "30", "--temperature", "1.5", "--top-k", "0", "--seed", "3"]
+    full = run_cli(*args).stdout.rstrip("\n")
+    stop = full[5:8]
+    assert run_cli(*args, "--stop", "zzzz", "--stop", stop).stdout == full[: full.find(stop)] + "\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "5"], "temperature must be 0 to 2"),
+        (["--max-tokens", "0"], "max_tokens must be at least 1"),
+        (["--max-tokens", "100000"], "does not fit"),
+        (["--threads", "0"], "threads must be"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tiny_llama_export, args, message):
+    result = run_cli("chat", tiny_llama_export, "-p", "hi", *args, ok=False)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_not_an_export_is_a_clear_error(tmp_path):
+    result = run_cli("chat", tmp_path, "-p", "hi", ok=False)
+    assert result.exit_code == 1
+    assert "genai_config.json is missing" in result.output
+
+
+def test_empty_stdin_is_a_clear_error(tiny_llama_export):
+    result = run_cli("chat", tiny_llama_export, input="", ok=False)
+    assert result.exit_code == 1 and "the prompt is empty" in result.output
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny_llama_export):
+    """SIGINT during an answer cancels it; the loop then takes the next question."""
+    model = ChatModel.load(tiny_llama_export)
+
+    class InterruptAfterThreePieces(io.StringIO):
+        pieces = 0
+
+        def write(self, s):
+            self.pieces += 1
+            if self.pieces == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends on Ctrl-C
+            return super().write(s)
+
+    lines = iter(["tell me a story", "and another", "/exit"])
+    out, err = InterruptAfterThreePieces(), io.StringIO()
+    history = chat_loop(model, options={"max_tokens": 1500, "temperature": 1.0, "seed": 1},
+                        input_fn=lambda _: next(lines), out=out, err=err)  # fmt: skip
+    assert "[stopped]" in err.getvalue()
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[1]["content"] in out.getvalue()  # the partial answer stays in the conversation
+
+
+class Terminal:
+    """`edgeft chat` on a pseudo-terminal, as a person at a keyboard runs it."""
+
+    def __init__(self, *args: str):
+        self.master, slave = pty.openpty()
+        env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgeft", *args], stdin=slave, stdout=slave, stderr=slave,
+                                     env=env, start_new_session=True, preexec_fn=self._controlling_tty)  # fmt: skip
+        os.close(slave)
+        self.seen, self.pos = "", 0  # everything shown so far; where the last expected text ended
+
+    @staticmethod
+    def _controlling_tty():
+        import fcntl
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # so that Ctrl-C (\x03) becomes SIGINT for the child
+
+    def send(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def expect(self, pattern: str, timeout: float = 30) -> str:
+        """Read until `pattern` (a regex) appears after the previous match; return the text up to its end."""
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern, self.seen[self.pos :])):
+            if time.monotonic() > deadline or self.proc.poll() is not None and not self._read(0):
+                raise AssertionError(f"did not see {pattern!r}; the terminal shows:\n{self.seen[-2000:]}")
+            self._read(0.2)
+        start, self.pos = self.pos, self.pos + match.end()
+        return self.seen[start : self.pos]
+
+    def _read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:
+            return False
+        self.seen += data.decode(errors="replace").replace("\r\n", "\n")
+        return bool(data)
+
+    def close(self) -> int:
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            os.close(self.master)
+
+
+def test_interactive_chat_in_a_terminal(tiny_phi3_export):
+    term = Terminal("chat", str(tiny_phi3_export), "--system", "Be kind.", "--max-tokens", "8", "--stats")
+    try:
+        term.expect(r"Chatting with phi3-onnx-fp32 .*Ctrl-D leaves")
+        term.expect(r">>> ")
+        term.send("hello\n")
+        term.expect(r"\[\d+ tokens, [-\d.]+ tokens/s, first token [\d.]+ s, (length|stop)\]\n>>> ")
+        term.send("second turn\n")
+        term.expect(r"\[\d+ tokens.*\n>>> ")
+        term.send("/reset\n")
+        term.expect(r"\(new conversation\)\n>>> ")
+        term.send("/help\n")
+        term.expect(r"/reset .*\n.*/exit .*\n.*/help .*\n>>> ")
+        term.send("\x03")  # Ctrl-C at the prompt does not leave
+        term.expect(r"Ctrl-D leaves.*\n>>> ")
+        term.send("\x04")  # Ctrl-D on an empty line leaves
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+
+
+def test_exit_command_in_a_terminal(tiny_llama_export):
+    term = Terminal("chat", str(tiny_llama_export), "--max-tokens", "4")
+    try:
+        term.expect(r">>> ")
+        term.send("/exit\n")
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()

@@ -1,0 +1,374 @@
+"""ChatModel on tiny exports: loading, chat templates, options, stop strings, usage, cancellation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from edgeft.artifacts import Run
+from edgeft.errors import EdgeftError, GenerationError, ModelError
+from edgeft.runtime import ChatModel, ChatResult
+from edgeft.runtime.engine import StopStringFilter
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_export) -> ChatModel:
+    return ChatModel.load(tiny_llama_export)
+
+
+@pytest.fixture(scope="module")
+def phi3(tiny_phi3_export) -> ChatModel:
+    return ChatModel.load(tiny_phi3_export)
+
+
+def copy_export(src: Path, dst: Path, **genai_model_fields) -> Path:
+    shutil.copytree(src, dst)
+    if genai_model_fields:
+        cfg = json.loads((dst / "genai_config.json").read_text())
+        cfg["model"].update(genai_model_fields)
+        (dst / "genai_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def plain_og_greedy(folder: Path, prompt: str, max_tokens: int) -> tuple[list[int], str]:
+    """The reference: onnxruntime-genai's own chat loop (token ids, streamed text), no edgeft code."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    eos = set(json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"])
+    ids = tokenizer.encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    stream, out, text = tokenizer.create_stream(), [], ""
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+        # Decoded through a token stream, as og's chat example does: tokenizer.decode() of a whole
+        # list stops at the first invalid UTF-8 byte, which random tiny models emit.
+        text += "" if out[-1] in eos else stream.decode(out[-1])
+    return out, text
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def test_loads_an_export_folder(tiny_export):
+    model = ChatModel.load(tiny_export)
+    assert model.context_length in (2048, 4096)
+    assert model.name == tiny_export.name
+    assert model.count_tokens("hello world") > 0
+
+
+def test_loads_a_run_directory_through_its_manifest(tmp_path, tiny_llama_export):
+    run = Run.create(tmp_path / "runs" / "demo", base_model="tiny")
+    copy_export(tiny_llama_export, run.path / "my-export")
+    run.record_stage("export", status="done", path="my-export")
+    model = ChatModel.load(run.path)
+    assert model.path == run.path / "my-export"
+    assert model.name == "demo/my-export"
+
+
+def test_run_directory_falls_back_to_int4_int8_fp32_in_that_order(tmp_path, tiny_llama_export):
+    run = Run.create(tmp_path / "demo")
+    copy_export(tiny_llama_export, run.path / "onnx-fp32")
+    copy_export(tiny_llama_export, run.path / "onnx-int8")
+    assert ChatModel.load(run.path).path == run.path / "onnx-int8"
+
+
+def test_run_without_export_says_how_to_make_one(tmp_path):
+    run = Run.create(tmp_path / "demo")
+    with pytest.raises(ModelError, match=r"no ONNX export yet.*edgeft export .*demo --int4"):
+        ChatModel.load(run.path)
+
+
+def test_manifest_naming_a_missing_export_is_reported(tmp_path):
+    run = Run.create(tmp_path / "demo")
+    run.record_stage("export", path="onnx-int4")
+    with pytest.raises(ModelError, match=r"names the export .*onnx-int4.*no genai_config.json"):
+        ChatModel.load(run.path)
+
+
+@pytest.mark.parametrize("missing", ["genai_config.json", "tokenizer.json", "tokenizer_config.json", "model.onnx"])
+def test_a_missing_file_is_named(tmp_path, tiny_llama_export, missing):
+    folder = copy_export(tiny_llama_export, tmp_path / "export")
+    (folder / missing).unlink()
+    with pytest.raises(ModelError, match=missing.replace(".", r"\.") + " .*missing"):
+        ChatModel.load(folder)
+
+
+def test_a_corrupt_model_file_is_a_load_error(tmp_path, tiny_llama_export):
+    folder = copy_export(tiny_llama_export, tmp_path / "export")
+    (folder / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ModelError, match=r"onnxruntime-genai could not load .*export.*edgeft export"):
+        ChatModel.load(folder)
+
+
+def test_a_hugging_face_checkpoint_gets_an_export_hint(tiny_llama):
+    with pytest.raises(ModelError, match=r"not an edgeft/onnxruntime-genai export.*Hugging Face checkpoint.*edgeft export"):
+        ChatModel.load(tiny_llama)
+
+
+def test_a_path_that_does_not_exist(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        ChatModel.load(tmp_path / "nope")
+
+
+def test_bad_thread_count_is_refused(tiny_llama_export):
+    with pytest.raises(GenerationError, match="threads must be"):
+        ChatModel.load(tiny_llama_export, threads=0)
+
+
+def test_thread_count_reaches_onnx_runtime(tiny_llama_export):
+    """threads=N gives the model's session an intra-op pool of N (the caller's thread + N-1 new ones)."""
+    code = (
+        "import os; from edgeft.runtime import ChatModel\n"
+        "count = lambda: len(os.listdir('/proc/self/task'))\n"
+        f"one = ChatModel.load({str(tiny_llama_export)!r}, threads=1)\n"
+        "before = count()\n"
+        f"four = ChatModel.load({str(tiny_llama_export)!r}, threads=4)\n"
+        "print(count() - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "3"
+
+
+def test_thread_count_does_not_change_the_greedy_answer(tiny_llama_export, llama):
+    one = ChatModel.load(tiny_llama_export, threads=1)
+    assert one.chat(HI, max_tokens=12, temperature=0).text == llama.chat(HI, max_tokens=12, temperature=0).text
+
+
+# --- chat templates -----------------------------------------------------------------------
+
+
+def test_chatml_template(llama):
+    prompt = llama.apply_template([{"role": "system", "content": "Be brief."}, *HI])
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_phi3_template(phi3):
+    history = [*HI, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    assert phi3.apply_template(history) == "<|user|>\nhi<|end|>\n<|assistant|>\nhello<|end|>\n<|user|>\nbye<|end|>\n<|assistant|>\n"
+
+
+def test_template_from_chat_template_jinja_and_special_tokens_as_dicts(tmp_path, tiny_llama_export):
+    folder = copy_export(tiny_llama_export, tmp_path / "export")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    cfg["bos_token"] = {"content": "<|im_start|>", "special": True}  # the older AddedToken form
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}")
+    assert ChatModel.load(folder).apply_template(HI) == "<|im_start|>[user]hi"
+
+
+def test_no_template_at_all_is_a_load_error(tmp_path, tiny_llama_export):
+    folder = copy_export(tiny_llama_export, tmp_path / "export")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="no chat template"):
+        ChatModel.load(folder)
+
+
+def test_template_raise_exception_becomes_a_generation_error(tmp_path, tiny_llama_export):
+    folder = copy_export(tiny_llama_export, tmp_path / "export")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    model = ChatModel.load(folder)
+    with pytest.raises(GenerationError, match="rejected the conversation: no system role"):
+        model.chat([{"role": "system", "content": "s"}, *HI], max_tokens=1)
+
+
+def test_template_syntax_error_is_a_load_error(tmp_path, tiny_llama_export):
+    folder = copy_export(tiny_llama_export, tmp_path / "export")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="not valid Jinja"):
+        ChatModel.load(folder)
+
+
+# --- generation ---------------------------------------------------------------------------
+
+
+def test_greedy_answer_matches_plain_onnxruntime_genai(tiny_export):
+    model = ChatModel.load(tiny_export)
+    result = model.chat(HI, max_tokens=16, temperature=0.0)
+    ids, text = plain_og_greedy(tiny_export, model.apply_template(HI), 16)
+    assert result.text == text
+    assert result.usage["completion_tokens"] == len(ids)
+
+
+def test_chat_result_carries_usage_and_finish_reason(llama):
+    result = llama.chat(HI, max_tokens=5, temperature=0)
+    assert isinstance(result, ChatResult)
+    assert result.finish_reason == "length"
+    assert result.usage == {"prompt_tokens": llama.count_tokens(HI), "completion_tokens": 5,
+                            "total_tokens": llama.count_tokens(HI) + 5}  # fmt: skip
+    assert result.time_to_first_token is not None and result.elapsed >= result.time_to_first_token
+
+
+def test_stream_pieces_add_up_to_the_result(phi3):
+    stream = phi3.stream(HI, max_tokens=20, temperature=1.0, seed=7)
+    pieces = list(stream)
+    assert len(pieces) > 1
+    assert "".join(pieces) == stream.result.text
+    assert stream.result.text == phi3.chat(HI, max_tokens=20, temperature=1.0, seed=7).text
+
+
+def test_same_seed_same_answer_other_seed_other_answer(llama):
+    opts = dict(max_tokens=24, temperature=1.5, top_k=0)
+    a, b, c = (llama.chat(HI, seed=s, **opts).text for s in (1, 1, 2))
+    assert a == b != c
+
+
+def test_end_of_turn_token_stops_generation(tmp_path, tiny_export):
+    """Make a token the greedy answer produces an end-of-turn token: the answer stops right before it."""
+    model = ChatModel.load(tiny_export)
+    greedy, _ = plain_og_greedy(tiny_export, model.apply_template(HI), 8)
+    k = next((i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i]), 0)
+    eos = json.loads((tiny_export / "genai_config.json").read_text())["model"]["eos_token_id"]
+    folder = copy_export(tiny_export, tmp_path / "export", eos_token_id=[*eos, greedy[k]])
+    result = ChatModel.load(folder).chat(HI, max_tokens=8, temperature=0)
+    assert result.finish_reason == "stop"
+    assert result.usage["completion_tokens"] == k + 1  # the end-of-turn token counts, its text is not shown
+    expected = model.chat(HI, max_tokens=k, temperature=0).text if k else ""
+    assert result.text == expected
+
+
+def test_stop_string_split_across_pieces_ends_the_answer(llama):
+    opts = dict(max_tokens=40, temperature=1.5, top_k=0, seed=3)
+    pieces = list(llama.stream(HI, **opts))
+    full = "".join(pieces)
+    # A stop string made of the end of piece 2 and the start of piece 3: it never arrives whole.
+    stop = pieces[2][-1:] + pieces[3][:2]
+    before = full[: full.find(stop)]
+    stream = llama.stream(HI, stop=["never-there", stop], **opts)
+    shown = list(stream)
+    assert "".join(shown) == before == stream.result.text
+    assert stop not in stream.result.text
+    assert stream.result.finish_reason == "stop"
+
+
+def test_stop_string_that_never_appears_changes_nothing(llama):
+    opts = dict(max_tokens=20, temperature=1.5, top_k=0, seed=5)
+    assert llama.chat(HI, stop="\x00never", **opts).text == llama.chat(HI, **opts).text
+
+
+@pytest.mark.parametrize(
+    "pieces, stops, shown",
+    [
+        (["Hel", "lo <|", "eot|> more"], ["<|eot|>"], "Hello "),
+        (["a<", "b"], ["<|x|>"], "a<b"),  # a false start is released once it cannot be a stop string
+        (["xab", "c"], ["bc", "abc"], "x"),  # the match that starts first wins
+        (["x", "y"], [], "xy"),
+    ],
+)
+def test_stop_string_filter(pieces, stops, shown):
+    f = StopStringFilter(stops)
+    out = "".join(f.push(p) for p in pieces)
+    if not f.stopped:
+        out += f.flush()
+    assert out == shown
+
+
+def test_cancel_from_another_thread(llama):
+    stream = llama.stream(HI, max_tokens=500, temperature=1.0, seed=1)
+    pieces = []
+    for piece in stream:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            threading.Thread(target=stream.cancel).start()
+    assert stream.result.finish_reason == "cancelled"
+    assert stream.result.usage["completion_tokens"] < 500
+
+
+def test_closing_a_stream_early_keeps_the_partial_result(llama):
+    stream = llama.stream(HI, max_tokens=100, temperature=1.0, seed=1)
+    first = next(stream)
+    stream.close()
+    assert stream.result.finish_reason == "cancelled"
+    assert stream.result.text == first
+
+
+def test_a_stream_cancelled_before_it_starts_does_no_work(llama):
+    stream = llama.stream(HI, max_tokens=50)
+    stream.cancel()
+    assert list(stream) == []
+    assert stream.result.finish_reason == "cancelled" and stream.result.usage["completion_tokens"] == 0
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(llama):
+    with pytest.raises(GenerationError, match=r"the prompt is \d+ tokens, but .* context of 2048 tokens"):
+        llama.chat([{"role": "user", "content": "hello " * 3000}])
+
+
+def test_max_tokens_past_the_context_is_a_clear_error(llama):
+    with pytest.raises(GenerationError, match=r"max_tokens=5000 does not fit.*at most \d+ new tokens"):
+        llama.chat(HI, max_tokens=5000)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"temperature": 2.5}, "temperature must be 0 to 2"),
+        ({"temperature": -0.1}, "temperature must be 0 to 2"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"top_p": 0}, "top_p must be greater than 0"),
+        ({"top_p": 1.5}, "top_p must be greater than 0, at most 1"),
+        ({"top_k": -1}, "top_k must be at least 0"),
+        ({"max_tokens": 0}, "max_tokens must be at least 1"),
+        ({"max_tokens": -5}, "max_tokens must be at least 1"),
+        ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be greater than 0"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
+        ({"stop": [""]}, "must not be empty"),
+        ({"stop": 3}, "stop must be a string or a list"),
+        ({"seed": -1}, "seed must be 0 to"),
+        ({"beams": 4}, "unknown generation option 'beams'"),
+    ],
+)
+def test_bad_options_are_explained(llama, options, message):
+    with pytest.raises(GenerationError, match=message):
+        llama.stream(HI, **options)
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([], "non-empty list"),
+        ("hi", "non-empty list"),
+        ([{"role": "robot", "content": "x"}], r"messages\[0\].role must be one of system, user, assistant"),
+        ([{"role": "user", "content": "   "}], r"messages\[0\].content is empty"),
+        ([{"role": "user"}], r"messages\[0\].content must be a string"),
+        ([{"role": "user", "content": "a"}, "b"], r"messages\[1\] must be an object"),
+    ],
+)
+def test_bad_messages_are_explained(llama, messages, message):
+    with pytest.raises(GenerationError, match=message):
+        llama.chat(messages)
+
+
+def test_errors_are_edgeft_errors():
+    assert issubclass(GenerationError, EdgeftError) and issubclass(ModelError, EdgeftError)
+
+
+def test_runtime_imports_neither_torch_nor_transformers(tiny_llama_export):
+    code = (
+        "import sys; from edgeft.runtime import ChatModel; "
+        f"m = ChatModel.load({str(tiny_llama_export)!r}); m.chat([{{'role': 'user', 'content': 'hi'}}], max_tokens=3); "
+        "bad = [n for n in ('torch', 'transformers', 'fastapi') if n in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

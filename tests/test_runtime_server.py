@@ -1,0 +1,343 @@
+"""`edgeft serve` through the user's door: the official openai client and raw HTTP against a live server."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+
+from edgeft.runtime import ChatModel
+from edgeft.runtime.server import create_app
+from tests.helpers import LiveServer, SlowModel, wait_for
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_export) -> ChatModel:
+    return ChatModel.load(tiny_llama_export)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    live = LiveServer(create_app(model, parallel=2, max_queue=8, max_body=200_000))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return server.client()
+
+
+# --- the happy path ------------------------------------------------------------------------
+
+
+def test_chat_completion(client, model):
+    expected = model.chat(HI, max_tokens=8, temperature=0)
+    response = client.chat.completions.create(model=model.name, messages=HI, max_tokens=8, temperature=0)
+    assert response.object == "chat.completion"
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == expected.text
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.prompt_tokens == expected.usage["prompt_tokens"]
+    assert response.usage.completion_tokens == 8
+    assert response.usage.total_tokens == expected.usage["prompt_tokens"] + 8
+
+
+def test_streaming_chat_completion_with_usage(client, model):
+    expected = model.chat(HI, max_tokens=20, temperature=1.0, seed=11)
+    chunks = list(client.chat.completions.create(model=model.name, messages=HI, max_tokens=20, temperature=1.0,
+                                                 seed=11, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_stream_ends_with_done_and_usage_on_the_last_choice_chunk(server):
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=30,
+                      json={"messages": HI, "max_tokens": 5, "stream": True}) as r:  # fmt: skip
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 5
+
+
+def test_stop_strings_and_content_parts(client, model):
+    full = model.chat(HI, max_tokens=30, temperature=1.5, top_k=0, seed=3).text
+    stop = full[6:9]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    response = client.chat.completions.create(model="any", messages=messages, max_tokens=30, temperature=1.5,
+                                              seed=3, stop=[stop], extra_body={"top_k": 0})  # fmt: skip
+    assert response.choices[0].message.content == full[: full.find(stop)]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_models_and_health(client, server, model):
+    models = client.models.list().data
+    assert [m.id for m in models] == [model.name]
+    assert client.models.retrieve(model.name).id == model.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5")
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["model"] == model.name
+
+
+def test_web_page_is_self_contained(server):
+    r = httpx.get(f"{server.url}/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    # nothing loaded from elsewhere: no external scripts, styles, fonts or images
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", r.text)
+    assert "@import" not in r.text and "url(http" not in r.text
+    assert "/v1/chat/completions" in r.text
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+
+def test_simultaneous_streams_do_not_mix(server, model):
+    seeds = [1, 2, 3, 4, 5, 6]
+    expected = {s: model.chat(HI, max_tokens=40, temperature=1.0, seed=s).text for s in seeds}
+    client = server.client()
+
+    def ask(seed):
+        stream = client.chat.completions.create(model="m", messages=HI, max_tokens=40, temperature=1.0, seed=seed, stream=True)
+        return seed, "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
+        answers = dict(pool.map(ask, seeds))
+    assert answers == expected
+    assert len(set(answers.values())) == len(seeds)
+
+
+def test_full_queue_answers_503_with_retry_after(model):
+    slow = SlowModel(model)
+    live = LiveServer(create_app(slow, parallel=1, max_queue=1))
+    try:
+        body = {"messages": HI, "max_tokens": 2000, "temperature": 0, "stream": True}  # greedy: never ends early
+        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=30) as running:
+            running_lines = running.iter_lines()  # (keep it: a dropped iterator closes the connection)
+            next(running_lines)  # the first is generating
+            with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=30) as waiting:
+                assert waiting.status_code == 200  # admitted: it waits for the slot
+                busy = live.post({"messages": HI, "max_tokens": 5})
+                assert busy.status_code == 503
+                assert int(busy.headers["Retry-After"]) >= 1
+                assert busy.json()["error"]["code"] == "server_busy"
+                health = httpx.get(f"{live.url}/health").json()
+                assert (health["running"], health["waiting"]) == (1, 1)
+        # both clients left: their generations stop and the server takes work again
+        wait_for(lambda: httpx.get(f"{live.url}/health").json()["running"] == 0)
+        assert live.post({"messages": HI, "max_tokens": 5}).status_code == 200
+    finally:
+        live.stop()
+
+
+def test_client_disconnect_mid_stream_stops_generation(model):
+    slow = SlowModel(model)
+    live = LiveServer(create_app(slow))
+    try:
+        body = {"messages": HI, "max_tokens": 2000, "temperature": 0, "stream": True}  # greedy: never ends early
+        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            for _ in range(5):
+                next(lines)
+        # the connection is closed here, after a handful of tokens
+        wait_for(lambda: slow.streams[0].result is not None)
+        result = slow.streams[0].result
+        assert result.finish_reason == "cancelled"
+        assert result.usage["completion_tokens"] < 200
+    finally:
+        live.stop()
+
+
+def test_client_disconnect_during_non_streaming_request_stops_generation(model):
+    slow = SlowModel(model)
+    live = LiveServer(create_app(slow))
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            live.post({"messages": HI, "max_tokens": 2000, "temperature": 0}, timeout=0.5)
+        wait_for(lambda: slow.streams[0].result is not None)
+        assert slow.streams[0].result.finish_reason == "cancelled"
+    finally:
+        live.stop()
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    ({"messages": "hi"}, "messages must be a non-empty array"),
+    ({"messages": []}, "messages must be a non-empty array"),
+    ({}, "messages must be a non-empty array"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "role must be one of system, user, assistant"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "role must be one of"),
+    ({"messages": [{"role": "user", "content": ""}]}, "content is empty"),
+    ({"messages": [{"role": "user", "content": 42}]}, "content must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "only text parts"),
+    ({"messages": HI, "max_tokens": -1}, "max_tokens must be at least 1"),
+    ({"messages": HI, "max_tokens": "ten"}, "max_tokens must be an integer"),
+    ({"messages": HI, "max_tokens": 10**9}, "does not fit"),
+    ({"messages": HI, "temperature": 2.5}, "temperature must be 0 to 2"),
+    ({"messages": HI, "temperature": "warm"}, "temperature must be a number"),
+    ({"messages": HI, "top_p": 0}, "top_p must be greater than 0"),
+    ({"messages": HI, "n": 3}, "n must be 1"),
+    ({"messages": HI, "stream": "yes"}, "stream must be true or false"),
+    ({"messages": HI, "presence_penalty": 1.0}, "presence_penalty is not supported"),
+    ({"messages": HI, "model": 5}, "model must be a string"),
+    ({"messages": HI, "temprature": 0.5}, "unrecognized request argument: temprature"),
+    ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_bad_requests_get_400_in_openai_shape(server, body, message):
+    r = server.post(body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert message in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_over_the_context_is_400_context_length_exceeded(client, stream):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello " * 3000}], stream=stream)
+    assert e.value.code == "context_length_exceeded"
+    assert "context of 2048 tokens" in e.value.message
+
+
+def test_openai_client_sees_bad_options_as_bad_request(client):
+    with pytest.raises(openai.BadRequestError, match="temperature must be 0 to 2"):
+        client.chat.completions.create(model="m", messages=HI, temperature=3)
+
+
+def test_oversize_body_is_413(server):
+    big = {"messages": [{"role": "user", "content": "x" * 300_000}]}
+    r = server.post(big)
+    assert r.status_code == 413
+    assert "at most 200000" in r.json()["error"]["message"]
+
+
+def test_oversize_body_without_content_length_is_413(server):
+    def chunks():
+        for _ in range(30):
+            yield b"x" * 10_000
+
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=chunks(), timeout=30)
+    assert r.status_code == 413
+
+
+def test_unknown_route_and_method_in_openai_shape(server):
+    r = httpx.get(f"{server.url}/v1/completions")
+    assert r.status_code in (404, 405) and "error" in r.json()
+    r = httpx.delete(f"{server.url}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"]
+
+
+def test_server_keeps_serving_after_a_burst_of_bad_requests(server, client):
+    for body, _ in BAD_REQUESTS * 3:
+        assert server.post(body).status_code == 400
+    assert server.post({"messages": [{"role": "user", "content": "x" * 300_000}]}).status_code == 413
+    response = client.chat.completions.create(model="m", messages=HI, max_tokens=3)
+    assert response.usage.completion_tokens == 3
+
+
+# --- API key ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(model):
+    live = LiveServer(create_app(model, api_key="s3cret"))
+    yield live
+    live.stop()
+
+
+def test_api_key_is_required(secured):
+    with pytest.raises(openai.AuthenticationError) as e:
+        secured.client(api_key="wrong").chat.completions.create(model="m", messages=HI, max_tokens=2)
+    assert e.value.code == "invalid_api_key"
+    r = secured.post({"messages": HI, "max_tokens": 2})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    with pytest.raises(openai.AuthenticationError):
+        secured.client(api_key="wrong").models.list()
+
+
+def test_right_api_key_works_and_health_and_page_stay_open(secured):
+    response = secured.client(api_key="s3cret").chat.completions.create(model="m", messages=HI, max_tokens=2)
+    assert response.usage.completion_tokens == 2
+    assert httpx.get(f"{secured.url}/health").status_code == 200
+    assert httpx.get(f"{secured.url}/").status_code == 200
+
+
+def test_key_is_checked_before_the_body_is_read(secured):
+    r = secured.post(b"{broken", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_edgeft_serve_command(tiny_phi3_export, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "EDGEFT_API_KEY": "from-env"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "edgeft", "serve", str(tiny_phi3_export), "--port", str(port),
+                             "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    try:
+        wait_for(lambda: _health(port), timeout=60)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="from-env", max_retries=0)
+        assert client.chat.completions.create(model="m", messages=HI, max_tokens=3).usage.completion_tokens <= 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+    assert f"Serving phi3-onnx-fp32 on http://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
+
+
+def _health(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_edgeft_serve_on_a_folder_that_is_not_an_export(tmp_path):
+    from tests.helpers import run_cli
+
+    result = run_cli("serve", tmp_path, "--port", str(_free_port()), ok=False)
+    assert result.exit_code == 1
+    assert "is not an edgeft/onnxruntime-genai export: genai_config.json is missing" in result.output
+
+
+def test_edgeft_serve_rejects_bad_flags(tiny_llama_export):
+    from tests.helpers import run_cli
+
+    result = run_cli("serve", tiny_llama_export, "--parallel", "0", ok=False)
+    assert result.exit_code == 1 and "--parallel must be at least 1" in result.output
