@@ -15,7 +15,8 @@ import click
 
 from edgeft import __version__
 from edgeft.errors import EdgeftError
-from edgeft.pipeline.config import TuneConfig  # a light dataclass: the tune options are built from it
+from edgeft.export.onnx import ExportConfig  # light dataclasses: the options are built from them
+from edgeft.pipeline.config import TuneConfig
 
 log = logging.getLogger("edgeft")
 
@@ -62,6 +63,32 @@ def cli(verbose: bool) -> None:
       edgeft serve runs/NAME                            OpenAI-compatible server + web page
     """
     _setup_logging(verbose)
+
+
+# --- quickstart ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--output", default="runs/quickstart", show_default=True, help="Run directory.")
+@click.option("--max-steps", default=0, show_default=True, help="Cap the fine-tune at N steps (0 = one full epoch).")
+@click.option("--limit", default=0, show_default=True, help="Evaluate on the first N held-out examples (0 = all).")
+@click.option("--shots", default=3, show_default=True, help="Examples in the prompt for the few-shot baseline.")
+@click.option("--bench-runs", default=3, show_default=True, help="Repetitions of the speed benchmark.")
+@click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones.")
+def quickstart(output: str, max_steps: int, limit: int, shots: int, bench_runs: int, force: bool) -> None:
+    """The whole path on the built-in model and the recipe sample, with a report (~20 min on 2 CPU cores).
+
+    \b
+    fine-tune (QLoRA) -> merge -> export int4 -> evaluate (base zero-shot, base few-shot,
+    fine-tuned PyTorch, fine-tuned ONNX int4) -> speed benchmark -> RUN/report.md
+    Running it again reuses finished stages and resumes an interrupted fine-tune.
+    """
+    from edgeft.quickstart import QuickstartConfig, quickstart as run_quickstart
+
+    report = run_quickstart(QuickstartConfig(output=output, max_steps=max_steps, limit=limit, shots=shots, bench_runs=bench_runs), force=force)
+    click.echo(f"\nReport: {report}")
+    click.echo(f"Chat with your fine-tuned model:  edgeft chat {output}")
+    click.echo(f"Serve it (API + web page):        edgeft serve {output}")
 
 
 # --- doctor & models ----------------------------------------------------------------------
@@ -231,6 +258,116 @@ def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
         run_dir = tuning.tune(cfg, force=force)
     for line in tuning.summary(run_dir):
         click.echo(line)
+
+
+# --- merge & export -----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Merge again even if RUN/merged exists.")
+def merge(run: Path, force: bool) -> None:
+    """Fold a run's adapter into a full-precision copy of its base model (RUN/merged)."""
+    from edgeft import artifacts
+    from edgeft.pipeline.merge import merge as merge_run
+
+    out = merge_run(run, force=force)
+    click.echo(f"Merged model: {out} ({artifacts.human_size(artifacts.dir_size(out))})")
+    click.echo(f"Next: edgeft export {run} --int4")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--int4", "precision", flag_value="int4", default=True, help="4-bit weights (default; recommended for CPU).")
+@click.option("--int8", "precision", flag_value="int8", help="8-bit weights.")
+@click.option("--fp32", "precision", flag_value="fp32", help="Full precision (a reference; large and slower).")
+@click.option("--force", is_flag=True, help="Replace an existing export.")
+@config_options(ExportConfig, skip=("precision",))
+def export(target: str, precision: str, force: bool, **options) -> None:
+    """Export a run (or a base model) to ONNX for onnxruntime-genai, quantized, verified against PyTorch.
+
+    \b
+    TARGET is a run directory (merged first if needed) or a model: built-in name, HF folder, .gguf.
+    Examples:
+      edgeft export runs/recipes --int4
+      edgeft export runs/recipes --int4 --backend optimum      # also loads in Optimum's ORTModelForCausalLM
+      edgeft export smollm2-135m --int4 --output smollm2-int4  # the base model, no fine-tuning
+    """
+    from edgeft import artifacts
+    from edgeft.export.onnx import export as run_export
+    from edgeft.export.verify import table
+
+    cfg = ExportConfig(precision=precision, **options)
+    out = run_export(target, cfg, force=force)
+    info = artifacts.read_json(out / "edgeft-export.json", "export record")
+    size, merged = info["size_bytes"], info["merged_size_bytes"]
+    click.echo(f"Exported {info['precision']} ({info['backend']} backend) in {info['seconds']:.0f} s: {out}")
+    click.echo(f"  size                   {artifacts.human_size(size)} ({size / merged:.0%} of the merged model's {artifacts.human_size(merged)})")
+    if info["verification"]:
+        click.echo("Verification against PyTorch:")
+        for line in table(info["verification"]):
+            click.echo(line)
+    click.echo(f"Chat with it: edgeft chat {out}")
+
+
+# --- eval ---------------------------------------------------------------------------------
+
+
+@cli.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Held-out chat data; the last assistant message is the reference.")
+@click.option("--shots", default=0, show_default=True, help="Also evaluate each base model with K training examples in the prompt.")
+@click.option("--shots-file", type=click.Path(dir_okay=False), help="Where the shots come from (default: the run's training data).")
+@click.option("--limit", type=int, help="Evaluate only the first N examples (quick checks).")
+@click.option("--max-tokens", type=int, help="New tokens per answer.  [default: fits the longest reference]")
+@click.option("--batch-size", default=8, show_default=True, help="Prompts per batch for PyTorch models.")
+@click.option("--output", type=click.Path(dir_okay=False), help="JSON report path.  [default: RUN/logs/eval.json or ./edgeft-eval.json]")
+def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, output) -> None:
+    """Compare models on held-out data: base, base with examples in the prompt, fine-tuned, exported.
+
+    \b
+    MODELS are any mix of a built-in name or HF folder (base model), a run (its merged model, or base +
+    adapter), a merged folder, and an ONNX export folder. Example:
+      edgeft eval smollm2-135m runs/recipes runs/recipes/onnx-int4 --data samples/recipes/eval.jsonl --shots 3
+    Metrics: exact match (JSON compared parsed), token F1, JSON validity, perplexity of the reference,
+    answers that stop on their own, latency.
+    """
+    from edgeft.pipeline.evaluate import evaluate, table
+
+    report = evaluate(list(models), data, shots=shots, shots_file=shots_file, limit=limit, max_tokens=max_tokens,
+                      batch_size=batch_size, output=output)  # fmt: skip
+    click.echo(f"{report['samples']} examples from {data}, greedy, up to {report['max_tokens']} new tokens:")
+    for line in table(report):
+        click.echo(line)
+    click.echo(f"Report: {report['path']}")
+
+
+# --- bench --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--compare", is_flag=True, help="Also measure PyTorch, Optimum's ORTModelForCausalLM and llama.cpp (if installed).")
+@click.option("--runs", default=3, show_default=True, help="Repetitions; the median and the spread are reported.")
+@click.option("--threads", default=0, show_default=True, help="Threads for every engine (0 = all cores).")
+@click.option("--decode-tokens", default=128, show_default=True, help="Tokens generated for the decode speed.")
+@click.option("--gguf", type=click.Path(exists=True, dir_okay=False), help="GGUF for llama.cpp (default: the base model's).")
+@click.option("--output", type=click.Path(file_okay=False), help="Where bench.json/.md/.png go.  [default: RUN/logs]")
+def bench(path: Path, compare: bool, runs: int, threads: int, decode_tokens: int, gguf: str | None, output: str | None) -> None:
+    """Measure an export: load time, time to first token (32 and 512-token prompts), decode speed, memory, size.
+
+    \b
+    PATH is runs/NAME or an export folder. Every engine runs in its own process with the same threads.
+      edgeft bench runs/recipes
+      edgeft bench runs/recipes --compare      # + PyTorch, Optimum, llama.cpp, as ratios
+    """
+    from edgeft.export.bench import Settings, bench as run_bench, markdown
+
+    report = run_bench(path, compare=compare, gguf=gguf, output=output,
+                       settings=Settings(runs=runs, threads=threads, decode_tokens=decode_tokens))  # fmt: skip
+    for line in markdown(report):
+        click.echo(line)
+    click.echo(f"Saved: {report['paths']['md']}, {report['paths']['json']}, {report['paths']['png']}")
 
 
 # --- chat & serve -------------------------------------------------------------------------

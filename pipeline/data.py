@@ -84,6 +84,7 @@ def load_dataset(path: str | Path, fmt: str = "auto") -> Dataset:
         problems += errors
         if example is not None and not errors:
             examples.append(example)
+    problems.sort(key=lambda p: int(p.where.split()[-1]) if p.where[-1].isdigit() else 0)  # in file order
     return Dataset(path, fmt, detected, examples, problems, hashlib.sha256(raw).hexdigest())
 
 

@@ -383,6 +383,26 @@ class ChatModel:
         assert stream.result is not None
         return stream.result
 
+    def reference_nll(self, messages: Sequence[dict], reference: str) -> tuple[float, int]:
+        """How surprised the model is by `reference` as the answer: summed negative log-likelihood and
+        token count (the answer plus the end-of-turn token), feeding the reference, not its own picks."""
+        prompt = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
+        answer = [int(t) for t in self._tokenizer.encode(reference)] + [self.end_of_turn_id]
+        logits = teacher_forced_logits(self._og_model, prompt, answer)
+        return negative_log_likelihood(logits, answer), len(answer)
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The stop id that closes an assistant turn in this chat format (<|im_end|>, <|end|>, ...)."""
+        from edgeft.models import END_OF_TURN_TOKENS
+
+        for token in END_OF_TURN_TOKENS:
+            if token in self.template.source:
+                token_id = int(self._tokenizer.to_token_id(token))
+                if token_id in self.eos_token_ids:
+                    return token_id
+        return min(self.eos_token_ids)
+
     def _search_params(self, opts: GenerationOptions, max_length: int) -> Any:
         import onnxruntime_genai as og
 
@@ -402,6 +422,31 @@ class ChatModel:
         params = og.GeneratorParams(self._og_model)
         params.set_search_options(**search)
         return params
+
+
+def teacher_forced_logits(og_model: Any, prompt: list[int], answer: list[int]):
+    """The logits that predict each answer token, as a (len(answer), vocab) float32 array."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + len(answer) + 1)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(prompt)
+    rows = []
+    for token in answer:
+        rows.append(np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1))
+        generator.append_tokens([token])
+    return np.stack(rows)
+
+
+def negative_log_likelihood(logits, targets: list[int]) -> float:
+    """Summed -log p(target) under softmax(logits), row by row."""
+    import numpy as np
+
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return float(-log_probs[np.arange(len(targets)), targets].sum())
 
 
 # --- finding and reading an export --------------------------------------------------------

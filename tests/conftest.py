@@ -114,6 +114,36 @@ def tiny_export(request) -> Path:
     return request.getfixturevalue(f"tiny_{request.param}_export")
 
 
+def _session_run(model_dir: Path, root: Path) -> Path:
+    from tests.helpers import tiny_run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEFT_HOME", str(root / "home"))
+        return tiny_run(model_dir, root)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_run_session(tiny_llama, tmp_path_factory) -> Path:
+    return _session_run(tiny_llama, tmp_path_factory.mktemp("llama-run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_run_session(tiny_phi3, tmp_path_factory) -> Path:
+    return _session_run(tiny_phi3, tmp_path_factory.mktemp("phi3-run"))
+
+
+@pytest.fixture(params=["llama", "phi3"])
+def tiny_run_dir(request, tmp_path) -> Path:
+    """A private copy of a finished tiny LoRA run (both architectures), for merge and export tests."""
+    source = request.getfixturevalue(f"tiny_{request.param}_run_session")
+    return Path(shutil.copytree(source, tmp_path / f"{request.param}-run"))
+
+
+@pytest.fixture
+def tiny_llama_run(tiny_llama_run_session, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_llama_run_session, tmp_path / "llama-run"))
+
+
 @pytest.fixture(scope="session")
 def real_home(tmp_path_factory) -> Path:
     """An EDGEFT_HOME holding the real built-in SmolLM2, fetched once per session.

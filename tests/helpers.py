@@ -20,6 +20,33 @@ def run_cli(*args: str, input: str | None = None, ok: bool = True) -> Result:
     return result
 
 
+def recipes_like(path, n: int = 24, seed: int = 0):
+    """A small chat dataset with a learnable pattern, shaped like the recipe sample."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["tomato", "onion", "garlic", "salt", "pepper", "basil", "cheese", "egg", "flour", "sugar"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            items = rng.sample(words, 3)
+            user = "Ingredients: " + ", ".join(f"2 cups {w}" for w in items)
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": json.dumps(items)}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def tiny_run(model_dir, root, **overrides):
+    """A finished LoRA run on a tiny model, with eval data: the input of merge and export tests."""
+    from edgeft.pipeline.config import TuneConfig
+    from edgeft.pipeline.tune import tune
+
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = dict(model=str(model_dir), data=str(recipes_like(root / "train.jsonl")), output=str(root / "run"), method="lora",
+               eval_file=str(recipes_like(root / "eval.jsonl", n=6, seed=1)), epochs=1, batch_tokens=128, max_seq_len=64,
+               precision="fp32")  # fmt: skip
+    return tune(TuneConfig(**{**cfg, **overrides}))
+
+
 def wait_for(condition, timeout: float = 10) -> None:
     """Poll `condition` until it is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

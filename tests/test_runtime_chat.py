@@ -158,6 +158,7 @@ def test_interactive_chat_in_a_terminal(tiny_phi3_export):
         term.expect(r"\(new conversation\)\n>>> ")
         term.send("/help\n")
         term.expect(r"/reset .*\n.*/exit .*\n.*/help .*\n>>> ")
+        time.sleep(0.3)  # the prompt is drawn just before input() starts reading; let it start
         term.send("\x03")  # Ctrl-C at the prompt does not leave
         term.expect(r"Ctrl-D leaves.*\n>>> ")
         term.send("\x04")  # Ctrl-D on an empty line leaves

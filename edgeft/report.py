@@ -1,0 +1,175 @@
+"""report.md for a run: what ran, how long it took, does fine-tuning pay off, how fast is the result.
+
+Everything is read from the run's manifest and logs, so every number is one measured in that run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgeft import __version__, artifacts
+from edgeft.artifacts import Run
+
+
+def write_report(run: Run, bar: tuple[float, float, float]) -> Path:
+    """Write RUN/report.md and return its path."""
+    from edgeft.export.bench import machine
+
+    manifest = run.manifest()
+    stages = manifest["stages"]
+    timings = manifest.get("quickstart", {}).get("timings", {})
+    lines = [
+        f"# edgeft report: {run.path.name}",
+        "",
+        f"Measured on {machine()}, {artifacts.now()[:10]}, edgeft {__version__}. Every number below was measured in this run.",
+        "",
+        "## What ran",
+        "",
+        "| stage | time | result |",
+        "|---|---:|---|",
+        *_stage_rows(run, stages, timings),
+        f"| **total** | **{_minutes(sum(timings.values()))}** | |",
+        "",
+    ]
+    lines += _quality(run, stages.get("eval"), bar)
+    lines += _training(run, stages.get("tune", {}))
+    lines += _export(stages.get("export"))
+    lines += _speed(run, stages.get("bench"))
+    lines += [
+        "## Use it",
+        "",
+        "```bash",
+        f"edgeft chat {run.path}                 # chat in the terminal",
+        f"edgeft serve {run.path}                # OpenAI-compatible API + web page on http://127.0.0.1:8000",
+        "```",
+        "",
+    ]
+    path = run.path / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _stage_rows(run: Run, stages: dict, timings: dict) -> list[str]:
+    rows = []
+    tune, merge, export, evaluation, bench = (stages.get(k) for k in ("tune", "merge", "export", "eval", "bench"))
+    if tune and tune.get("metrics"):
+        m, c = tune["metrics"], tune["config"]
+        rows.append(f"| fine-tune | {_minutes(timings.get('fine-tune (QLoRA)', m['train_seconds']))} | {c['method']} "
+                    f"({tune.get('precision', '?')}) on {tune.get('device', '?')}: {m['steps']} steps, {m['train_tokens']:,} tokens "
+                    f"at {m['tokens_per_second']} tokens/s, peak memory {m.get('peak_memory_mb', '?')} MB |")  # fmt: skip
+    if merge:
+        rows.append(f"| merge | {_minutes(timings.get('merge', merge['seconds']))} | {merge['path']}/ "
+                    f"({artifacts.human_size(merge['size_bytes'])}) |")  # fmt: skip
+    if export:
+        rows.append(f"| export int4 | {_minutes(timings.get('export int4', export['seconds']))} | {export['path']}/ "
+                    f"({artifacts.human_size(export['size_bytes'])}, {export['size_bytes'] / export['merged_size_bytes']:.0%} "
+                    f"of the merged model), {export['backend']} backend, verified |")  # fmt: skip
+    if evaluation:
+        report = json.loads(Path(evaluation["report"]).read_text())
+        rows.append(f"| evaluate | {_minutes(timings.get('evaluate', 0))} | {report['samples']} held-out examples x "
+                    f"{len(report['rows'])} models |")  # fmt: skip
+    if bench:
+        rows.append(f"| benchmark | {_minutes(timings.get('benchmark', 0))} | {len(bench['results'])} engines |")
+    return rows
+
+
+def _row(rows: list[dict], match) -> dict | None:
+    return next((r for r in rows if match(r)), None)
+
+
+def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float]) -> list[str]:
+    if not evaluation:
+        return []
+    from edgeft.pipeline.evaluate import table
+
+    report = json.loads(Path(evaluation["report"]).read_text())
+    rows = report["rows"]
+    lines = [
+        "## Does fine-tuning pay off?",
+        "",
+        f"{report['samples']} held-out examples from `{Path(report['data']).name}`, greedy decoding, exact match of the "
+        "answer (JSON compared as parsed data).",
+        "",
+        *table(report),
+        "",
+    ]
+    zero = _row(rows, lambda r: r["label"].endswith("zero-shot"))
+    few = _row(rows, lambda r: r["shots"] > 0)
+    torch_ft = _row(rows, lambda r: r["backend"] == "pytorch" and r["shots"] == 0 and not r["label"].endswith("zero-shot"))
+    onnx_ft = _row(rows, lambda r: r["backend"] == "onnx")
+    if zero and few and torch_ft and onnx_ft:
+        gain, drop, stops = bar
+        checks = [
+            (onnx_ft["exact_match"] - max(zero["exact_match"], few["exact_match"]) >= gain,
+             f"fine-tuned int4 exact match {onnx_ft['exact_match']:.1f}% is at least {gain:.0f} points above base zero-shot "
+             f"({zero['exact_match']:.1f}%) and base {few['shots']}-shot ({few['exact_match']:.1f}%)"),
+            (torch_ft["exact_match"] - onnx_ft["exact_match"] <= drop,
+             f"int4 ({onnx_ft['exact_match']:.1f}%) is within {drop:.0f} points of fine-tuned PyTorch ({torch_ft['exact_match']:.1f}%)"),
+            (min(onnx_ft["stop_rate"], torch_ft["stop_rate"]) >= stops,
+             f"the fine-tuned model stops at the end of its turn on {min(onnx_ft['stop_rate'], torch_ft['stop_rate']):.1f}% "
+             f"of prompts (bar: {stops:.0f}%)"),
+        ]  # fmt: skip
+        lines += ["Quality bar:", ""]
+        lines += [f"- {'PASS' if ok else 'NOT MET'}: {text}" for ok, text in checks]
+        lines.append("")
+    lines += _examples(Path(evaluation["report"]), zero, onnx_ft)
+    return lines
+
+
+def _examples(report_path: Path, zero: dict | None, tuned: dict | None, n: int = 2) -> list[str]:
+    predictions = report_path.with_suffix(".predictions.jsonl")
+    if not (predictions.exists() and zero and tuned):
+        return []
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    base = [r for r in rows if r["model"] == zero["label"]][:n]
+    ft = [r for r in rows if r["model"] == tuned["label"]][:n]
+    lines = ["Two examples:", ""]
+    for b, t in zip(base, ft):
+        lines += [
+            f"- reference: `{t['reference']}`",
+            f"  - base model: `{b['prediction'][:160]}{'...' if len(b['prediction']) > 160 else ''}`",
+            f"  - fine-tuned int4: `{t['prediction'][:160]}`",
+        ]
+    return lines + [""]
+
+
+def _training(run: Run, tune: dict) -> list[str]:
+    if not tune.get("metrics"):
+        return []
+    d, m = tune["data"], tune["metrics"]
+    lines = [
+        "## Training",
+        "",
+        f"{d['train_examples']} examples ({d['tokens_per_epoch']:,} tokens per epoch, {d['trained_tokens']:,} of them "
+        f"trained: assistant turns and their end-of-turn token), packed without padding. Final train loss "
+        f"{m['train_loss']}" + (f", eval loss {m['eval_loss']} (perplexity {m['eval_ppl']})." if m.get("eval_loss") is not None else "."),
+        "",
+    ]
+    if (run.logs_dir / "loss.png").exists():
+        lines += ["![loss curve](logs/loss.png)", ""]
+    return lines
+
+
+def _export(export: dict | None) -> list[str]:
+    if not export or not export.get("verification"):
+        return []
+    from edgeft.export.verify import table
+
+    return ["## Export and verification", "", "The int4 ONNX model against the merged PyTorch model:", "", "```", *table(export["verification"]), "```", ""]
+
+
+def _speed(run: Run, bench: dict | None) -> list[str]:
+    if not bench:
+        return []
+    from edgeft.export.bench import markdown
+
+    report = json.loads(Path(bench["report"]).read_text())
+    lines = ["## Speed", "", *markdown(report), ""]
+    if (run.logs_dir / "bench.png").exists():
+        lines += ["![speed](logs/bench.png)", ""]
+    return lines

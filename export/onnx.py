@@ -1,0 +1,218 @@
+"""edgeft export: a merged model -> an ONNX folder that onnxruntime-genai runs on CPU.
+
+Two backends, one output contract (`genai_config.json`, `model.onnx` + external data, tokenizer):
+- genai (default): the onnxruntime-genai model builder. It emits fused attention, rotary and norm
+  ops and quantizes while it writes; measured ~2x faster decode than the Optimum graph on CPU.
+- optimum: Hugging Face Optimum exports a plain graph (`text-generation-with-past`), ONNX Runtime
+  quantizes it, edgeft writes the `genai_config.json`. It also loads in `ORTModelForCausalLM`.
+A model the builder does not support falls back to optimum with a message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from edgeft import artifacts, models
+from edgeft.artifacts import Run
+from edgeft.errors import ConfigError, ExportError
+from edgeft.pipeline.config import opt
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class ExportConfig:
+    """How to export. Defaults are the fastest accurate choice measured on a 2-core CPU."""
+
+    precision: str = opt("int4", "Weight precision: int4 (recommended for CPU), int8, or fp32.", choices=("int4", "int8", "fp32"))
+    backend: str = opt("genai", "genai = onnxruntime-genai model builder (fused ops, fastest); optimum = Optimum graph + ORT quantizer.", choices=("genai", "optimum"))
+    block_size: int = opt(32, "Weights per quantization scale (int4/int8): smaller = more accurate, larger file.")
+    accuracy_level: int = opt(4, "MatMulNBits compute: 4 = int8 activations (fastest on CPU), 3 = bf16, 2 = fp16, 1 = fp32.")
+    symmetric: bool = opt(True, "Symmetric quantization (no zero points).")
+    lm_head: str = opt("auto", "Precision of the output head, the most sensitive layer. auto = int8, except for models that tie it to the embedding (shared int4 matrix).", choices=("auto", "same", "int8", "fp32"))
+    verify: bool = opt(True, "Compare the export with the PyTorch model (token agreement, perplexity, logits for fp32).")
+    verify_samples: int = opt(8, "Prompts used by verification.")
+    output: str = opt("", "Output folder (default: RUN/onnx-PRECISION, or ./NAME-onnx-PRECISION for a bare model).")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is invalid: choose one of {', '.join(choices)}.")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ConfigError(f"block_size = {self.block_size} is invalid: choose 16, 32, 64, 128 or 256.")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"accuracy_level = {self.accuracy_level} is invalid: choose 0 (default), 1, 2, 3 or 4.")
+        if self.verify_samples < 1:
+            raise ConfigError(f"verify_samples = {self.verify_samples} is invalid: it must be at least 1.")
+
+
+@dataclass
+class Source:
+    """What gets exported: a merged HF folder, and the run it belongs to (if any)."""
+
+    model_dir: Path
+    run: Run | None
+    name: str
+
+
+def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Path:
+    """Export a run (merging first if needed) or a bare model; returns the ONNX folder."""
+    source = _source(target, force=force)
+    out = Path(cfg.output) if cfg.output else (source.run.export_dir(cfg.precision) if source.run else Path(f"{source.name}-onnx-{cfg.precision}"))
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists. Pass --force to export again.")
+    merged_size = artifacts.dir_size(source.model_dir)
+    artifacts.check_free_space(out.parent if out.parent.exists() else Path("."), merged_size * 3, "exporting")
+    start = time.perf_counter()
+    backend = cfg.backend
+    with artifacts.staged_dir(out, force=True, what="export") as tmp:
+        if backend == "genai":
+            try:
+                build_genai(source.model_dir, tmp, cfg)
+            except UnsupportedByBuilder as e:
+                log.warning(f"The onnxruntime-genai builder does not support this model ({e}); using the optimum backend instead.")
+                shutil.rmtree(tmp)
+                tmp.mkdir()
+                backend = "optimum"
+        if backend == "optimum":
+            from edgeft.export.quantize import build_optimum
+
+            build_optimum(source.model_dir, tmp, cfg)
+        finish_folder(source.model_dir, tmp)
+        check_export_folder(tmp)
+        seconds = time.perf_counter() - start
+        verification = None
+        if cfg.verify:
+            from edgeft.export.verify import verify
+
+            verification = verify(source.model_dir, tmp, cfg, eval_file=_eval_file(source.run))
+    record = {
+        "status": "done", "path": out.name if source.run else str(out.resolve()), "precision": cfg.precision, "backend": backend,
+        "options": {k: v for k, v in vars(cfg).items() if k not in ("output",)}, "seconds": round(seconds, 1),
+        "size_bytes": artifacts.dir_size(out), "merged_size_bytes": merged_size, "verification": verification,
+        "finished_at": artifacts.now(),
+    }  # fmt: skip
+    if source.run:
+        source.run.record_stage("export", **record)
+    artifacts.write_json_atomic(out / "edgeft-export.json", {"source": str(source.model_dir), **record})
+    return out
+
+
+def _source(target: str | Path, *, force: bool) -> Source:
+    path = Path(target)
+    if Run.is_run(path):
+        run = Run.open(path)
+        if not (run.merged_dir / "config.json").is_file():
+            from edgeft.pipeline.merge import merge
+
+            log.info(f"{run.path} has no merged model yet: merging first.")
+            merge(run.path, force=True)
+        return Source(run.merged_dir, run, run.path.name)
+    resolved = models.resolve_model(str(target))
+    return Source(resolved.path, None, Path(resolved.spec).name)
+
+
+def _eval_file(run: Run | None) -> Path | None:
+    if run is None:
+        return None
+    config = (run.stage("tune") or {}).get("config", {})
+    return Path(config["eval_file"]) if config.get("eval_file") else None
+
+
+# --- the genai builder --------------------------------------------------------------------
+
+
+class UnsupportedByBuilder(Exception):
+    pass
+
+
+def lm_head_precision(cfg: ExportConfig, model_config: dict) -> str:
+    """The builder's int8 head is broken for tied embeddings in 0.15 (the model fails to load), so
+    tied models share one int4 matrix between embedding and head instead."""
+    if cfg.lm_head != "auto":
+        return cfg.lm_head
+    return "same" if model_config.get("tie_word_embeddings") else "int8"
+
+
+def builder_options(cfg: ExportConfig, model_config: dict) -> list[str]:
+    options = [f"block_size={cfg.block_size}", f"accuracy_level={cfg.accuracy_level}", f"is_symmetric={str(cfg.symmetric).lower()}"]
+    head = lm_head_precision(cfg, model_config)
+    if cfg.precision == "int4" and head == "int8":
+        options.append("matmul_mixed_precision=last_matmul:int8")
+    elif cfg.precision in ("int4", "int8") and head == "fp32":
+        options.append("nodes_to_exclude=/lm_head/MatMul")
+    if model_config.get("tie_word_embeddings") and head == "same":
+        options.append("shared_embeddings=true")  # one quantized matrix for embedding and head: smaller folder
+    return options
+
+
+def build_genai(model_dir: Path, out: Path, cfg: ExportConfig) -> None:
+    """Run the onnxruntime-genai model builder in a subprocess (it prints a progress line per tensor)."""
+    model_config = json.loads((model_dir / "config.json").read_text())
+    cache = out / ".builder-cache"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
+           "-p", cfg.precision, "-e", "cpu", "-c", str(cache), "--extra_options", *builder_options(cfg, model_config)]  # fmt: skip
+    log.info(f"Exporting with the onnxruntime-genai model builder ({cfg.precision}, block {cfg.block_size}, accuracy level {cfg.accuracy_level})...")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    if proc.returncode != 0:
+        text = proc.stdout + proc.stderr
+        if "not currently supported" in text or "NotImplementedError" in text:
+            raise UnsupportedByBuilder(model_config.get("model_type", "unknown architecture"))
+        tail = "\n".join(line for line in text.splitlines()[-12:] if "it/s" not in line)
+        raise ExportError(f"the onnxruntime-genai model builder failed on {model_dir}:\n{tail}\nTry --backend optimum.")
+
+
+# --- the shared output contract -----------------------------------------------------------
+
+
+def finish_folder(model_dir: Path, out: Path) -> None:
+    """Our repaired tokenizer (with the chat template inside), and every end-of-turn id as a stop id."""
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).exists():
+            shutil.copyfile(model_dir / name, out / name)
+    for stale in ("vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json"):
+        (out / stale).unlink(missing_ok=True)  # tokenizer.json and tokenizer_config.json say it all
+    stops = _stop_ids(model_dir)
+    path = out / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"]["eos_token_id"] = stops
+    artifacts.write_json_atomic(path, config)
+
+
+def _stop_ids(model_dir: Path) -> list[int]:
+    generation = model_dir / "generation_config.json"
+    ids = json.loads(generation.read_text()).get("eos_token_id") if generation.exists() else None
+    if ids is None:
+        ids = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
+    return sorted(set(ids if isinstance(ids, list) else [ids]))
+
+
+def check_export_folder(folder: Path) -> None:
+    """Every file the runtime needs is there (the runtime's own check), and the model's external data too."""
+    import onnx
+
+    from edgeft.errors import ModelError
+    from edgeft.runtime.engine import check_export
+
+    try:
+        check_export(folder)
+    except ModelError as e:
+        raise ExportError(str(e)) from None
+    config = json.loads((folder / "genai_config.json").read_text())
+    model_file = folder / config["model"]["decoder"]["filename"]
+
+    for tensor in onnx.load(str(model_file), load_external_data=False).graph.initializer:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if location and not (folder / location).is_file():
+            raise ExportError(f"the export in {folder} is incomplete: {location} is missing.")

@@ -1,0 +1,342 @@
+"""edgeft eval: does the fine-tuned model beat the base model, and prompting it with examples?
+
+One table, any mix of: a base model (built-in, HF folder), a run (base + adapter), a merged model,
+an ONNX export. Every candidate answers the same held-out prompts greedily; the answer is compared
+with the reference (the last assistant message):
+- exact match (JSON answers compare as parsed JSON, so spacing does not matter),
+- token-level F1 (SQuAD-style words), JSON validity when the reference is JSON,
+- perplexity of the reference answer, the share of answers that stop on their own, latency.
+`shots=K` adds, for each base model, a row where K training examples come first in the chat:
+the prompt-engineering baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import string
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeft import artifacts, models
+from edgeft.artifacts import Run
+from edgeft.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    label: str
+    backend: str  # pytorch | onnx
+    path: Path  # HF folder (pytorch) or export folder (onnx)
+    adapter: Path | None = None
+    shots: int = 0
+    run: Run | None = None
+
+
+@dataclass
+class Sample:
+    messages: list[dict]  # the prompt: every message but the last assistant one
+    reference: str
+
+
+@dataclass
+class Row:
+    label: str
+    backend: str
+    shots: int
+    exact_match: float
+    token_f1: float
+    json_valid: float | None
+    perplexity: float | None
+    stop_rate: float
+    latency_s: float
+    tokens_per_second: float
+    samples: int
+    predictions: list[dict] = field(default_factory=list, repr=False)
+
+
+# --- what to evaluate ---------------------------------------------------------------------
+
+
+def candidates(specs: list[str], shots: int) -> list[Candidate]:
+    """Turn command-line MODEL arguments into candidates; a base model gets a K-shot row too."""
+    out = []
+    for spec in specs:
+        path = Path(spec)
+        if (path / "genai_config.json").is_file():
+            out.append(Candidate(f"{path.name} (ONNX)", "onnx", path))
+        elif Run.is_run(path):
+            run = Run.open(path)
+            if (run.merged_dir / "config.json").is_file():
+                out.append(Candidate(f"{run.path.name} (PyTorch)", "pytorch", run.merged_dir, run=run))
+            else:
+                from edgeft.pipeline.merge import open_tuned_run
+
+                open_tuned_run(path)
+                base = Path(run.manifest()["base_model"]["path"])
+                out.append(Candidate(f"{run.path.name} (PyTorch, adapter)", "pytorch", base, adapter=run.adapter_dir, run=run))
+        else:
+            resolved = models.resolve_model(spec)
+            name = Path(spec).name if resolved.kind != "builtin" else spec
+            fine_tuned = (resolved.path / "edgeft-export.json").exists() or resolved.path.name == "merged"
+            out.append(Candidate(f"{name} zero-shot" if not fine_tuned else name, "pytorch", resolved.path))
+            if shots and not fine_tuned:
+                out.append(Candidate(f"{name} {shots}-shot", "pytorch", resolved.path, shots=shots))
+    return out
+
+
+def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
+    dataset = load_dataset_checked(path)
+    rows = []
+    for ex in dataset.examples:
+        if ex.text is not None:
+            raise DataError(f"{path} is plain text; evaluation needs chat data whose last message is the assistant's answer.")
+        if ex.messages[-1]["role"] != "assistant":
+            continue
+        rows.append(Sample([{"role": m["role"], "content": m["content"]} for m in ex.messages[:-1]], ex.messages[-1]["content"]))
+    if not rows:
+        raise DataError(f"{path} has no example that ends with an assistant answer to compare against.")
+    return rows[:limit] if limit else rows
+
+
+def load_dataset_checked(path: str | Path):
+    from edgeft.pipeline.data import load_dataset
+
+    dataset = load_dataset(path)
+    if dataset.problems:
+        shown = "\n".join(f"  {p}" for p in dataset.problems[:10])
+        raise DataError(f"{path} has problems:\n{shown}\nCheck it with: edgeft data check {path}")
+    return dataset
+
+
+def with_shots(sample: Sample, shots: list[Sample]) -> list[dict]:
+    """K solved examples as earlier turns of the same chat, after the system message."""
+    system = [m for m in sample.messages[:1] if m["role"] == "system"]
+    rest = sample.messages[len(system) :]
+    earlier = []
+    for shot in shots:
+        earlier += [m for m in shot.messages if m["role"] != "system"] + [{"role": "assistant", "content": shot.reference}]
+    return system + earlier + rest
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def _parse_json(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        return None
+
+
+def is_json(text: str) -> bool:
+    return _parse_json(text.strip()) is not None or text.strip() in ("null", "[]", "{}")
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    ref = _parse_json(reference.strip())
+    if ref is not None:
+        return _parse_json(prediction.strip()) == ref
+    return " ".join(prediction.split()) == " ".join(reference.split())
+
+
+def _words(text: str) -> list[str]:
+    text = text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = _words(prediction), _words(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+# --- backends -----------------------------------------------------------------------------
+
+
+class TorchBackend:
+    """Greedy, batched generation with transformers (left padding), and reference perplexity."""
+
+    def __init__(self, candidate: Candidate):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from edgeft.pipeline.data import end_of_turn_for
+
+        torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(candidate.adapter or candidate.path)
+        self.tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(candidate.path, dtype=torch.float32)
+        if candidate.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, candidate.adapter)
+        self.model = model.eval()
+        eot = self.tokenizer.convert_tokens_to_ids(end_of_turn_for(self.tokenizer))
+        self.stops = sorted({i for i in (eot, self.tokenizer.eos_token_id) if i is not None})
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+    def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int]]:
+        torch = self.torch
+        ids = [self.prompt_ids(m) for m in prompts]
+        width = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id
+        batch = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        with torch.no_grad():
+            out = self.model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                                      eos_token_id=self.stops, pad_token_id=pad)  # fmt: skip
+        results = []
+        for row in out[:, width:].tolist():
+            stop_at = next((i for i, t in enumerate(row) if t in self.stops), None)
+            tokens = row[:stop_at] if stop_at is not None else row
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            results.append((text, "stop" if stop_at is not None else "length", len(tokens) + (stop_at is not None)))
+        return results
+
+    def nll(self, messages: list[dict], reference: str) -> tuple[float, int]:
+        prompt = self.prompt_ids(messages)
+        answer = self.tokenizer.encode(reference, add_special_tokens=False) + self.stops[:1]
+        torch = self.torch
+        with torch.no_grad():
+            logits = self.model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+            loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(answer), reduction="sum")
+        return float(loss), len(answer)
+
+
+class OnnxBackend:
+    """The edgeft runtime (onnxruntime-genai), one request at a time as an app would send them."""
+
+    def __init__(self, candidate: Candidate):
+        from edgeft.runtime import ChatModel
+
+        self.model = ChatModel.load(candidate.path)
+
+    def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int]]:
+        results = []
+        for messages in prompts:
+            reply = self.model.chat(messages, max_tokens=max_tokens, temperature=0.0)
+            results.append((reply.text, reply.finish_reason, reply.usage["completion_tokens"]))
+        return results
+
+    def nll(self, messages: list[dict], reference: str) -> tuple[float, int]:
+        return self.model.reference_nll(messages, reference)
+
+
+# --- the evaluation -----------------------------------------------------------------------
+
+
+def evaluate(specs: list[str], data: str | Path, *, shots: int = 0, shots_file: str | Path | None = None,
+             limit: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
+             output: str | Path | None = None) -> dict:  # fmt: skip
+    """Evaluate every candidate on `data`; write a JSON report and record it in the runs involved."""
+    if not specs:
+        raise ConfigError("name at least one model to evaluate (a built-in name, a run, a merged folder or an ONNX export).")
+    if shots < 0 or (limit is not None and limit < 1) or batch_size < 1:
+        raise ConfigError("--shots must be 0 or more, --limit and --batch-size at least 1.")
+    samples = load_samples(data, limit)
+    todo = candidates(specs, shots)
+    shot_pool = _shot_pool(todo, shots, shots_file, data) if shots else []
+    if max_tokens is None:
+        max_tokens = _default_max_tokens(samples)
+    rows = []
+    for candidate in todo:
+        rows.append(evaluate_one(candidate, samples, shot_pool[: candidate.shots], max_tokens, batch_size))
+    report = {
+        "data": str(Path(data).resolve()), "samples": len(samples), "max_tokens": max_tokens, "shots": shots,
+        "finished_at": artifacts.now(), "rows": [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in rows],
+    }  # fmt: skip
+    run = next((c.run for c in todo if c.run), None)
+    target = Path(output) if output else (run.logs_dir / "eval.json" if run else Path("edgeft-eval.json"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json_atomic(target, report)
+    with open(target.with_suffix(".predictions.jsonl"), "w", encoding="utf-8") as f:
+        for r in rows:
+            for p in r.predictions:
+                f.write(json.dumps({"model": r.label, **p}, ensure_ascii=False) + "\n")
+    report["path"] = str(target)
+    for r in {id(c.run): c.run for c in todo if c.run}.values():
+        r.record_stage("eval", status="done", report=str(target.resolve()), rows=report["rows"], finished_at=artifacts.now())
+    return report
+
+
+def _shot_pool(todo: list[Candidate], shots: int, shots_file, data) -> list[Sample]:
+    source = shots_file
+    if source is None:
+        run = next((c.run for c in todo if c.run), None)
+        source = (run.stage("tune") or {}).get("config", {}).get("data") if run else None
+    if source is None:
+        raise ConfigError("--shots needs solved examples: pass --shots-file TRAIN.jsonl (never the evaluation file).")
+    if Path(source).resolve() == Path(data).resolve():
+        raise ConfigError("--shots-file must not be the evaluation data: the answers would leak into the prompts.")
+    return load_samples(source)[:shots]
+
+
+def _default_max_tokens(samples: list[Sample]) -> int:
+    """Room for the longest reference answer and then some; rambling past it cannot score anyway."""
+    longest = max(len(s.reference) for s in samples)
+    return min(512, max(32, longest // 2 + 32))
+
+
+def evaluate_one(candidate: Candidate, samples: list[Sample], shots: list[Sample], max_tokens: int, batch_size: int) -> Row:
+    from tqdm.auto import tqdm
+
+    backend = OnnxBackend(candidate) if candidate.backend == "onnx" else TorchBackend(candidate)
+    prompts = [with_shots(s, shots) if shots else s.messages for s in samples]
+    step = batch_size if candidate.backend == "pytorch" else 1
+    predictions, seconds, generated = [], 0.0, 0
+    bar = tqdm(total=len(samples), desc=candidate.label, unit="ex", disable=None)
+    for i in range(0, len(samples), step):
+        start = time.perf_counter()
+        results = backend.generate(prompts[i : i + step], max_tokens)
+        seconds += time.perf_counter() - start
+        for sample, (text, finish, n_tokens) in zip(samples[i : i + step], results):
+            generated += n_tokens
+            predictions.append({"prediction": text, "reference": sample.reference, "finish_reason": finish,
+                                "exact_match": exact_match(text, sample.reference), "token_f1": token_f1(text, sample.reference)})  # fmt: skip
+        bar.update(len(results))
+    bar.close()
+    nll, count = 0.0, 0
+    for sample, prompt in zip(samples, prompts):
+        value, n = backend.nll(prompt, sample.reference)
+        nll, count = nll + value, count + n
+    json_refs = [p for p in predictions if is_json(p["reference"])]
+    n = len(predictions)
+    return Row(
+        label=candidate.label, backend=candidate.backend, shots=candidate.shots,
+        exact_match=round(100 * sum(p["exact_match"] for p in predictions) / n, 1),
+        token_f1=round(100 * sum(p["token_f1"] for p in predictions) / n, 1),
+        json_valid=round(100 * sum(is_json(p["prediction"]) for p in json_refs) / len(json_refs), 1) if json_refs else None,
+        perplexity=round(math.exp(nll / count), 3) if count else None,
+        stop_rate=round(100 * sum(p["finish_reason"] == "stop" for p in predictions) / n, 1),
+        latency_s=round(seconds / n, 3), tokens_per_second=round(generated / seconds, 1) if seconds else 0.0,
+        samples=n, predictions=predictions,
+    )  # fmt: skip
+
+
+def table(report: dict) -> list[str]:
+    """The report as a Markdown table (the terminal and report.md show the same thing)."""
+    lines = [
+        "| model | exact match % | token F1 % | JSON valid % | perplexity | stops % | latency s/ex | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        json_valid = "-" if r["json_valid"] is None else f"{r['json_valid']:.1f}"
+        ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
+        lines.append(f"| {r['label']} | {r['exact_match']:.1f} | {r['token_f1']:.1f} | {json_valid} | {ppl} | "
+                     f"{r['stop_rate']:.1f} | {r['latency_s']:.2f} | {r['tokens_per_second']:.1f} |")  # fmt: skip
+    return lines

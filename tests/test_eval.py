@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from edgeft.artifacts import Run
+from edgeft.errors import ConfigError, DataError
+from edgeft.export.onnx import ExportConfig, export
+from edgeft.pipeline.evaluate import Sample, evaluate, exact_match, is_json, token_f1, with_shots
+from tests.helpers import recipes_like, run_cli
+
+
+def test_exact_match_compares_json_as_data():
+    assert exact_match('["onion", "garlic"]', '["onion","garlic"]')
+    assert not exact_match('["garlic", "onion"]', '["onion", "garlic"]')
+    assert exact_match("  Hello   world ", "Hello world")
+    assert not exact_match("hello world", "Hello world")
+
+
+def test_token_f1_and_json_validity():
+    assert token_f1("the onion and garlic", "onion, garlic") == pytest.approx(0.8)
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+    assert is_json('["a"]') and not is_json("[a") and not is_json("hello")
+
+
+def test_shots_come_before_the_question_after_the_system_prompt():
+    q = Sample([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "A")
+    shot = Sample([{"role": "system", "content": "S"}, {"role": "user", "content": "q1"}], "a1")
+    assert [m["content"] for m in with_shots(q, [shot])] == ["S", "q1", "a1", "Q"]
+
+
+def test_eval_table_over_every_kind_of_model(tiny_llama_run, tiny_llama, tmp_path):
+    export(tiny_llama_run, ExportConfig(verify=False))
+    data = recipes_like(tmp_path / "eval.jsonl", n=5, seed=3)
+    shots = recipes_like(tmp_path / "shots.jsonl", n=4, seed=4)
+    out = run_cli("eval", tiny_llama, tiny_llama_run, tiny_llama_run / "onnx-int4", "--data", data, "--shots", "2",
+                  "--shots-file", shots, "--max-tokens", "8").output  # fmt: skip
+    report = json.loads((tiny_llama_run / "logs" / "eval.json").read_text())
+    labels = [r["label"] for r in report["rows"]]
+    assert labels == [f"{tiny_llama.name} zero-shot", f"{tiny_llama.name} 2-shot", "llama-run (PyTorch)", "onnx-int4 (ONNX)"]
+    for row in report["rows"]:
+        assert row["samples"] == 5 and 0 <= row["exact_match"] <= 100 and row["perplexity"] > 1
+        assert row["json_valid"] is not None and row["latency_s"] > 0
+    assert "| model | exact match %" in out and "Report:" in out
+    assert Run.open(tiny_llama_run).stage("eval")["rows"] == report["rows"]
+    predictions = (tiny_llama_run / "logs" / "eval.predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 20 and {"prediction", "reference", "finish_reason"} <= set(json.loads(predictions[0]))
+
+
+def test_a_run_without_merged_model_is_evaluated_as_base_plus_adapter(tiny_llama_run, tmp_path):
+    data = recipes_like(tmp_path / "eval.jsonl", n=2, seed=3)
+    report = evaluate([str(tiny_llama_run)], data, max_tokens=4, output=tmp_path / "r.json")
+    assert report["rows"][0]["label"] == "llama-run (PyTorch, adapter)"
+
+
+def test_onnx_and_pytorch_perplexity_agree_for_fp32(tiny_llama_run, tmp_path):
+    from edgeft.pipeline.merge import merge
+
+    merge(tiny_llama_run)
+    export(tiny_llama_run, ExportConfig(precision="fp32", verify=False))
+    data = recipes_like(tmp_path / "eval.jsonl", n=3, seed=3)
+    report = evaluate([str(tiny_llama_run), str(tiny_llama_run / "onnx-fp32")], data, max_tokens=6, output=tmp_path / "r.json")
+    torch_row, onnx_row = report["rows"]
+    assert torch_row["label"] == "llama-run (PyTorch)"
+    assert onnx_row["perplexity"] == pytest.approx(torch_row["perplexity"], rel=1e-3)
+    assert onnx_row["exact_match"] == torch_row["exact_match"]
+
+
+def test_eval_bad_input(tiny_llama, tmp_path):
+    data = recipes_like(tmp_path / "eval.jsonl", n=3)
+    with pytest.raises(ConfigError, match="--shots-file"):
+        evaluate([str(tiny_llama)], data, shots=2)
+    with pytest.raises(ConfigError, match="must not be the evaluation data"):
+        evaluate([str(tiny_llama)], data, shots=2, shots_file=data)
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "hello"}\n')
+    with pytest.raises(DataError, match="plain text"):
+        evaluate([str(tiny_llama)], text)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    assert "invalid JSON" in run_cli("eval", tiny_llama, "--data", bad, ok=False).output

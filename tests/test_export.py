@@ -1,0 +1,205 @@
+import json
+import shutil
+
+import pytest
+
+from edgeft.artifacts import Run, write_json_atomic
+from edgeft.errors import ConfigError, DiskSpaceError, ExportError, RunError
+from edgeft.export import onnx as onnx_export
+from edgeft.export.onnx import ExportConfig, export
+from edgeft.pipeline.merge import merge
+from tests.helpers import run_cli
+
+
+# --- merge ---------------------------------------------------------------------------------
+
+
+def test_merged_logits_match_base_plus_adapter(tiny_run_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = Run.open(tiny_run_dir)
+    merged_dir = merge(tiny_run_dir)
+    base = AutoModelForCausalLM.from_pretrained(run.manifest()["base_model"]["path"])
+    unmerged = PeftModel.from_pretrained(base, run.adapter_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ids = torch.randint(5, 500, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(unmerged(ids).logits, merged(ids).logits, atol=1e-4)
+    generation = json.loads((merged_dir / "generation_config.json").read_text())
+    tokenizer_config = json.loads((merged_dir / "tokenizer_config.json").read_text())
+    eot = "<|im_end|>" if "<|im_end|>" in tokenizer_config["chat_template"] else "<|end|>"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert tok.convert_tokens_to_ids(eot) in generation["eos_token_id"]  # stops at the end of a turn
+    assert tokenizer_config["chat_template"]
+    assert Run.open(tiny_run_dir).stage("merge")["status"] == "done"
+    with pytest.raises(RunError, match="--force"):
+        merge(tiny_run_dir)
+
+
+def test_merge_cli(tiny_llama_run):
+    out = run_cli("merge", tiny_llama_run).output
+    assert "Merged model:" in out and f"edgeft export {tiny_llama_run} --int4" in out
+
+
+def test_run_without_adapter(tmp_path):
+    run = Run.create(tmp_path / "r", base_model={"spec": "x", "path": str(tmp_path)})
+    run.record_stage("tune", status="interrupted")
+    with pytest.raises(RunError, match="no adapter yet.*edgeft tune --resume"):
+        merge(run.path)
+
+
+def test_adapter_from_another_base(tiny_llama_run, tiny_phi3):
+    run = Run.open(tiny_llama_run)
+    run.update(base_model={"spec": str(tiny_phi3), "path": str(tiny_phi3), "kind": "folder"})
+    with pytest.raises(ExportError, match="different base model"):
+        merge(tiny_llama_run)
+    assert not run.merged_dir.exists()
+
+
+def test_corrupted_adapter(tiny_llama_run):
+    weights = tiny_llama_run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ExportError, match="corrupted"):
+        merge(tiny_llama_run)
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+def cfg(**kw) -> ExportConfig:
+    return ExportConfig(**{"verify_samples": 3, **kw})
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp32"])
+def test_genai_export_runs_and_verifies(tiny_run_dir, precision):
+    import onnxruntime_genai as og
+
+    out = export(tiny_run_dir, cfg(precision=precision))
+    assert out == tiny_run_dir / f"onnx-{precision}"
+    record = Run.open(tiny_run_dir).stage("export")
+    assert record["backend"] == "genai" and record["precision"] == precision and record["size_bytes"] > 0
+    check = record["verification"]
+    assert check["samples"] == 3 and check["reference"] == "eval answers"
+    assert abs(check["ppl_change_pct"]) < 10  # random tiny models flip greedy tokens easily; perplexity is steadier
+    if precision == "fp32":
+        assert check["max_abs_logit_diff"] < 1e-3 and check["token_agreement"] == 1.0
+    genai = json.loads((out / "genai_config.json").read_text())
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"]
+    ids = {t["content"]: t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
+    eot = "<|im_end|>" if "<|im_end|>" in tokenizer_config["chat_template"] else "<|end|>"
+    assert ids[eot] in genai["model"]["eos_token_id"]
+    og.Model(str(out))  # plain onnxruntime-genai loads it
+    from edgeft.runtime import ChatModel
+
+    reply = ChatModel.load(tiny_run_dir).chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+    assert reply.usage["completion_tokens"] >= 1
+
+
+def test_export_cli_prints_the_report(tiny_llama_run):
+    out = run_cli("export", tiny_llama_run, "--int4", "--verify-samples", "2").output
+    assert "Exported int4 (genai backend)" in out and "% of the merged model" in out
+    assert "token agreement" in out and "perplexity" in out
+    assert f"edgeft chat {tiny_llama_run / 'onnx-int4'}" in out
+    again = run_cli("export", tiny_llama_run, "--int4", ok=False)
+    assert again.exit_code == 1 and "--force" in again.output
+    run_cli("export", tiny_llama_run, "--int4", "--no-verify", "--force")
+    assert Run.open(tiny_llama_run).stage("export")["verification"] is None
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_optimum_export_loads_in_ort_model_for_causal_lm(tiny_llama_run, precision):
+    import onnxruntime_genai as og
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    out = export(tiny_llama_run, cfg(precision=precision, backend="optimum"))
+    assert Run.open(tiny_llama_run).stage("export")["backend"] == "optimum"
+    model = ORTModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok.encode("hello there")])
+    generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > ids.shape[1]
+    og.Model(str(out))
+
+
+def test_builder_unsupported_falls_back_to_optimum(tiny_llama_run, monkeypatch, caplog):
+    def unsupported(*args):
+        raise onnx_export.UnsupportedByBuilder("mamba")
+
+    monkeypatch.setattr(onnx_export, "build_genai", unsupported)
+    export(tiny_llama_run, cfg(verify=False))
+    assert Run.open(tiny_llama_run).stage("export")["backend"] == "optimum"
+    assert "using the optimum backend instead" in caplog.text
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="block_size = 7"):
+        ExportConfig(block_size=7)
+    with pytest.raises(ConfigError, match="accuracy_level"):
+        ExportConfig(accuracy_level=9)
+    result = run_cli("export", "x", "--lm-head", "int2", ok=False)
+    assert result.exit_code == 2 and "int2" in result.output
+
+
+def test_fp32_mismatch_is_an_error_and_int4_loss_a_warning(caplog):
+    from edgeft.export.verify import _judge
+
+    bad = {"max_abs_logit_diff": 0.5, "token_agreement": 0.8, "onnx_ppl": 2.0, "pytorch_ppl": 2.0, "ppl_change_pct": 0.0}
+    with pytest.raises(ExportError, match="does not match PyTorch"):
+        _judge(bad, ExportConfig(precision="fp32"))
+    lossy = {**bad, "onnx_ppl": 2.5, "ppl_change_pct": 25.0}
+    _judge(lossy, ExportConfig(precision="int4"))
+    assert "+25.0% worse" in caplog.text and "--block-size 16" in caplog.text
+
+
+def test_missing_files_are_named(tiny_llama_run):
+    out = export(tiny_llama_run, cfg(verify=False))
+    (out / "model.onnx.data").unlink()
+    with pytest.raises(ExportError, match="model.onnx.data is missing"):
+        onnx_export.check_export_folder(out)
+
+
+def test_no_disk_leaves_nothing(tiny_llama_run, monkeypatch):
+    def full(*args):
+        raise DiskSpaceError("exporting needs about 1 MB of free disk ...")
+
+    merge(tiny_llama_run)
+    monkeypatch.setattr(onnx_export.artifacts, "check_free_space", full)
+    with pytest.raises(DiskSpaceError):
+        export(tiny_llama_run, cfg())
+    assert not (tiny_llama_run / "onnx-int4").exists()
+    assert not [p for p in tiny_llama_run.iterdir() if p.name.startswith(".")]
+
+
+def test_export_of_a_bare_model(tiny_phi3, tmp_path):
+    out = export(str(tiny_phi3), cfg(output=str(tmp_path / "phi3-int4")))
+    record = json.loads((out / "edgeft-export.json").read_text())
+    assert record["verification"]["reference"] == "PyTorch greedy output"
+
+
+@pytest.mark.real
+def test_real_smollm2_int4_is_small_and_faithful(smollm2, tmp_path):
+    out = export("smollm2-135m", ExportConfig(output=str(tmp_path / "int4")))
+    record = json.loads((out / "edgeft-export.json").read_text())
+    assert record["size_bytes"] <= 0.25 * record["merged_size_bytes"]
+    assert record["verification"]["onnx_ppl"] <= 1.10 * record["verification"]["pytorch_ppl"]
+    from edgeft.runtime import ChatModel
+
+    reply = ChatModel.load(out).chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0)
+    assert "Paris" in reply.text
+
+
+@pytest.mark.real
+def test_real_smollm2_optimum_backend(smollm2, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    out = export("smollm2-135m", ExportConfig(backend="optimum", output=str(tmp_path / "opt"), verify_samples=4))
+    record = json.loads((out / "edgeft-export.json").read_text())
+    assert record["verification"]["onnx_ppl"] <= 1.10 * record["verification"]["pytorch_ppl"]
+    ORTModelForCausalLM.from_pretrained(out)

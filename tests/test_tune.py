@@ -1,0 +1,255 @@
+import json
+import os
+import signal
+
+import pytest
+
+from edgeft.artifacts import Run
+from edgeft.errors import ConfigError, DataError, DeviceError, DiskSpaceError, ModelError, RunError
+from edgeft.pipeline import tune as tuning
+from edgeft.pipeline.config import TuneConfig, load_config
+from edgeft.pipeline.data import IGNORE, Tokenized
+from tests.helpers import recipes_like, run_cli
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def small_config(model, data, out, **kw) -> TuneConfig:
+    base = dict(model=str(model), data=str(data), output=str(out), method="lora", epochs=1, batch_tokens=128,
+                max_seq_len=64, save_every=100, precision="fp32")  # fmt: skip
+    return TuneConfig(**{**base, **kw})
+
+
+# --- packing -------------------------------------------------------------------------------
+
+
+def test_pack_keeps_examples_whole_and_within_capacity():
+    lengths = [50, 60, 30, 90, 10, 100]
+    rows = tuning.pack(lengths, list(range(6)), 100)
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
+
+
+def test_plan_is_deterministic_and_covers_the_data():
+    cfg = TuneConfig(data="x", batch_tokens=100, max_seq_len=50, epochs=2, grad_accum=2)
+    lengths = [30, 40, 20, 50, 10, 25, 45, 35]
+    plan = tuning.Plan(lengths, cfg)
+    assert plan.steps(0) == tuning.Plan(lengths, cfg).steps(0)
+    assert plan.steps(0) != plan.steps(1)  # reshuffled each epoch
+    assert sorted(i for step in plan.steps(1) for row in step for i in row) == list(range(8))
+    assert all(len(step) <= 2 for step in plan.steps(0))
+    assert plan.total == sum(plan.steps_per_epoch)
+
+
+def test_collate_shifts_targets_inside_each_example():
+    a = Tokenized([1, 2, 3], [IGNORE, 2, 3], 3)
+    b = Tokenized([4, 5], [IGNORE, 5], 2)
+    batch = tuning.collate([a, b], "cpu")
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["segments"] == [3, 2]
+    # position 0 predicts 2, 1 predicts 3; the last token of `a` must not predict the first of `b`
+    assert batch["keep"].tolist() == [0, 1, 3] and batch["targets"].tolist() == [2, 3, 5]
+
+
+def test_packed_attention_never_crosses_examples(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tuning.register_packed_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=tuning.PACKED_ATTENTION).eval()
+    a, b = torch.randint(5, 500, (1, 7)), torch.randint(5, 500, (1, 5))
+    with torch.no_grad():
+        alone_a, alone_b = model(a, segments=[7]).logits, model(b, segments=[5]).logits
+        packed = model(torch.cat([a, b], 1), position_ids=torch.tensor([[*range(7), *range(5)]]), segments=[7, 5]).logits
+    assert torch.allclose(packed[:, :7], alone_a, atol=1e-5)
+    assert torch.allclose(packed[:, 7:], alone_b, atol=1e-5)
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="lora_r = 0 is invalid"):
+        TuneConfig(lora_r=0)
+    with pytest.raises(ConfigError, match="method = 'adapter' is invalid: choose one of qlora, lora, dora"):
+        TuneConfig(method="adapter")
+    with pytest.raises(ConfigError, match="one full-length example must fit"):
+        TuneConfig(batch_tokens=128, max_seq_len=256)
+
+
+def test_toml_config_and_flag_precedence(tmp_path):
+    cfg = load_config(TuneConfig, REPO / "samples/recipes/tune.toml", {"epochs": 2.0})
+    assert cfg.method == "qlora" and cfg.max_seq_len == 512 and cfg.epochs == 2.0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tune]\nlearning_rat = 1e-4\n")
+    with pytest.raises(ConfigError, match="learning_rat \\(did you mean learning_rate\\?\\)"):
+        load_config(TuneConfig, bad, {})
+    bad.write_text('lora_r = "sixteen"\n')
+    with pytest.raises(ConfigError, match="wrong type: expected int"):
+        load_config(TuneConfig, bad, {})
+    bad.write_text("lora_r = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(TuneConfig, bad, {})
+
+
+# --- training end to end on tiny models ----------------------------------------------------
+
+
+def test_tune_cli_lora_llama(tmp_path, tiny_llama):
+    data = recipes_like(tmp_path / "train.jsonl")
+    evaluation = recipes_like(tmp_path / "eval.jsonl", n=6, seed=1)
+    out = run_cli("tune", "--model", tiny_llama, "--data", data, "--eval-file", evaluation, "--method", "lora",
+                  "--epochs", "2", "--batch-tokens", "128", "--max-seq-len", "64", "--output", "runs/t").output  # fmt: skip
+    assert "Next: edgeft export" in out and "eval loss" in out
+    run = Run.open(tmp_path / "runs/t")
+    record = run.stage("tune")
+    assert record["status"] == "done" and record["metrics"]["steps"] > 0 and record["metrics"]["eval_loss"] is not None
+    assert record["data"]["sha256"] and record["config"]["method"] == "lora"
+    assert run.manifest()["base_model"]["path"] == str(tiny_llama.resolve())
+    rows = [json.loads(line) for line in (run.logs_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in rows].count("eval") == 2  # once per epoch
+    assert all(r["tokens_per_second"] > 0 for r in rows if r["type"] == "train")
+    assert (run.logs_dir / "loss.png").stat().st_size > 1000
+    assert not run.checkpoints_dir.exists()  # a finished run keeps only its adapter
+
+
+def test_adapter_loads_with_plain_peft_and_only_lora_weights_changed(tmp_path, tiny_phi3):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = recipes_like(tmp_path / "train.jsonl")
+    tuning.tune(small_config(tiny_phi3, data, tmp_path / "run"))
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert {"qkv_proj", "gate_up_proj", "o_proj", "down_proj"} <= set(config["target_modules"])  # Phi-3's fused layers
+    base = AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, adapter)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero: training moved it
+    merged = model.merge_and_unload()
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(any(m in k for m in ("qkv_proj", "gate_up_proj", "o_proj", "down_proj")) for k in changed)
+
+
+@pytest.mark.parametrize("method", ["qlora", "dora"])
+def test_qlora_and_dora_train(tmp_path, tiny_llama, method):
+    data = recipes_like(tmp_path / "train.jsonl", n=12)
+    run_dir = tuning.tune(small_config(tiny_llama, data, tmp_path / method, method=method, precision="auto"))
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is (method == "dora")
+    assert Run.open(run_dir).stage("tune")["status"] == "done"
+
+
+def test_existing_run_needs_force(tmp_path, tiny_llama):
+    data = recipes_like(tmp_path / "train.jsonl", n=6)
+    cfg = small_config(tiny_llama, data, tmp_path / "r")
+    tuning.tune(cfg)
+    with pytest.raises(RunError, match="--force"):
+        tuning.tune(small_config(tiny_llama, data, tmp_path / "r"))
+    tuning.tune(small_config(tiny_llama, data, tmp_path / "r"), force=True)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_llama):
+    """Ctrl-C at step 3, resume, and end exactly where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    data = recipes_like(tmp_path / "train.jsonl", n=24)
+    kw = dict(epochs=2, lora_dropout=0.1, save_every=2)  # dropout: the RNG state must be restored too
+    tuning.tune(small_config(tiny_llama, data, tmp_path / "straight", **kw))
+
+    def interrupt(entry):
+        if entry["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(tuning.TrainingInterrupted, match="Resume with: edgeft tune --resume"):
+        tuning.tune(small_config(tiny_llama, data, tmp_path / "resumed", **kw), on_step=interrupt)
+    run = Run.open(tmp_path / "resumed")
+    assert run.stage("tune")["status"] == "interrupted"
+    assert json.loads((run.checkpoints_dir / "latest.json").read_text())["step"] == 3
+    result = run_cli("tune", "--resume", tmp_path / "resumed")
+    assert "Fine-tuned" in result.output
+
+    straight = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed/adapter/adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert (straight[key] - resumed[key]).abs().max() < 1e-6, key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/logs/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
+    with pytest.raises(RunError, match="already finished"):
+        tuning.resume(tmp_path / "resumed")
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(tmp_path, tiny_llama, monkeypatch):
+    data = recipes_like(tmp_path / "train.jsonl", n=24)
+    real_check = tuning.artifacts.check_free_space
+    calls = []
+
+    def fail_second_checkpoint(path, need, what):
+        calls.append(what)
+        if what == "writing a checkpoint" and calls.count(what) == 2:
+            raise DiskSpaceError("writing a checkpoint needs about 50 MB of free disk ...")
+        return real_check(path, need, what)
+
+    monkeypatch.setattr(tuning.artifacts, "check_free_space", fail_second_checkpoint)
+    with pytest.raises(DiskSpaceError):
+        tuning.tune(small_config(tiny_llama, data, tmp_path / "r", epochs=2, save_every=2))
+    checkpoints = tmp_path / "r" / "checkpoints"
+    assert json.loads((checkpoints / "latest.json").read_text())["checkpoint"] == "step-000002"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.json", "step-000002"]
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_data_is_refused_before_loading_a_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\nnot json\n')
+    result = run_cli("tune", "--model", "no-such-model", "--data", bad, ok=False)
+    assert result.exit_code == 1
+    assert "training did not start" in result.output and "line 2: invalid JSON" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "is empty" in run_cli("tune", "--data", tmp_path / "empty.jsonl", ok=False).output
+
+
+def test_not_a_causal_lm(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    data = recipes_like(tmp_path / "d.jsonl", n=3)
+    with pytest.raises(ModelError, match="not a causal"):
+        tuning.tune(small_config(tmp_path / "bert", data, tmp_path / "r"))
+
+
+def test_every_example_too_long(tmp_path, tiny_llama):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]}) + "\n")
+    with pytest.raises(DataError, match="raise --max-seq-len"):
+        tuning.tune(small_config(tiny_llama, data, tmp_path / "r", max_seq_len=32, batch_tokens=64))
+
+
+def test_qlora_where_4bit_does_not_work(tmp_path, tiny_llama, monkeypatch):
+    import bitsandbytes
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no 4-bit kernels for this device")
+
+    monkeypatch.setattr(bitsandbytes.nn, "Linear4bit", broken)
+    data = recipes_like(tmp_path / "d.jsonl", n=3)
+    with pytest.raises(DeviceError, match="Use --method lora"):
+        tuning.tune(small_config(tiny_llama, data, tmp_path / "r", method="qlora"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_cuda_asked_for_without_a_gpu(tmp_path, tiny_llama, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = recipes_like(tmp_path / "d.jsonl", n=3)
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        tuning.tune(small_config(tiny_llama, data, tmp_path / "r", device="cuda"))
