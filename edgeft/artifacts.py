@@ -157,24 +157,28 @@ class Run:
         return (Path(path) / MANIFEST).is_file()
 
     @classmethod
+    def check_new(cls, path: Path, *, force: bool = False) -> None:
+        """Fail now if `path` cannot become a new run (before any slow work is done for it)."""
+        path = Path(path)
+        if not path.exists():
+            return
+        if path.is_file():
+            raise RunError(f"{path} is a file, not a run directory. Choose another --output.")
+        if any(path.iterdir()):
+            if not cls.is_run(path):
+                raise RunError(
+                    f"{path} exists and is not an edgeft run (no {MANIFEST}); refusing to touch it. Choose another --output."
+                )
+            if not force:
+                raise RunError(f"run {path} already exists. Pass --force to start it over, or --resume {path} to continue it.")
+
+    @classmethod
     def create(cls, path: Path, *, force: bool = False, **fields: Any) -> "Run":
         """Start a new run directory; an existing run is replaced only with `force`."""
         path = Path(path)
-        if path.exists():
-            if path.is_file():
-                raise RunError(f"{path} is a file, not a run directory. Choose another --output.")
-            if any(path.iterdir()):
-                if not cls.is_run(path):
-                    raise RunError(
-                        f"{path} exists and is not an edgeft run (no {MANIFEST}); refusing to touch it. "
-                        "Choose another --output."
-                    )
-                if not force:
-                    raise RunError(
-                        f"run {path} already exists. Pass --force to start it over, "
-                        f"or --resume {path} to continue it."
-                    )
-                shutil.rmtree(path)
+        cls.check_new(path, force=force)
+        if path.exists() and any(path.iterdir()):
+            shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         write_json_atomic(

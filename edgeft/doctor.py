@@ -62,6 +62,9 @@ def _torch_checks() -> list[Check]:
 
 def _bnb_check(torch) -> Check:
     """Quantize and run one tiny NF4 layer: the only honest answer to 'does QLoRA work here?'."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notice about optional hub kernels is noise
     try:
         import bitsandbytes as bnb
 

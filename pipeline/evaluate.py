@@ -70,7 +70,12 @@ def candidates(specs: list[str], shots: int) -> list[Candidate]:
     for spec in specs:
         path = Path(spec)
         if (path / "genai_config.json").is_file():
-            out.append(Candidate(f"{path.name} (ONNX)", "onnx", path))
+            if _fine_tuned_export(path):
+                out.append(Candidate(f"{path.name} (ONNX)", "onnx", path))
+            else:  # an export of a base model: it gets the few-shot row too
+                out.append(Candidate(f"{path.name} zero-shot (ONNX)", "onnx", path))
+                if shots:
+                    out.append(Candidate(f"{path.name} {shots}-shot (ONNX)", "onnx", path, shots=shots))
         elif Run.is_run(path):
             run = Run.open(path)
             if (run.merged_dir / "config.json").is_file():
@@ -89,6 +94,15 @@ def candidates(specs: list[str], shots: int) -> list[Candidate]:
             if shots and not fine_tuned:
                 out.append(Candidate(f"{name} {shots}-shot", "pytorch", resolved.path, shots=shots))
     return out
+
+
+def _fine_tuned_export(folder: Path) -> bool:
+    """Exported from a run's merged model (fine-tuned), or from a base model (gets a few-shot row)?"""
+    record = folder / "edgeft-export.json"
+    if record.is_file():
+        source = Path(json.loads(record.read_text()).get("source", ""))
+        return source.name == "merged" and Run.is_run(source.parent)
+    return Run.is_run(folder.parent)
 
 
 def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
@@ -287,14 +301,16 @@ def _shot_pool(todo: list[Candidate], shots: int, shots_file, data) -> list[Samp
 
 
 def _default_max_tokens(samples: list[Sample]) -> int:
-    """Room for the longest reference answer and then some; rambling past it cannot score anyway."""
+    """Room for the longest reference answer (~3 characters a token) and a margin: an answer that
+    rambles past it cannot match anyway, and generating the ramble is most of the time it costs."""
     longest = max(len(s.reference) for s in samples)
-    return min(512, max(32, longest // 2 + 32))
+    return min(512, longest // 3 + 16)
 
 
 def evaluate_one(candidate: Candidate, samples: list[Sample], shots: list[Sample], max_tokens: int, batch_size: int) -> Row:
     from tqdm.auto import tqdm
 
+    log.info(f"Evaluating {candidate.label} on {len(samples)} examples...")
     backend = OnnxBackend(candidate) if candidate.backend == "onnx" else TorchBackend(candidate)
     prompts = [with_shots(s, shots) if shots else s.messages for s in samples]
     step = batch_size if candidate.backend == "pytorch" else 1
@@ -316,7 +332,7 @@ def evaluate_one(candidate: Candidate, samples: list[Sample], shots: list[Sample
         nll, count = nll + value, count + n
     json_refs = [p for p in predictions if is_json(p["reference"])]
     n = len(predictions)
-    return Row(
+    row = Row(
         label=candidate.label, backend=candidate.backend, shots=candidate.shots,
         exact_match=round(100 * sum(p["exact_match"] for p in predictions) / n, 1),
         token_f1=round(100 * sum(p["token_f1"] for p in predictions) / n, 1),
@@ -326,6 +342,8 @@ def evaluate_one(candidate: Candidate, samples: list[Sample], shots: list[Sample
         latency_s=round(seconds / n, 3), tokens_per_second=round(generated / seconds, 1) if seconds else 0.0,
         samples=n, predictions=predictions,
     )  # fmt: skip
+    log.info(f"  {row.label}: exact match {row.exact_match}%, {row.stop_rate}% stopped, {seconds:.0f} s")
+    return row
 
 
 def table(report: dict) -> list[str]:

@@ -104,7 +104,10 @@ def check_causal_lm(path: Path) -> None:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise ModelError(f"could not read the model config in {path}: {e}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    # Encoders such as BERT have a causal-LM class too; the saved architecture says what the weights are.
+    architectures = config.architectures or []
+    generative = not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not generative:
         raise ModelError(
             f"{path} is a '{config.model_type}' model, which is not a causal (text-generating) language model. "
             "edgeft fine-tunes decoder models such as Llama, Phi-3, Qwen or SmolLM."
@@ -260,10 +263,10 @@ def check_qlora(device: str) -> None:
     """QLoRA needs bitsandbytes 4-bit kernels for this device; say so before loading anything."""
     import torch
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notice about optional hub kernels is noise
     try:
         import bitsandbytes as bnb
 
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional-kernel notice is noise
         layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to(device)
         layer(torch.randn(1, 64, device=device))
     except Exception as e:
@@ -423,8 +426,7 @@ def default_output(cfg: TuneConfig) -> Path:
 def tune(cfg: TuneConfig, *, force: bool = False, on_step: Callable[[dict], None] | None = None) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; returns the run directory."""
     output = Path(cfg.output) if cfg.output else default_output(cfg)
-    if Run.is_run(output) and not force:
-        raise artifacts.RunError(f"run {output} already exists. Pass --force to start it over, or --resume {output} to continue it.")
+    Run.check_new(output, force=force)
     prepared = prepare_data(cfg)
     device = pick_device(cfg)
     if cfg.method == "qlora":
@@ -472,13 +474,22 @@ def _data_record(p: Prepared) -> dict:
     return record
 
 
+def _accelerator(device: str, precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps its state in a process-wide singleton and refuses a second Accelerator with
+    # another precision; a library caller (or a test session) may well tune twice in one process.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
+
+
 def _train(run: Run, cfg: TuneConfig, prepared: Prepared, device: str, *, resume_from: Path | None, on_step) -> Path:
     import torch
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
     precision = resolve_precision(cfg.precision, device)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
+    accelerator = _accelerator(device, precision)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, torch_device = load_model(prepared.model.path, cfg, device, precision)
