@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: setup
 	$(VENV)/bin/edgeft doctor
-	$(VENV)/bin/edgeft models pull smollm2-135m
+	$(VENV)/bin/edgeft quickstart
 
 test: setup chromium
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ interrupted fine-tune (`force` starts over). Every number in the report is measu
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -58,15 +59,25 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
         log.info(f"\n[{number}/{len(stages) + 1}] {name}")
         start = time.perf_counter()
         reused = step(run_dir, cfg, force)
+        force = force or not reused  # a stage made anew invalidates everything after it
         timings[name] = round(time.perf_counter() - start, 1)
         if reused:
             log.info(f"  {reused}")
-            timings[name] = Run.open(run_dir).manifest().get("quickstart", {}).get("timings", {}).get(name, timings[name])
+            timings[name] = _earlier_timing(run_dir, name, timings[name])
     Run.open(run_dir).update(quickstart={"config": vars(cfg), "timings": timings, "finished_at": artifacts.now()})
     log.info(f"\n[{len(stages) + 1}/{len(stages) + 1}] report")
     from edgeft.report import write_report
 
     return write_report(Run.open(run_dir), bar=(BAR_GAIN, BAR_INT4_DROP, BAR_STOPS))
+
+
+def _earlier_timing(run_dir: Path, name: str, now: float) -> float:
+    """A reused stage reports the time it took when it ran: from the last quickstart, else its own record."""
+    manifest = Run.open(run_dir).manifest()
+    if name in manifest.get("quickstart", {}).get("timings", {}):
+        return manifest["quickstart"]["timings"][name]
+    record = manifest.get("stages", {}).get({"fine-tune (QLoRA)": "tune", "merge": "merge", "export int4": "export"}.get(name, ""), {})
+    return record.get("seconds") or record.get("metrics", {}).get("train_seconds") or now
 
 
 def _done(run_dir: Path, stage: str, force: bool, **same) -> bool:
@@ -108,7 +119,8 @@ def _export(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
     from edgeft.export.onnx import ExportConfig, export
     from edgeft.export.verify import table
 
-    if _done(run_dir, "export", force, precision="int4") and (run_dir / "onnx-int4" / "genai_config.json").is_file():
+    options = ExportConfig(precision="int4").recorded()
+    if _done(run_dir, "export", force, options=options) and (run_dir / "onnx-int4" / "genai_config.json").is_file():
         return "reusing the int4 export"
     out = export(run_dir, ExportConfig(precision="int4"), force=True)
     record = Run.open(run_dir).stage("export")
@@ -125,10 +137,13 @@ def _export_base(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | Non
     from edgeft.export.onnx import ExportConfig, export
 
     target = run_dir / BASE_EXPORT
-    if not force and (target / "genai_config.json").is_file():
+    export_cfg = ExportConfig(precision="int4", output=str(target))
+    record = target / "edgeft-export.json"
+    if not force and record.is_file() and json.loads(record.read_text()).get("options") == export_cfg.recorded():
         return "reusing the base model's int4 export"
-    export(cfg.model, ExportConfig(precision="int4", output=str(target)), force=True)
+    export(cfg.model, export_cfg, force=True)
     return None
+
 
 
 def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:

@@ -98,10 +98,11 @@ def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float])
         *table(report),
         "",
     ]
-    zero = _row(rows, lambda r: r["label"].endswith("zero-shot"))
+    base = lambda r: "zero-shot" in r["label"] or r["shots"] > 0  # noqa: E731  (eval labels every base-model row so)
+    zero = _row(rows, lambda r: "zero-shot" in r["label"])
     few = _row(rows, lambda r: r["shots"] > 0)
-    torch_ft = _row(rows, lambda r: r["backend"] == "pytorch" and r["shots"] == 0 and not r["label"].endswith("zero-shot"))
-    onnx_ft = _row(rows, lambda r: r["backend"] == "onnx")
+    torch_ft = _row(rows, lambda r: r["backend"] == "pytorch" and not base(r))
+    onnx_ft = _row(rows, lambda r: r["backend"] == "onnx" and not base(r))
     if zero and few and torch_ft and onnx_ft:
         gain, drop, stops = bar
         checks = [

@@ -38,10 +38,16 @@ class ExportConfig:
     block_size: int = opt(32, "Weights per quantization scale (int4/int8): smaller = more accurate, larger file.")
     accuracy_level: int = opt(4, "MatMulNBits compute: 4 = int8 activations (fastest on CPU), 3 = bf16, 2 = fp16, 1 = fp32.")
     symmetric: bool = opt(True, "Symmetric quantization (no zero points).")
+    quant_method: str = opt("k_quant", "How int4 weights are rounded: k_quant (searches each block's scale; more accurate), rtn or default (plain rounding, faster export).", choices=("k_quant", "rtn", "default"))
+    int8_matmuls: str = opt("auto", "int4 only: MatMuls kept in int8. attention = attention projections and MLP down projection in every layer; mixed = those in a third of the layers (llama.cpp's Q4_K_M choice); none = all int4. auto = attention below 1B parameters (tiny models lose the most), mixed above.", choices=("auto", "attention", "mixed", "none"))
     lm_head: str = opt("auto", "Precision of the output head, the most sensitive layer. auto = int8, except for models that tie it to the embedding (shared int4 matrix).", choices=("auto", "same", "int8", "fp32"))
     verify: bool = opt(True, "Compare the export with the PyTorch model (token agreement, perplexity, logits for fp32).")
     verify_samples: int = opt(8, "Prompts used by verification.")
     output: str = opt("", "Output folder (default: RUN/onnx-PRECISION, or ./NAME-onnx-PRECISION for a bare model).")
+
+    def recorded(self) -> dict:
+        """The options as an export's record keeps them: what decides how the folder was made."""
+        return {k: v for k, v in vars(self).items() if k != "output"}
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -98,7 +104,7 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
             verification = verify(source.model_dir, tmp, cfg, eval_file=_eval_file(source.run))
     record = {
         "status": "done", "path": out.name if source.run else str(out.resolve()), "precision": cfg.precision, "backend": backend,
-        "options": {k: v for k, v in vars(cfg).items() if k not in ("output",)}, "seconds": round(seconds, 1),
+        "options": cfg.recorded(), "seconds": round(seconds, 1),
         "size_bytes": artifacts.dir_size(out), "merged_size_bytes": merged_size, "verification": verification,
         "finished_at": artifacts.now(),
     }  # fmt: skip
@@ -144,11 +150,43 @@ def lm_head_precision(cfg: ExportConfig, model_config: dict) -> str:
     return "same" if model_config.get("tie_word_embeddings") else "int8"
 
 
+# The int8 MatMuls of `int8_matmuls=attention`, named as the builder names them (fused or not).
+ATTENTION_MATMULS = ("attn/qkv_proj", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/down_proj")
+
+
+def int8_matmuls(cfg: ExportConfig, model_config: dict) -> str:
+    if cfg.precision != "int4":
+        return "none"
+    if cfg.int8_matmuls != "auto":
+        return cfg.int8_matmuls
+    return "attention" if estimate_parameters(model_config) < 1e9 else "mixed"
+
+
+def int8_layers(mode: str, num_layers: int) -> set[int]:
+    """The layers whose attention and down projections stay int8 (the builder's rule for `mixed`)."""
+    if mode == "attention":
+        return set(range(num_layers))
+    if mode == "mixed":
+        return {i for i in range(num_layers) if i < num_layers / 8 or i >= 7 * num_layers / 8 or (i - round(num_layers / 8)) % 3 == 2}
+    return set()
+
+
+def estimate_parameters(config: dict) -> float:
+    hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
+    inner, vocab = config.get("intermediate_size", 4 * hidden), config.get("vocab_size", 0)
+    return layers * (4 * hidden * hidden + 3 * hidden * inner) + vocab * hidden
+
+
 def builder_options(cfg: ExportConfig, model_config: dict) -> list[str]:
     options = [f"block_size={cfg.block_size}", f"accuracy_level={cfg.accuracy_level}", f"is_symmetric={str(cfg.symmetric).lower()}"]
     head = lm_head_precision(cfg, model_config)
-    if cfg.precision == "int4" and head == "int8":
-        options.append("matmul_mixed_precision=last_matmul:int8")
+    mixed = []
+    if cfg.precision == "int4":
+        options.append(f"algo_config={cfg.quant_method}")
+        mixed += ["last_matmul:int8"] if head == "int8" else []
+        mixed += ["mixed_layers:int8"] if int8_matmuls(cfg, model_config) == "mixed" else []
+    if mixed:
+        options.append("matmul_mixed_precision=" + ",".join(mixed))
     elif cfg.precision in ("int4", "int8") and head == "fp32":
         options.append("nodes_to_exclude=/lm_head/MatMul")
     if model_config.get("tie_word_embeddings") and head == "same":
@@ -156,13 +194,21 @@ def builder_options(cfg: ExportConfig, model_config: dict) -> list[str]:
     return options
 
 
+def describe(cfg: ExportConfig, model_config: dict) -> str:
+    text = f"{cfg.precision}, block {cfg.block_size}, accuracy level {cfg.accuracy_level}"
+    if cfg.precision == "int4":
+        text += f", {cfg.quant_method}, int8 MatMuls: {int8_matmuls(cfg, model_config)}"
+    return text
+
+
 def build_genai(model_dir: Path, out: Path, cfg: ExportConfig) -> None:
     """Run the onnxruntime-genai model builder in a subprocess (it prints a progress line per tensor)."""
     model_config = json.loads((model_dir / "config.json").read_text())
     cache = out / ".builder-cache"
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
+    kinds = ",".join(ATTENTION_MATMULS) if int8_matmuls(cfg, model_config) == "attention" else "-"
+    cmd = [sys.executable, "-m", "edgeft.export.genai_builder", kinds, "-i", str(model_dir), "-o", str(out),
            "-p", cfg.precision, "-e", "cpu", "-c", str(cache), "--extra_options", *builder_options(cfg, model_config)]  # fmt: skip
-    log.info(f"Exporting with the onnxruntime-genai model builder ({cfg.precision}, block {cfg.block_size}, accuracy level {cfg.accuracy_level})...")
+    log.info(f"Exporting with the onnxruntime-genai model builder ({describe(cfg, model_config)})...")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0:

@@ -20,8 +20,11 @@ def build_optimum(model_dir: Path, out: Path, cfg) -> None:
     if cfg.precision == "fp32":
         _save(_load(raw / "model.onnx"), out / "model.onnx")
     elif cfg.precision == "int4":
-        log.info(f"Quantizing to int4 (MatMulNBits, block {cfg.block_size}, accuracy level {cfg.accuracy_level})...")
-        quantize_int4(raw / "model.onnx", out / "model.onnx", cfg)
+        from edgeft.export.onnx import describe
+
+        model_config = json.loads((model_dir / "config.json").read_text())
+        log.info(f"Quantizing to int4 (MatMulNBits, {describe(cfg, model_config)})...")
+        quantize_int4(raw / "model.onnx", out / "model.onnx", cfg, model_config)
     else:
         log.info("Quantizing to int8 (dynamic, per-channel weights)...")
         quantize_int8(raw / "model.onnx", out / "model.onnx")
@@ -65,26 +68,47 @@ def _head_node(model) -> str | None:
     return node.name if node is not None else None
 
 
-def quantize_int4(src: Path, dst: Path, cfg) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
+    """MatMulNBits int4, with the same head and int8 MatMul choices as the builder path."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        KQuantWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+        RTNWeightOnlyQuantConfig,
+    )
+
+    from edgeft.export.onnx import int8_layers, int8_matmuls
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per MatMul
     model = _load(src)
     head = _head_node(model)
     head_precision = "int8" if cfg.lm_head == "auto" else cfg.lm_head
-    exclude = [head] if head and head_precision != "same" else []
-    algo = DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level, bits=4)
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size, is_symmetric=cfg.symmetric,
-                                     accuracy_level=cfg.accuracy_level, nodes_to_exclude=exclude, algo_config=algo)  # fmt: skip
-    quantizer.process()
-    quantized = quantizer.model.model
-    if head and head_precision == "int8":  # the head in 8 bits: most of int4's perplexity loss comes from it
-        algo8 = DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level, bits=8)
-        head_quantizer = MatMulNBitsQuantizer(quantized, bits=8, block_size=cfg.block_size, is_symmetric=cfg.symmetric,
-                                              accuracy_level=cfg.accuracy_level, nodes_to_include=[head], algo_config=algo8)  # fmt: skip
-        head_quantizer.process()
-        quantized = head_quantizer.model.model
-    _save(quantized, dst)
+    layers = int8_layers(int8_matmuls(cfg, model_config), model_config.get("num_hidden_layers", 0))
+    int8 = [n.name for n in model.graph.node if n.op_type == "MatMul" and _layer_kind(n.name, layers)]
+    int8 += [head] if head and head_precision == "int8" else []
+    exclude = [head] if head and head_precision == "fp32" else []
+    common = dict(block_size=cfg.block_size, is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level)
+    if cfg.quant_method == "default":  # MLAS rounding takes one bit width per pass
+        passes = [(4, DefaultWeightOnlyQuantConfig(bits=4, **common), dict(nodes_to_exclude=exclude + int8))]
+        if int8:
+            passes.append((8, DefaultWeightOnlyQuantConfig(bits=8, **common), dict(nodes_to_include=int8)))
+    else:
+        algo = KQuantWeightOnlyQuantConfig if cfg.quant_method == "k_quant" else RTNWeightOnlyQuantConfig
+        passes = [(4, algo(customized_weight_config={n: {"bits": 8} for n in int8}), dict(nodes_to_exclude=exclude))]
+    for bits, algo_config, nodes in passes:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, algo_config=algo_config, **common, **nodes)
+        quantizer.process()
+        model = quantizer.model.model
+    _save(model, dst)
+
+
+def _layer_kind(name: str, layers: set[int]) -> bool:
+    """An attention projection or MLP down projection of one of `layers` (Optimum's node names)."""
+    parts = name.split("/")
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("layers.") and part[7:].isdigit() and int(part[7:]) in layers:
+            return parts[-2] in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "down_proj")
+    return False
 
 
 def quantize_int8(src: Path, dst: Path) -> None:

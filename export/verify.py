@@ -138,9 +138,20 @@ def _judge(result: dict, cfg) -> None:
     if result["onnx_ppl"] > result["pytorch_ppl"] * PPL_WARN_RATIO:
         log.warning(
             f"WARNING: the {cfg.precision} export's perplexity is {result['ppl_change_pct']:+.1f}% worse than PyTorch "
-            f"({result['onnx_ppl']} vs {result['pytorch_ppl']}). Options to try: --block-size 16, --lm-head fp32, "
-            "--accuracy-level 1 (fp32 activations), or --int8."
+            f"({result['onnx_ppl']} vs {result['pytorch_ppl']}). {_advice(cfg)}"
         )
+
+
+def _advice(cfg) -> str:
+    # What moved the needle on SmolLM2-135M (README, "Export"): int8 for the sensitive MatMuls, k_quant
+    # rounding, then int8 throughout. Block size 16, an fp32 head and fp32 activations did not.
+    if cfg.precision == "int4" and cfg.int8_matmuls in ("none", "mixed"):
+        return "Options to try: --int8-matmuls attention (int8 for the attention and down projections), or --int8."
+    if cfg.precision == "int4" and cfg.quant_method != "k_quant":
+        return "Options to try: --quant-method k_quant, or --int8."
+    if cfg.precision == "int4":
+        return "--int8 stays closest to PyTorch (a larger folder); check what the loss costs with `edgeft eval`."
+    return "Try --fp32 to see whether quantization is the cause."
 
 
 def table(result: dict) -> list[str]:
