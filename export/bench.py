@@ -22,6 +22,7 @@ from pathlib import Path
 from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.errors import EdgeftError, ExportError
+from edgeft.runtime.engine import default_threads
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,15 @@ class Settings:
 
 
 def _rss_mb() -> float:
+    """This process's peak resident memory. Linux's ru_maxrss carries over the parent's peak into a
+    forked-then-exec'd child; VmHWM belongs to the new address space alone."""
     import resource
 
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
@@ -84,8 +92,8 @@ def measure_genai(folder: str, settings: Settings) -> dict:
 
     def load():
         config = og.Config(folder)
-        if settings.threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": settings.threads}}}}))
+        threads = settings.threads or default_threads()
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         model = og.Model(config)
         return model, og.Tokenizer(model)
 
@@ -119,7 +127,7 @@ def measure_genai(folder: str, settings: Settings) -> dict:
 def _torch_common(settings: Settings):
     import torch
 
-    torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+    torch.set_num_threads(settings.threads or default_threads())
     return torch
 
 
@@ -166,7 +174,7 @@ def measure_optimum(folder: str, settings: Settings) -> dict:
 
     def load():
         options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.threads or os.cpu_count() or 1
+        options.intra_op_num_threads = settings.threads or default_threads()
         return ORTModelForCausalLM.from_pretrained(folder, session_options=options), AutoTokenizer.from_pretrained(folder)
 
     def generate(state, prompt, n):
@@ -182,7 +190,7 @@ def measure_llamacpp(gguf: str, settings: Settings) -> dict:
     from llama_cpp import Llama
 
     def load():
-        threads = settings.threads or os.cpu_count() or 1
+        threads = settings.threads or default_threads()
         return Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512, verbose=False)
 
     def first_token(llm, prompt):
@@ -332,7 +340,7 @@ def bench(path: str | Path, *, compare: bool = False, settings: Settings | None 
     if settings.runs < 1 or settings.threads < 0 or settings.decode_tokens < 1:
         raise ExportError("--runs and --decode-tokens must be at least 1, --threads 0 (all cores) or more.")
     targets, folder, run = plan(Path(path), compare, gguf, engines)
-    threads = settings.threads or os.cpu_count() or 1
+    threads = settings.threads or default_threads()
     results = []
     for target in tqdm(targets, desc="benchmark", unit="engine", disable=None):
         log.info(f"Measuring {target.name}...")

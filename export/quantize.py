@@ -105,7 +105,7 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
 def _layer_kind(name: str, layers: set[int]) -> bool:
     """An attention projection or MLP down projection of one of `layers` (Optimum's node names)."""
     parts = name.split("/")
-    for i, part in enumerate(parts[:-2]):
+    for part in parts[:-2]:
         if part.startswith("layers.") and part[7:].isdigit() and int(part[7:]) in layers:
             return parts[-2] in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "down_proj")
     return False

@@ -570,7 +570,6 @@ def _train(run: Run, cfg: TuneConfig, prepared: Prepared, device: str, *, resume
 
 def train_step(model, optimizer, scheduler, accelerator, rows, examples, cfg, device) -> tuple[float, int]:
     """One optimizer step over `grad_accum` packed rows; the loss is the mean over trained tokens."""
-    import torch
     import torch.nn.functional as F
 
     batches = [collate([examples[i] for i in row], device) for row in rows]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -320,13 +321,13 @@ class ChatModel:
         folder, name = resolve_export(Path(path))
         genai_config = _read_json(folder / "genai_config.json")
         template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
+        threads = threads or default_threads()
         try:
             config = og.Config(str(folder))
-            if threads:
-                # An overlay changes the session options in memory: a large export is never
-                # copied or rewritten just to change its thread count.
-                session = {"intra_op_num_threads": threads}
-                config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+            # An overlay changes the session options in memory: a large export is never copied or
+            # rewritten just to change its thread count.
+            session = {"intra_op_num_threads": threads}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
             og_model = og.Model(config)
             tokenizer = og.Tokenizer(og_model)
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load problem
@@ -337,7 +338,7 @@ class ChatModel:
         # apply_chat_template(tokenize=True); the tokenizer must not add another.
         tokenizer.update_options(add_special_tokens="false")
         model = cls(folder, og_model, tokenizer, genai_config, template, name)
-        log.debug("loaded %s (context %d, threads %s)", folder, model.context_length, threads or "default")
+        log.debug("loaded %s (context %d, threads %s)", folder, model.context_length, threads)
         return model
 
     def __repr__(self) -> str:
@@ -422,6 +423,15 @@ class ChatModel:
         params = og.GeneratorParams(self._og_model)
         params.set_search_options(**search)
         return params
+
+
+def default_threads() -> int:
+    """Every CPU this process may use. Left to itself, ONNX Runtime ran SmolLM2 int4 on this 2-core
+    VM at the speed of one thread (decode 139 vs 200 tokens/s, 512-token prefill 0.93 vs 0.47 s)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
 
 
 def teacher_forced_logits(og_model: Any, prompt: list[int], answer: list[int]):

@@ -1,9 +1,8 @@
 import json
-import shutil
 
 import pytest
 
-from edgeft.artifacts import Run, write_json_atomic
+from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, DiskSpaceError, ExportError, RunError
 from edgeft.export import onnx as onnx_export
 from edgeft.export.onnx import ExportConfig, export
