@@ -3,7 +3,7 @@
 The builder (0.15) can keep the head and a llama.cpp-style third of the layers in int8, but not a
 kind of MatMul throughout. On SmolLM2-135M that is what int4 needs (measured on the recipe sample,
 100 answers, exact match: fp32 81%, int4 k_quant 46%, builder's mixed layers 62%, attention and
-down projections int8 in every layer 75%). Usage, as a subprocess:
+down projections int8 in every layer 73%). Usage, as a subprocess:
 
     python -m edgeft.export.genai_builder INT8_KINDS <builder arguments>
 

@@ -187,7 +187,7 @@ def builder_options(cfg: ExportConfig, model_config: dict) -> list[str]:
         mixed += ["mixed_layers:int8"] if int8_matmuls(cfg, model_config) == "mixed" else []
     if mixed:
         options.append("matmul_mixed_precision=" + ",".join(mixed))
-    elif cfg.precision in ("int4", "int8") and head == "fp32":
+    if cfg.precision in ("int4", "int8") and head == "fp32":
         options.append("nodes_to_exclude=/lm_head/MatMul")
     if model_config.get("tie_word_embeddings") and head == "same":
         options.append("shared_embeddings=true")  # one quantized matrix for embedding and head: smaller folder

@@ -158,6 +158,17 @@ def test_auto_int8_matmuls_by_model_size():
     assert onnx_export.int8_layers("mixed", 32) == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
 
 
+def test_builder_options_combine():
+    tied = {"tie_word_embeddings": True, "hidden_size": 64, "num_hidden_layers": 2}
+    untied = {**tied, "tie_word_embeddings": False}
+    options = onnx_export.builder_options(ExportConfig(lm_head="fp32", int8_matmuls="mixed"), untied)
+    assert "matmul_mixed_precision=mixed_layers:int8" in options and "nodes_to_exclude=/lm_head/MatMul" in options
+    options = onnx_export.builder_options(ExportConfig(), untied)
+    assert "algo_config=k_quant" in options and "matmul_mixed_precision=last_matmul:int8" in options
+    options = onnx_export.builder_options(ExportConfig(), tied)  # the builder's int8 shared head decodes wrongly
+    assert "shared_embeddings=true" in options and not any(o.startswith("matmul_mixed") for o in options)
+
+
 def test_builder_unsupported_falls_back_to_optimum(tiny_llama_run, monkeypatch, caplog):
     def unsupported(*args):
         raise onnx_export.UnsupportedByBuilder("mamba")
