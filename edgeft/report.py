@@ -69,6 +69,8 @@ def _stage_rows(run: Run, stages: dict, timings: dict) -> list[str]:
         rows.append(f"| export int4 | {_minutes(timings.get('export int4', export['seconds']))} | {export['path']}/ "
                     f"({artifacts.human_size(export['size_bytes'])}, {export['size_bytes'] / export['merged_size_bytes']:.0%} "
                     f"of the merged model), {export['backend']} backend, verified |")  # fmt: skip
+    if "export the base model" in timings:
+        rows.append(f"| export the base model | {_minutes(timings['export the base model'])} | the same int4 path, for the base rows |")
     if evaluation:
         report = json.loads(Path(evaluation["report"]).read_text())
         rows.append(f"| evaluate | {_minutes(timings.get('evaluate', 0))} | {report['samples']} held-out examples x "
