@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from edgeft.artifacts import peak_rss_mb
+from edgeft.export.bench import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "samples" / "recipes" / "train.jsonl"
@@ -94,7 +96,7 @@ def one(name: str, steps: int) -> dict:
     else:
         method = "qlora" if "qlora" in name else "lora"
         result = run_edgeft(steps, method, "fp32" if name.endswith("fp32") else "auto")
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
@@ -120,7 +122,7 @@ def main() -> None:
         else:
             results[name] = json.loads(line[7:])
         print(f"  {results[name]}", flush=True)
-    report = {"machine": _machine(), "steps": args.steps, "results": results}
+    report = {"machine": machine(), "steps": args.steps, "results": results}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     print("\n".join(markdown(report)))
@@ -140,13 +142,6 @@ def markdown(report: dict) -> list[str]:
     if ok("edgeft-qlora", "edgeft-lora-fp32"):
         lines.append(f"QLoRA peak memory / LoRA fp32: {r['edgeft-qlora']['peak_rss_mb'] / r['edgeft-lora-fp32']['peak_rss_mb']:.0%}")
     return lines
-
-
-def _machine() -> str:
-    import platform
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
-    return f"{model or platform.processor()}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

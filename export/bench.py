@@ -22,7 +22,7 @@ from pathlib import Path
 from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.errors import EdgeftError, ExportError
-from edgeft.runtime.engine import default_threads
+from edgeft.runtime.engine import default_threads, og_config
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,6 @@ class Settings:
 
 
 # --- the measurements, one engine per process ----------------------------------------------
-
-
-def _rss_mb() -> float:
-    """This process's peak resident memory. Linux's ru_maxrss carries over the parent's peak into a
-    forked-then-exec'd child; VmHWM belongs to the new address space alone."""
-    import resource
-
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _prompts(encode, settings: Settings) -> tuple[list[int], list[int]]:
@@ -82,7 +69,7 @@ def _measure(load, first_token, decode, settings: Settings, encode) -> dict:
         decode_rates.append(decode(state, short, settings.decode_tokens))
     return {
         "load_s": round(load_s, 3), "ttft_short_s": _summary(ttft_short), "ttft_long_s": _summary(ttft_long),
-        "decode_tokens_per_s": _summary(decode_rates), "peak_rss_mb": _rss_mb(),
+        "decode_tokens_per_s": _summary(decode_rates), "peak_rss_mb": artifacts.peak_rss_mb(),
         "prompt_tokens": {"short": len(short), "long": len(long)},
     }  # fmt: skip
 
@@ -91,10 +78,7 @@ def measure_genai(folder: str, settings: Settings) -> dict:
     import onnxruntime_genai as og
 
     def load():
-        config = og.Config(folder)
-        threads = settings.threads or default_threads()
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        model = og.Model(config)
+        model = og.Model(og_config(Path(folder), settings.threads or default_threads()))
         return model, og.Tokenizer(model)
 
     def generator(state, prompt, new):

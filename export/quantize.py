@@ -77,14 +77,15 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
         RTNWeightOnlyQuantConfig,
     )
 
-    from edgeft.export.onnx import int8_layers, int8_matmuls
+    from edgeft.export.onnx import ATTENTION_MATMULS, int8_layers, int8_matmuls
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per MatMul
     model = _load(src)
     head = _head_node(model)
     head_precision = "int8" if cfg.lm_head == "auto" else cfg.lm_head
     layers = int8_layers(int8_matmuls(cfg, model_config), model_config.get("num_hidden_layers", 0))
-    int8 = [n.name for n in model.graph.node if n.op_type == "MatMul" and _layer_kind(n.name, layers)]
+    kinds = {m.rsplit("/", 1)[-1] for m in ATTENTION_MATMULS}  # Optimum nests them under other parents
+    int8 = [n.name for n in model.graph.node if n.op_type == "MatMul" and _layer_kind(n.name, layers, kinds)]
     int8 += [head] if head and head_precision == "int8" else []
     exclude = [head] if head and head_precision == "fp32" else []
     common = dict(block_size=cfg.block_size, is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level)
@@ -102,12 +103,12 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
     _save(model, dst)
 
 
-def _layer_kind(name: str, layers: set[int]) -> bool:
-    """An attention projection or MLP down projection of one of `layers` (Optimum's node names)."""
+def _layer_kind(name: str, layers: set[int], kinds: set[str]) -> bool:
+    """A MatMul of one of `kinds` (projection names) in one of `layers` (Optimum's node names)."""
     parts = name.split("/")
     for part in parts[:-2]:
         if part.startswith("layers.") and part[7:].isdigit() and int(part[7:]) in layers:
-            return parts[-2] in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "down_proj")
+            return parts[-2] in kinds
     return False
 
 

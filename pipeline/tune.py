@@ -666,13 +666,11 @@ def _finish(run: Run, cfg: TuneConfig, prepared: Prepared, state: dict, metrics_
 
 
 def peak_memory_mb(device: str) -> float:
-    import resource
-
     import torch
 
     if device == "cuda":
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return artifacts.peak_rss_mb()
 
 
 def summary(run_dir: Path) -> list[str]:

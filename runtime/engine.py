@@ -323,12 +323,7 @@ class ChatModel:
         template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
         threads = threads or default_threads()
         try:
-            config = og.Config(str(folder))
-            # An overlay changes the session options in memory: a large export is never copied or
-            # rewritten just to change its thread count.
-            session = {"intra_op_num_threads": threads}
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
-            og_model = og.Model(config)
+            og_model = og.Model(og_config(folder, threads))
             tokenizer = og.Tokenizer(og_model)
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load problem
             raise ModelError(
@@ -423,6 +418,17 @@ class ChatModel:
         params = og.GeneratorParams(self._og_model)
         params.set_search_options(**search)
         return params
+
+
+def og_config(folder: Path, threads: int) -> Any:
+    """onnxruntime-genai's config for `folder` with `threads` intra-op threads. An overlay changes the
+    session options in memory: a large export is never copied or rewritten to change its threads."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    session = {"intra_op_num_threads": threads}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+    return config
 
 
 def default_threads() -> int:
