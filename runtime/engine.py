@@ -441,7 +441,11 @@ def default_threads() -> int:
 
 
 def teacher_forced_logits(og_model: Any, prompt: list[int], answer: list[int]):
-    """The logits that predict each answer token, as a (len(answer), vocab) float32 array."""
+    """The logits that predict each answer token, as a (len(answer), vocab) float32 array.
+
+    Two forward passes: the prompt (its last position predicts the first answer token), then the
+    answer but its last token in one chunk (every position's logits), not one step per token.
+    """
     import numpy as np
     import onnxruntime_genai as og
 
@@ -449,11 +453,12 @@ def teacher_forced_logits(og_model: Any, prompt: list[int], answer: list[int]):
     params.set_search_options(do_sample=False, max_length=len(prompt) + len(answer) + 1)
     generator = og.Generator(og_model, params)
     generator.append_tokens(prompt)
-    rows = []
-    for token in answer:
-        rows.append(np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1))
-        generator.append_tokens([token])
-    return np.stack(rows)
+    rows = [np.asarray(generator.get_logits(), dtype=np.float32).reshape(1, -1)]
+    if len(answer) > 1:
+        generator.append_tokens(answer[:-1])
+        chunk = np.asarray(generator.get_output("logits"), dtype=np.float32)
+        rows.append(chunk.reshape(len(answer) - 1, -1))
+    return np.concatenate(rows)
 
 
 def negative_log_likelihood(logits, targets: list[int]) -> float:
