@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from edgeft import artifacts, models
@@ -38,9 +38,11 @@ class ExportConfig:
     block_size: int = opt(32, "Weights per quantization scale (int4/int8): smaller = more accurate, larger file.")
     accuracy_level: int = opt(4, "MatMulNBits compute: 4 = int8 activations (fastest on CPU), 3 = bf16, 2 = fp16, 1 = fp32.")
     symmetric: bool = opt(True, "Symmetric quantization (no zero points).")
-    quant_method: str = opt("k_quant", "How int4 weights are rounded: k_quant (searches each block's scale; more accurate), rtn or default (plain rounding, faster export).", choices=("k_quant", "rtn", "default"))
+    quant_method: str = opt("auto", "How int4 weights are rounded. gptq = rounds each weight against the others on calibration data (most accurate; needs the run's training data or --calibration, and the genai backend); k_quant = searches each block's scale; rtn or default = plain rounding (fastest export). auto = gptq when calibration data is at hand, else k_quant.", choices=("auto", "gptq", "k_quant", "rtn", "default"))
+    calibration: str = opt("", "Chat data (JSONL) that GPTQ calibrates on (default: the run's training data).")
+    embeddings: str = opt("auto", "int4 only, for models whose embedding table is the head's matrix (tied): int8 = a separate int8 table (more accurate; +26 MB for SmolLM2-135M), same = the head's int4 matrix (smallest). auto = int8.", choices=("auto", "int8", "same"))
     int8_matmuls: str = opt("auto", "int4 only: MatMuls kept in int8. attention = attention projections and MLP down projection in every layer; mixed = those in a third of the layers (llama.cpp's Q4_K_M choice); none = all int4. auto = attention below 1B parameters (tiny models lose the most), mixed above.", choices=("auto", "attention", "mixed", "none"))
-    lm_head: str = opt("auto", "Precision of the output head, the most sensitive layer. auto = int8, except for models that tie it to the embedding (shared int4 matrix).", choices=("auto", "same", "int8", "fp32"))
+    lm_head: str = opt("auto", "Precision of the output head. auto = int8, except for models that tie it to the embedding: int4 (measured harmless on SmolLM2-135M; the builder's int8 head for a tied model fails to load in 0.15).", choices=("auto", "same", "int8", "fp32"))
     verify: bool = opt(True, "Compare the export with the PyTorch model (token agreement, perplexity, logits for fp32).")
     verify_samples: int = opt(8, "Prompts used by verification.")
     output: str = opt("", "Output folder (default: RUN/onnx-PRECISION, or ./NAME-onnx-PRECISION for a bare model).")
@@ -79,21 +81,26 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
         raise ExportError(f"{out} already exists. Pass --force to export again.")
     merged_size = artifacts.dir_size(source.model_dir)
     artifacts.check_free_space(out.parent if out.parent.exists() else Path("."), merged_size * 3, "exporting")
+    calibration = _calibration_file(cfg, source.run)
+    method = rounding(cfg, cfg.backend, calibration)  # refuses impossible options before minutes of work
     start = time.perf_counter()
-    backend = cfg.backend
+    backend, weights = cfg.backend, {}
     with artifacts.staged_dir(out, force=True, what="export") as tmp:
         if backend == "genai":
             try:
-                build_genai(source.model_dir, tmp, cfg)
+                build_genai(source.model_dir, tmp, replace(cfg, quant_method=method))
             except UnsupportedByBuilder as e:
                 log.warning(f"The onnxruntime-genai builder does not support this model ({e}); using the optimum backend instead.")
                 shutil.rmtree(tmp)
                 tmp.mkdir()
                 backend = "optimum"
+                method = rounding(cfg, backend, calibration, fallback=True)
         if backend == "optimum":
             from edgeft.export.quantize import build_optimum
 
-            build_optimum(source.model_dir, tmp, cfg)
+            build_optimum(source.model_dir, tmp, replace(cfg, quant_method=method))
+        else:
+            weights = rework_weights(source.model_dir, tmp, cfg, method, calibration)
         finish_folder(source.model_dir, tmp)
         check_export_folder(tmp)
         seconds = time.perf_counter() - start
@@ -101,10 +108,10 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
         if cfg.verify:
             from edgeft.export.verify import verify
 
-            verification = verify(source.model_dir, tmp, cfg, eval_file=_eval_file(source.run))
+            verification = verify(source.model_dir, tmp, replace(cfg, quant_method=method), eval_file=_eval_file(source.run))
     record = {
         "status": "done", "path": out.name if source.run else str(out.resolve()), "precision": cfg.precision, "backend": backend,
-        "options": cfg.recorded(), "seconds": round(seconds, 1),
+        "options": cfg.recorded(), "rounding": method if cfg.precision == "int4" else None, **weights, "seconds": round(seconds, 1),
         "size_bytes": artifacts.dir_size(out), "merged_size_bytes": merged_size, "verification": verification,
         "finished_at": artifacts.now(),
     }  # fmt: skip
@@ -126,6 +133,46 @@ def _source(target: str | Path, *, force: bool) -> Source:
         return Source(run.merged_dir, run, run.path.name)
     resolved = models.resolve_model(str(target))
     return Source(resolved.path, None, Path(resolved.spec).name)
+
+
+def _calibration_file(cfg: ExportConfig, run: Run | None) -> Path | None:
+    if cfg.calibration:
+        path = Path(cfg.calibration)
+        if not path.is_file():
+            raise ConfigError(f"calibration = {cfg.calibration!r}: no such file. Pass a chat JSONL file, such as the training data.")
+        return path
+    data = ((run.stage("tune") or {}).get("config", {}).get("data") if run else None) or ""
+    return Path(data) if data and Path(data).is_file() else None
+
+
+def rounding(cfg: ExportConfig, backend: str, calibration: Path | None, *, fallback: bool = False) -> str:
+    """The int4 rounding that runs: `auto` is gptq where it can run (calibration data, the builder's graph), else k_quant."""
+    method = cfg.quant_method
+    if method == "auto":
+        return "gptq" if calibration and backend == "genai" else "k_quant"
+    if method == "gptq" and cfg.precision == "int4" and (calibration is None or backend != "genai"):
+        why = "it needs the genai backend" if backend != "genai" else "there is no calibration data: pass --calibration FILE (chat JSONL, such as the training data)"
+        if fallback:
+            log.warning(f"GPTQ is not possible ({why}); rounding with k_quant instead.")
+            return "k_quant"
+        raise ConfigError(f"--quant-method gptq: {why}.")
+    return method
+
+
+def rework_weights(model_dir: Path, folder: Path, cfg: ExportConfig, method: str, calibration: Path | None) -> dict:
+    """After the builder: a separate int8 embedding table (tied models), then GPTQ rounding. Returns what was done."""
+    if cfg.precision != "int4":
+        return {}
+    from edgeft.export import embeddings, gptq
+
+    done = {}
+    if cfg.embeddings in ("auto", "int8"):
+        log.info("Giving the embedding lookup its own int8 table...")
+        done["embeddings"] = "int8" if embeddings.separate_int8(model_dir, folder) else "own"
+    if method == "gptq" and calibration:
+        log.info(f"Rounding the int4 weights with GPTQ, calibrated on {calibration}...")
+        done["gptq"] = gptq.apply(model_dir, folder, calibration)
+    return done
 
 
 def _eval_file(run: Run | None) -> Path | None:
@@ -182,7 +229,7 @@ def builder_options(cfg: ExportConfig, model_config: dict) -> list[str]:
     head = lm_head_precision(cfg, model_config)
     mixed = []
     if cfg.precision == "int4":
-        options.append(f"algo_config={cfg.quant_method}")
+        options.append(f"algo_config={'k_quant' if cfg.quant_method in ('auto', 'gptq') else cfg.quant_method}")  # gptq re-rounds afterwards
         mixed += ["last_matmul:int8"] if head == "int8" else []
         mixed += ["mixed_layers:int8"] if int8_matmuls(cfg, model_config) == "mixed" else []
     if mixed:
