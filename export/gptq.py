@@ -41,6 +41,7 @@ class Target:
     scales: str
     zero_points: str
     block_size: int
+    rows: tuple[int, int] | None = None  # the part of the stacked weight this MatMul holds
 
 
 # --- the algorithm ------------------------------------------------------------------------
@@ -192,6 +193,9 @@ SKIP = ("lm_head",)
 # The builder's fused MatMuls and the torch Linears stacked in them (they read the same input, so
 # GPTQ on the stack is GPTQ on each).
 FUSED = {"attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+# And the other way round (Phi-3 fuses gate and up in torch; the builder splits them): the torch
+# Linear and which half of its rows the MatMul holds.
+HALVES = {"mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", 1)}
 
 
 def targets(graph, model) -> list[Target]:
@@ -208,11 +212,17 @@ def targets(graph, model) -> list[Target]:
             continue
         direct = name.replace(".attn.", ".self_attn.")
         options = [[direct]] + [[name[: -len(f)] + part for part in parts] for f, parts in FUSED.items() if name.endswith("." + f)]
+        names, N, K = node.input[1:4], attrs["N"], attrs["K"]
         for modules in options:
             linears = [_linear(model, m) for m in modules]
-            if all(x is not None for x in linears) and (sum(x.weight.shape[0] for x in linears), linears[0].weight.shape[1]) == (attrs["N"], attrs["K"]):
-                found.append(Target(modules, node.input[1], node.input[2], node.input[3], attrs["block_size"]))
+            if all(x is not None for x in linears) and (sum(x.weight.shape[0] for x in linears), linears[0].weight.shape[1]) == (N, K):
+                found.append(Target(modules, *names, attrs["block_size"]))
                 break
+        else:
+            for part, (fused, half) in HALVES.items():
+                linear = _linear(model, name[: -len(part)] + fused) if name.endswith("." + part) else None
+                if linear is not None and tuple(linear.weight.shape) == (2 * N, K):
+                    found.append(Target([name[: -len(part)] + fused], *names, attrs["block_size"], (half * N, (half + 1) * N)))
     return found
 
 
@@ -245,6 +255,8 @@ def apply(model_dir: Path, onnx_dir: Path, data_file: Path) -> dict:
     writer = _TensorWriter(proto, onnx_dir)
     for target in tqdm(found, desc="GPTQ", unit="matmul", disable=None):
         weight = torch.cat([torch_model.get_submodule(m).weight for m in target.modules])
+        if target.rows:
+            weight = weight[target.rows[0] : target.rows[1]]
         codes, scales, zeros = quantize(weight, H[target.modules[0]], target.block_size)
         packed, packed_zeros = pack(codes.numpy(), zeros.numpy(), target.block_size)
         writer.replace(target.weight, packed)

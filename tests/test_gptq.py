@@ -130,3 +130,9 @@ def test_hessians_are_each_layers_own(tiny_llama):
     for name in names:
         torch.testing.assert_close(H[name], seen[name], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(H["model.layers.0.mlp.gate_proj"], H["model.layers.1.mlp.gate_proj"])
+
+
+def test_every_int4_projection_is_rounded(tiny_run_dir):
+    """Llama stacks q, k, v into the builder's qkv_proj; Phi-3 fuses gate and up in torch, which the builder splits."""
+    export(tiny_run_dir, ExportConfig(verify=False, int8_matmuls="none"))
+    assert Run.open(tiny_run_dir).stage("export")["gptq"]["matmuls"] == 2 * 5  # qkv, o, gate, up, down in each of 2 layers
