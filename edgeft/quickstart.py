@@ -145,7 +145,6 @@ def _export_base(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | Non
     return None
 
 
-
 def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
     from edgeft.pipeline.evaluate import evaluate, table
 

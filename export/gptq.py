@@ -14,7 +14,6 @@ layout), so the graph, and everything else in the folder, stays the builder's.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ import numpy as np
 
 from edgeft.errors import ExportError
 
-log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIX = ".MatMul.weight_Q4G"  # the builder's name for an int4 weight: <torch name>.MatMul.weight_Q4G<block>
 CALIBRATION_EXAMPLES = 128

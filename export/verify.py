@@ -145,18 +145,18 @@ def _judge(result: dict, cfg) -> None:
 def _advice(cfg) -> str:
     # What moved the needle on SmolLM2-135M (README, "Export"): an int8 embedding table, GPTQ
     # rounding, int8 for the sensitive MatMuls. Block size 16, an fp32 head and fp32 activations did not.
+    if cfg.precision != "int4":
+        return "Try --fp32 to see whether quantization is the cause."
     levers = []
-    if cfg.precision == "int4" and cfg.embeddings == "same":
+    if cfg.embeddings == "same":
         levers.append("--embeddings int8 (a separate int8 table for the embedding lookup)")
-    if cfg.precision == "int4" and cfg.quant_method != "gptq":
+    if cfg.quant_method != "gptq":
         levers.append("--quant-method gptq --calibration FILE (your training data)")
-    if cfg.precision == "int4" and cfg.int8_matmuls in ("none", "mixed"):
+    if cfg.int8_matmuls in ("none", "mixed"):
         levers.append("--int8-matmuls attention (int8 for the attention and down projections)")
     if levers:
         return f"Options to try: {', '.join(levers)}, or --int8."
-    if cfg.precision == "int4":
-        return "--int8 stays closest to PyTorch (a larger folder); check what the loss costs with `edgeft eval`."
-    return "Try --fp32 to see whether quantization is the cause."
+    return "--int8 stays closest to PyTorch (a larger folder); check what the loss costs with `edgeft eval`."
 
 
 def table(result: dict) -> list[str]:
