@@ -58,7 +58,7 @@ def cli(verbose: bool) -> None:
       edgeft data check samples/recipes/train.jsonl     check your data
       edgeft tune --model smollm2-135m --data FILE      QLoRA fine-tune -> runs/NAME
       edgeft merge runs/NAME                            fold the adapter into the base
-      edgeft export runs/NAME --int4                    ONNX int4, verified against PyTorch
+      edgeft export runs/NAME --int4                    ONNX int4, verified against the trained model
       edgeft chat runs/NAME                             chat in the terminal
       edgeft serve runs/NAME                            OpenAI-compatible server + web page
     """
@@ -79,8 +79,9 @@ def quickstart(output: str, max_steps: int, limit: int, shots: int, bench_runs: 
     """The whole path on the built-in model and the recipe sample, with a report (about 24 min on 2 CPU cores).
 
     \b
-    fine-tune (QLoRA) -> merge -> export int4 -> evaluate (base zero-shot, base few-shot,
-    fine-tuned PyTorch, fine-tuned ONNX int4) -> speed benchmark -> RUN/report.md
+    fine-tune (QLoRA) -> merge -> export int4 -> evaluate (base zero-shot, base few-shot, the model
+    as trained, merged, fine-tuned ONNX int4) -> speed benchmark -> RUN/report.md
+    Merge and export are checked against the model as trained; a drift stops the quickstart.
     Running it again reuses finished stages and resumes an interrupted fine-tune.
     """
     from edgeft.quickstart import QuickstartConfig, quickstart as run_quickstart
@@ -266,13 +267,27 @@ def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Merge again even if RUN/merged exists.")
-def merge(run: Path, force: bool) -> None:
-    """Fold a run's adapter into a full-precision copy of its base model (RUN/merged)."""
+@click.option("--base-weights", type=click.Choice(["as-trained", "original"]), default="as-trained", show_default=True,
+              help="as-trained = the base exactly as training saw it (for QLoRA: the dequantized NF4 weights, kept in fp32); "
+                   "original = the unquantized base (a different model for QLoRA: needs --allow-drift if it drifts).")
+@click.option("--allow-drift", is_flag=True, help="Keep a merged model that fails the fidelity check against the model as trained.")
+def merge(run: Path, force: bool, base_weights: str, allow_drift: bool) -> None:
+    """Fold a run's adapter into its base model as trained (RUN/merged), then check it against the model as trained.
+
+    \b
+    The check compares the merged model with the base as trained + adapter (bitsandbytes NF4 for
+    QLoRA) on the run's held-out data; outside the gate the command fails (exit 3) unless --allow-drift.
+    """
     from edgeft import artifacts
+    from edgeft.artifacts import Run
+    from edgeft.fidelity import table
     from edgeft.pipeline.merge import merge as merge_run
 
-    out = merge_run(run, force=force)
+    out = merge_run(run, force=force, base_weights=base_weights, allow_drift=allow_drift)
     click.echo(f"Merged model: {out} ({artifacts.human_size(artifacts.dir_size(out))})")
+    click.echo("Checked against the model as trained:")
+    for line in table(Run.open(run).stage("merge")["fidelity"]):
+        click.echo(line)
     click.echo(f"Next: edgeft export {run} --int4")
 
 
@@ -284,10 +299,12 @@ def merge(run: Path, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing export.")
 @config_options(ExportConfig, skip=("precision",))
 def export(target: str, precision: str, force: bool, **options) -> None:
-    """Export a run (or a base model) to ONNX for onnxruntime-genai, quantized, verified against PyTorch.
+    """Export a run (or a base model) to ONNX for onnxruntime-genai, quantized, verified against the model as trained.
 
     \b
     TARGET is a run directory (merged first if needed) or a model: built-in name, HF folder, .gguf.
+    For a run the reference is the model as trained (base as training loaded it + adapter); an export
+    outside the fidelity gate is kept on disk but the command fails (exit 3) unless --allow-drift.
     Examples:
       edgeft export runs/recipes --int4
       edgeft export runs/recipes --int4 --backend optimum      # also loads in Optimum's ORTModelForCausalLM
@@ -295,7 +312,7 @@ def export(target: str, precision: str, force: bool, **options) -> None:
     """
     from edgeft import artifacts
     from edgeft.export.onnx import export as run_export
-    from edgeft.export.verify import table
+    from edgeft.fidelity import table
 
     cfg = ExportConfig(precision=precision, **options)
     out = run_export(target, cfg, force=force)
@@ -304,7 +321,7 @@ def export(target: str, precision: str, force: bool, **options) -> None:
     click.echo(f"Exported {info['precision']} ({info['backend']} backend) in {info['seconds']:.0f} s: {out}")
     click.echo(f"  size                   {artifacts.human_size(size)} ({size / merged:.0%} of the merged model's {artifacts.human_size(merged)})")
     if info["verification"]:
-        click.echo("Verification against PyTorch:")
+        click.echo("Verification against the model as trained:")
         for line in table(info["verification"]):
             click.echo(line)
     click.echo(f"Chat with it: edgeft chat {out}")

@@ -1,7 +1,8 @@
 """edgeft quickstart: the whole path on the built-in model and the recipe sample, with a report.
 
-tune (QLoRA) -> merge -> export int4 (verified) -> eval (base zero-shot, base few-shot, fine-tuned
-PyTorch, fine-tuned ONNX int4) -> a short speed benchmark -> runs/quickstart/report.md.
+tune (QLoRA) -> merge (checked against the model as trained) -> export int4 (verified against the
+model as trained) -> eval (base zero-shot, base few-shot, the model as trained: NF4 base + adapter,
+the merged model, fine-tuned ONNX int4) -> a short speed benchmark -> runs/quickstart/report.md.
 
 Each stage records itself in the run manifest; running again reuses finished stages and resumes an
 interrupted fine-tune (`force` starts over). Every number in the report is measured in the run.
@@ -30,7 +31,7 @@ BASE_EXPORT = "base-onnx-int4"
 
 # The bar the report checks (from the sample's design goals).
 BAR_GAIN = 40.0  # exact-match points the int4 model must gain over base zero-shot and few-shot
-BAR_INT4_DROP = 3.0  # points the int4 model may lose against fine-tuned PyTorch
+BAR_INT4_DROP = 3.0  # points the int4 (and the merged) model may lose against the model as trained
 BAR_STOPS = 95.0  # % of answers that must end with the end-of-turn token
 
 
@@ -117,7 +118,7 @@ def _merge(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
 
 def _export(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
     from edgeft.export.onnx import ExportConfig, export
-    from edgeft.export.verify import table
+    from edgeft.fidelity import table
 
     options = ExportConfig(precision="int4").recorded()
     if _done(run_dir, "export", force, options=options) and (run_dir / "onnx-int4" / "genai_config.json").is_file():
@@ -137,7 +138,9 @@ def _export_base(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | Non
     from edgeft.export.onnx import ExportConfig, export
 
     target = run_dir / BASE_EXPORT
-    export_cfg = ExportConfig(precision="int4", output=str(target))
+    # A baseline only: its own int4 drift (measured +17% perplexity against its greedy answers) is
+    # recorded in its edgeft-export.json, and must not stop the fine-tuned model's report.
+    export_cfg = ExportConfig(precision="int4", output=str(target), allow_drift=True)
     record = target / "edgeft-export.json"
     if not force and record.is_file() and json.loads(record.read_text()).get("options") == export_cfg.recorded():
         return "reusing the base model's int4 export"

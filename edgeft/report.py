@@ -64,11 +64,12 @@ def _stage_rows(run: Run, stages: dict, timings: dict) -> list[str]:
                     f"at {m['tokens_per_second']} tokens/s, peak memory {m.get('peak_memory_mb', '?')} MB |")  # fmt: skip
     if merge:
         rows.append(f"| merge | {_minutes(timings.get('merge', merge['seconds']))} | {merge['path']}/ "
-                    f"({artifacts.human_size(merge['size_bytes'])}) |")  # fmt: skip
+                    f"({artifacts.human_size(merge['size_bytes'])}), {merge.get('base_weights', 'original')} base weights, "
+                    f"{_verdict(merge.get('fidelity'))} |")  # fmt: skip
     if export:
         rows.append(f"| export int4 | {_minutes(timings.get('export int4', export['seconds']))} | {export['path']}/ "
                     f"({artifacts.human_size(export['size_bytes'])}, {export['size_bytes'] / export['merged_size_bytes']:.0%} "
-                    f"of the merged model), {export['backend']} backend, verified |")  # fmt: skip
+                    f"of the merged model), {export['backend']} backend, {_verdict(export.get('verification'))} |")  # fmt: skip
     if "export the base model" in timings:
         rows.append(f"| export the base model | {_minutes(timings['export the base model'])} | the same int4 path, for the base rows |")
     if evaluation:
@@ -78,6 +79,14 @@ def _stage_rows(run: Run, stages: dict, timings: dict) -> list[str]:
     if bench:
         rows.append(f"| benchmark | {_minutes(timings.get('benchmark', 0))} | {len(bench['results'])} engines |")
     return rows
+
+
+def _verdict(check: dict | None) -> str:
+    if not check or "gate" not in check:
+        return "not checked against the model as trained"
+    gate = check["gate"]
+    verdict = "passed" if gate["passed"] else ("FAILED (accepted with --allow-drift)" if gate["accepted"] else "FAILED")
+    return f"fidelity gate against the model as trained {verdict} (perplexity {check['ppl_change_pct']:+.2f}%)"
 
 
 def _row(rows: list[dict], match) -> dict | None:
@@ -100,24 +109,28 @@ def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float])
         *table(report),
         "",
     ]
-    base = lambda r: "zero-shot" in r["label"] or r["shots"] > 0  # noqa: E731  (eval labels every base-model row so)
-    zero = _row(rows, lambda r: "zero-shot" in r["label"])
-    few = _row(rows, lambda r: r["shots"] > 0)
-    torch_ft = _row(rows, lambda r: r["backend"] == "pytorch" and not base(r))
-    onnx_ft = _row(rows, lambda r: r["backend"] == "onnx" and not base(r))
-    if zero and few and torch_ft and onnx_ft:
+    zero = _row(rows, lambda r: r["kind"] == "base" and r["shots"] == 0)
+    few = _row(rows, lambda r: r["kind"] == "base" and r["shots"] > 0)
+    trained = _row(rows, lambda r: r["kind"] == "as-trained")
+    merged = _row(rows, lambda r: r["kind"] == "merged")
+    onnx_ft = _row(rows, lambda r: r["kind"] == "fine-tuned" and r["backend"] == "onnx")
+    if zero and few and trained and onnx_ft:
         gain, drop, stops = bar
         checks = [
             (onnx_ft["exact_match"] - max(zero["exact_match"], few["exact_match"]) >= gain,
              f"fine-tuned int4 exact match {onnx_ft['exact_match']:.1f}% is at least {gain:.0f} points above base zero-shot "
              f"({zero['exact_match']:.1f}%) and base {few['shots']}-shot ({few['exact_match']:.1f}%)"),
-            (torch_ft["exact_match"] - onnx_ft["exact_match"] <= drop,
-             f"int4 ({onnx_ft['exact_match']:.1f}%) is within {drop:.0f} points of fine-tuned PyTorch ({torch_ft['exact_match']:.1f}%)"),
-            (min(onnx_ft["stop_rate"], torch_ft["stop_rate"]) >= stops,
-             f"the fine-tuned model stops at the end of its turn on {min(onnx_ft['stop_rate'], torch_ft['stop_rate']):.1f}% "
+            (trained["exact_match"] - onnx_ft["exact_match"] <= drop,
+             f"int4 ({onnx_ft['exact_match']:.1f}%) is within {drop:.0f} points of the model as trained ({trained['exact_match']:.1f}%)"),
+            (min(onnx_ft["stop_rate"], trained["stop_rate"]) >= stops,
+             f"the fine-tuned model stops at the end of its turn on {min(onnx_ft['stop_rate'], trained['stop_rate']):.1f}% "
              f"of prompts (bar: {stops:.0f}%)"),
         ]  # fmt: skip
-        lines += ["Quality bar:", ""]
+        if merged:
+            checks.insert(1, (trained["exact_match"] - merged["exact_match"] <= drop,
+                              f"the merged model ({merged['exact_match']:.1f}%) is within {drop:.0f} points of the model as "
+                              f"trained ({trained['exact_match']:.1f}%)"))  # fmt: skip
+        lines += ["Quality bar (the model as trained is the NF4 base + adapter through bitsandbytes and peft, for QLoRA):", ""]
         lines += [f"- {'PASS' if ok else 'NOT MET'}: {text}" for ok, text in checks]
         lines.append("")
     lines += _examples(Path(evaluation["report"]), zero, onnx_ft)
@@ -161,9 +174,10 @@ def _training(run: Run, tune: dict) -> list[str]:
 def _export(export: dict | None) -> list[str]:
     if not export or not export.get("verification"):
         return []
-    from edgeft.export.verify import table
+    from edgeft.fidelity import table
 
-    return ["## Export and verification", "", "The int4 ONNX model against the merged PyTorch model:", "", "```", *table(export["verification"]), "```", ""]
+    return ["## Export and verification", "", "The int4 ONNX model against the model as trained (verification at export time):",
+            "", "```", *table(export["verification"]), "```", ""]  # fmt: skip
 
 
 def _speed(run: Run, bench: dict | None) -> list[str]:

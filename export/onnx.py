@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from edgeft import artifacts, models
+from edgeft import artifacts, fidelity, models
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, ExportError
 from edgeft.pipeline.config import opt
@@ -44,7 +44,8 @@ class ExportConfig:
     int8_matmuls: str = opt("auto", "int4 only: MatMuls kept in int8. attention = attention projections and MLP down projection in every layer; mixed = those in a third of the layers (llama.cpp's Q4_K_M choice); none = all int4. auto = attention below 1B parameters (tiny models lose the most), mixed above.", choices=("auto", "attention", "mixed", "none"))
     lm_head: str = opt("auto", "Precision of the output head. auto = int8, except for models that tie it to the embedding: int4 (measured harmless on SmolLM2-135M; the builder's int8 head for a tied model fails to load in 0.15).", choices=("auto", "same", "int8", "fp32"))
     verify: bool = opt(True, "Compare the export with the PyTorch model (token agreement, perplexity, logits for fp32).")
-    verify_samples: int = opt(8, "Prompts used by verification.")
+    verify_samples: int = opt(24, "Held-out prompts used by verification (the first 8 are also decoded greedily by both models).")
+    allow_drift: bool = opt(False, "Keep an export that falls outside the fidelity gate against the model as trained (recorded in the manifest) instead of failing.")
     output: str = opt("", "Output folder (default: RUN/onnx-PRECISION, or ./NAME-onnx-PRECISION for a bare model).")
 
     def recorded(self) -> dict:
@@ -75,7 +76,7 @@ class Source:
 
 def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Path:
     """Export a run (merging first if needed) or a bare model; returns the ONNX folder."""
-    source = _source(target, force=force)
+    source = _source(target, allow_drift=cfg.allow_drift)
     out = Path(cfg.output) if cfg.output else (source.run.export_dir(cfg.precision) if source.run else Path(f"{source.name}-onnx-{cfg.precision}"))
     if out.exists() and not force:
         raise ExportError(f"{out} already exists. Pass --force to export again.")
@@ -108,9 +109,12 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
         if cfg.verify:
             from edgeft.export.verify import verify
 
-            verification = verify(source.model_dir, tmp, replace(cfg, quant_method=method), eval_file=_eval_file(source.run))
+            log.info("Verifying the export against the model as trained...")
+            verification = verify(source.model_dir, tmp, replace(cfg, quant_method=method), eval_file=_eval_file(source.run),
+                                  reference=_as_trained(source.run))  # fmt: skip
+    drifted = bool(verification) and not verification["gate"]["passed"] and not cfg.allow_drift
     record = {
-        "status": "done", "path": out.name if source.run else str(out.resolve()), "precision": cfg.precision, "backend": backend,
+        "status": "drift" if drifted else "done", "path": out.name if source.run else str(out.resolve()), "precision": cfg.precision, "backend": backend,
         "options": cfg.recorded(), "rounding": method if cfg.precision == "int4" else None, **weights, "seconds": round(seconds, 1),
         "size_bytes": artifacts.dir_size(out), "merged_size_bytes": merged_size, "verification": verification,
         "finished_at": artifacts.now(),
@@ -118,10 +122,26 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
     if source.run:
         source.run.record_stage("export", **record)
     artifacts.write_json_atomic(out / "edgeft-export.json", {"source": str(source.model_dir), **record})
+    if drifted:
+        from edgeft.export.verify import advice
+
+        for line in fidelity.table(verification):
+            log.info(line)
+        raise fidelity.DriftError(fidelity.drift_message(f"The {cfg.precision} export", str(out), verification["gate"]["problems"],
+                                                         advice(replace(cfg, quant_method=method))))  # fmt: skip
     return out
 
 
-def _source(target: str | Path, *, force: bool) -> Source:
+def _as_trained(run: Run | None):
+    """The model the export must match: for a run, its base as training loaded it + the adapter."""
+    if run is None or not (run.adapter_dir / "adapter_config.json").is_file():
+        return None
+    from edgeft.pipeline.merge import Trained, as_trained_model
+
+    return as_trained_model(Trained.of(run))
+
+
+def _source(target: str | Path, *, allow_drift: bool) -> Source:
     path = Path(target)
     if Run.is_run(path):
         run = Run.open(path)
@@ -129,7 +149,7 @@ def _source(target: str | Path, *, force: bool) -> Source:
             from edgeft.pipeline.merge import merge
 
             log.info(f"{run.path} has no merged model yet: merging first.")
-            merge(run.path, force=True)
+            merge(run.path, force=True, allow_drift=allow_drift)
         return Source(run.merged_dir, run, run.path.name)
     resolved = models.resolve_model(str(target))
     return Source(resolved.path, None, Path(resolved.spec).name)

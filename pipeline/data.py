@@ -344,6 +344,42 @@ def end_of_turn_for(tokenizer) -> str:
     return end_of_turn_token(tokenizer.chat_template or "", tokenizer.get_vocab()) or tokenizer.eos_token
 
 
+# Prompts for checking a model when there is no held-out data.
+BUILTIN_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "List three fruits that are red.",
+    "How do I boil an egg?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a tip for writing clean code.",
+    "Name the largest planet in the solar system.",
+    "Summarize the water cycle in one sentence.",
+]
+
+
+def reference_pairs(tokenizer, eval_file: str | Path | None, n: int) -> list[tuple[list[int], list[int] | None]]:
+    """(prompt ids, reference answer ids or None) pairs rendered with the model's chat template: the
+    held-out chat examples first (answer + end-of-turn token), then built-in prompts without answers."""
+    pairs = []
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn_for(tokenizer))
+    if eval_file and Path(eval_file).exists():
+        for example in load_dataset(eval_file).examples[:n]:
+            if example.text is not None or example.messages[-1]["role"] != "assistant":
+                continue
+            messages = [{"role": m["role"], "content": m["content"]} for m in example.messages[:-1]]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            answer = tokenizer.encode(example.messages[-1]["content"], add_special_tokens=False) + [eot]
+            pairs.append((list(prompt), answer))
+    for text in BUILTIN_PROMPTS:
+        if len(pairs) >= n:
+            break
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        pairs.append((list(prompt), None))
+    return pairs
+
+
 @dataclass
 class DataReport:
     dataset: Dataset

@@ -1,7 +1,8 @@
 """edgeft eval: does the fine-tuned model beat the base model, and prompting it with examples?
 
-One table, any mix of: a base model (built-in, HF folder), a run (base + adapter), a merged model,
-an ONNX export. Every candidate answers the same held-out prompts greedily; the answer is compared
+One table, any mix of: a base model (built-in, HF folder), a run (the model as trained: its base as
+training loaded it + the adapter; and its merged model when there is one), a merged model, an ONNX
+export. Every candidate answers the same held-out prompts greedily; the answer is compared
 with the reference (the last assistant message):
 - exact match (JSON answers compare as parsed JSON, so spacing does not matter),
 - token-level F1 (SQuAD-style words), JSON validity when the reference is JSON,
@@ -34,7 +35,7 @@ class Candidate:
     label: str
     backend: str  # pytorch | onnx
     path: Path  # HF folder (pytorch) or export folder (onnx)
-    adapter: Path | None = None
+    kind: str = "base"  # base | as-trained (base as training loaded it + adapter) | merged | fine-tuned (an export or folder)
     shots: int = 0
     run: Run | None = None
 
@@ -49,6 +50,7 @@ class Sample:
 class Row:
     label: str
     backend: str
+    kind: str
     shots: int
     exact_match: float
     token_f1: float
@@ -71,26 +73,24 @@ def candidates(specs: list[str], shots: int) -> list[Candidate]:
         path = Path(spec)
         if (path / "genai_config.json").is_file():
             if _fine_tuned_export(path):
-                out.append(Candidate(f"{path.name} (ONNX)", "onnx", path))
+                out.append(Candidate(f"{path.name} (ONNX)", "onnx", path, kind="fine-tuned"))
             else:  # an export of a base model: it gets the few-shot row too
                 out.append(Candidate(f"{path.name} zero-shot (ONNX)", "onnx", path))
                 if shots:
                     out.append(Candidate(f"{path.name} {shots}-shot (ONNX)", "onnx", path, shots=shots))
         elif Run.is_run(path):
-            run = Run.open(path)
-            if (run.merged_dir / "config.json").is_file():
-                out.append(Candidate(f"{run.path.name} (PyTorch)", "pytorch", run.merged_dir, run=run))
-            else:
-                from edgeft.pipeline.merge import open_tuned_run
+            from edgeft.pipeline.merge import open_tuned_run
 
-                open_tuned_run(path)
-                base = Path(run.manifest()["base_model"]["path"])
-                out.append(Candidate(f"{run.path.name} (PyTorch, adapter)", "pytorch", base, adapter=run.adapter_dir, run=run))
+            run = open_tuned_run(path)  # the reference row: what training produced, before any merge
+            out.append(Candidate(f"{run.path.name} as trained (PyTorch)", "pytorch", run.adapter_dir, kind="as-trained", run=run))
+            if (run.merged_dir / "config.json").is_file():
+                out.append(Candidate(f"{run.path.name} merged (PyTorch)", "pytorch", run.merged_dir, kind="merged", run=run))
         else:
             resolved = models.resolve_model(spec)
             name = Path(spec).name if resolved.kind != "builtin" else spec
             fine_tuned = (resolved.path / "edgeft-export.json").exists() or resolved.path.name == "merged"
-            out.append(Candidate(f"{name} zero-shot" if not fine_tuned else name, "pytorch", resolved.path))
+            out.append(Candidate(f"{name} zero-shot" if not fine_tuned else name, "pytorch", resolved.path,
+                                 kind="fine-tuned" if fine_tuned else "base"))  # fmt: skip
             if shots and not fine_tuned:
                 out.append(Candidate(f"{name} {shots}-shot", "pytorch", resolved.path, shots=shots))
     return out
@@ -190,14 +190,14 @@ class TorchBackend:
 
         torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(candidate.adapter or candidate.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(candidate.path)
         self.tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(candidate.path, dtype=torch.float32)
-        if candidate.adapter:
-            from peft import PeftModel
+        if candidate.kind == "as-trained":
+            from edgeft.pipeline.merge import Trained, as_trained_model
 
-            model = PeftModel.from_pretrained(model, candidate.adapter)
-        self.model = model.eval()
+            self.model = as_trained_model(Trained.of(candidate.run))
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(candidate.path, dtype=torch.float32).eval()
         eot = self.tokenizer.convert_tokens_to_ids(end_of_turn_for(self.tokenizer))
         self.stops = sorted({i for i in (eot, self.tokenizer.eos_token_id) if i is not None})
 
@@ -333,7 +333,7 @@ def evaluate_one(candidate: Candidate, samples: list[Sample], shots: list[Sample
     json_refs = [p for p in predictions if is_json(p["reference"])]
     n = len(predictions)
     row = Row(
-        label=candidate.label, backend=candidate.backend, shots=candidate.shots,
+        label=candidate.label, backend=candidate.backend, kind=candidate.kind, shots=candidate.shots,
         exact_match=round(100 * sum(p["exact_match"] for p in predictions) / n, 1),
         token_f1=round(100 * sum(p["token_f1"] for p in predictions) / n, 1),
         json_valid=round(100 * sum(is_json(p["prediction"]) for p in json_refs) / len(json_refs), 1) if json_refs else None,

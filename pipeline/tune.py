@@ -280,16 +280,10 @@ def load_model(path: Path, cfg: TuneConfig, device: str, precision: str):
     """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     register_packed_attention()
-    dtype = torch_dtype("fp32" if precision == "fp16" else precision)  # fp16 weights would underflow; autocast handles fp16
-    kwargs = {"dtype": dtype, "attn_implementation": PACKED_ATTENTION}
-    if cfg.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
-        kwargs["device_map"] = {"": device if device == "cpu" else int(os.environ.get("LOCAL_RANK", 0))}
+    kwargs = {**base_load_kwargs(cfg.method, precision, device), "attn_implementation": PACKED_ATTENTION}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:
@@ -311,6 +305,24 @@ def load_model(path: Path, cfg: TuneConfig, device: str, precision: str):
     except ValueError as e:
         raise ModelError(f"could not attach LoRA to {path}: {e}. Check --target-modules.") from None
     return model, torch.device(device)
+
+
+def base_load_kwargs(method: str, precision: str, device: str) -> dict:
+    """How the frozen base is loaded for training: its storage dtype, and NF4 for QLoRA.
+
+    The merge and the as-trained reference load it the same way, so they see the very weights
+    (NF4 codes, rounding to the storage dtype) that the adapter was trained against.
+    """
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch_dtype("fp32" if precision == "fp16" else precision)  # fp16 weights would underflow; autocast handles fp16
+    kwargs = {"dtype": dtype}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": device if device == "cpu" else int(os.environ.get("LOCAL_RANK", 0))}
+    return kwargs
 
 
 def use_gradient_checkpointing(cfg: TuneConfig, device: str, config) -> bool:
@@ -489,6 +501,7 @@ def _train(run: Run, cfg: TuneConfig, prepared: Prepared, device: str, *, resume
     from transformers import get_scheduler
 
     precision = resolve_precision(cfg.precision, device)
+    run.record_stage("tune", device=device, precision=precision)  # merge needs them to rebuild the base as trained
     accelerator = _accelerator(device, precision)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

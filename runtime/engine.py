@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from edgeft.errors import GenerationError, ModelError
+from edgeft.fidelity import negative_log_likelihood
 from edgeft.runtime.template import ChatTemplate
 
 log = logging.getLogger("edgeft")
@@ -459,15 +460,6 @@ def teacher_forced_logits(og_model: Any, prompt: list[int], answer: list[int]):
         chunk = np.asarray(generator.get_output("logits"), dtype=np.float32)
         rows.append(chunk.reshape(len(answer) - 1, -1))
     return np.concatenate(rows)
-
-
-def negative_log_likelihood(logits, targets: list[int]) -> float:
-    """Summed -log p(target) under softmax(logits), row by row."""
-    import numpy as np
-
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return float(-log_probs[np.arange(len(targets)), targets].sum())
 
 
 # --- finding and reading an export --------------------------------------------------------

@@ -36,20 +36,16 @@ def test_eval_table_over_every_kind_of_model(tiny_llama_run, tiny_llama, tmp_pat
                   "--shots-file", shots, "--max-tokens", "8").output  # fmt: skip
     report = json.loads((tiny_llama_run / "logs" / "eval.json").read_text())
     labels = [r["label"] for r in report["rows"]]
-    assert labels == [f"{tiny_llama.name} zero-shot", f"{tiny_llama.name} 2-shot", "llama-run (PyTorch)", "onnx-int4 (ONNX)"]
+    assert labels == [f"{tiny_llama.name} zero-shot", f"{tiny_llama.name} 2-shot", "llama-run as trained (PyTorch)",
+                      "llama-run merged (PyTorch)", "onnx-int4 (ONNX)"]
+    assert [r["kind"] for r in report["rows"]] == ["base", "base", "as-trained", "merged", "fine-tuned"]
     for row in report["rows"]:
         assert row["samples"] == 5 and 0 <= row["exact_match"] <= 100 and row["perplexity"] > 1
         assert row["json_valid"] is not None and row["latency_s"] > 0
     assert "| model | exact match %" in out and "Report:" in out
     assert Run.open(tiny_llama_run).stage("eval")["rows"] == report["rows"]
     predictions = (tiny_llama_run / "logs" / "eval.predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == 20 and {"prediction", "reference", "finish_reason"} <= set(json.loads(predictions[0]))
-
-
-def test_a_run_without_merged_model_is_evaluated_as_base_plus_adapter(tiny_llama_run, tmp_path):
-    data = recipes_like(tmp_path / "eval.jsonl", n=2, seed=3)
-    report = evaluate([str(tiny_llama_run)], data, max_tokens=4, output=tmp_path / "r.json")
-    assert report["rows"][0]["label"] == "llama-run (PyTorch, adapter)"
+    assert len(predictions) == 25 and {"prediction", "reference", "finish_reason"} <= set(json.loads(predictions[0]))
 
 
 def test_onnx_and_pytorch_perplexity_agree_for_fp32(tiny_llama_run, tmp_path):
@@ -59,8 +55,8 @@ def test_onnx_and_pytorch_perplexity_agree_for_fp32(tiny_llama_run, tmp_path):
     export(tiny_llama_run, ExportConfig(precision="fp32", verify=False))
     data = recipes_like(tmp_path / "eval.jsonl", n=3, seed=3)
     report = evaluate([str(tiny_llama_run), str(tiny_llama_run / "onnx-fp32")], data, max_tokens=6, output=tmp_path / "r.json")
-    torch_row, onnx_row = report["rows"]
-    assert torch_row["label"] == "llama-run (PyTorch)"
+    _, torch_row, onnx_row = report["rows"]
+    assert torch_row["label"] == "llama-run merged (PyTorch)"
     assert onnx_row["perplexity"] == pytest.approx(torch_row["perplexity"], rel=1e-3)
     assert onnx_row["exact_match"] == torch_row["exact_match"]
 

@@ -77,13 +77,16 @@ def cfg(**kw) -> ExportConfig:
 def test_genai_export_runs_and_verifies(tiny_run_dir, precision):
     import onnxruntime_genai as og
 
-    out = export(tiny_run_dir, cfg(precision=precision))
+    # Random tiny models flip greedy tokens easily (int4: 47% token agreement on the tiny Phi-3): the
+    # gate would stop them, which test_fidelity covers; here the export itself is under test.
+    out = export(tiny_run_dir, cfg(precision=precision, allow_drift=True))
     assert out == tiny_run_dir / f"onnx-{precision}"
     record = Run.open(tiny_run_dir).stage("export")
     assert record["backend"] == "genai" and record["precision"] == precision and record["size_bytes"] > 0
     check = record["verification"]
     assert check["samples"] == 3 and check["reference"] == "eval answers"
-    assert abs(check["ppl_change_pct"]) < 10  # random tiny models flip greedy tokens easily; perplexity is steadier
+    assert abs(check["ppl_change_pct"]) < 10  # perplexity is steadier than greedy tokens
+    assert check["gate"]["passed"] or check["gate"]["accepted"]
     if precision == "fp32":
         assert check["max_abs_logit_diff"] < 1e-3 and check["token_agreement"] == 1.0
     genai = json.loads((out / "genai_config.json").read_text())
@@ -188,21 +191,18 @@ def test_bad_options():
     assert result.exit_code == 2 and "int2" in result.output
 
 
-def test_fp32_mismatch_is_an_error_and_int4_loss_a_warning(caplog):
-    from edgeft.export.verify import _judge
+def test_fp32_mismatch_is_an_error_and_int4_advice_lists_the_levers_left():
+    from edgeft.export.verify import _check_fp32, advice
 
-    bad = {"max_abs_logit_diff": 0.5, "token_agreement": 0.8, "onnx_ppl": 2.0, "pytorch_ppl": 2.0, "ppl_change_pct": 0.0}
+    bad = {"max_abs_logit_diff": 0.5, "token_agreement": 0.8}
     with pytest.raises(ExportError, match="does not match PyTorch"):
-        _judge(bad, ExportConfig(precision="fp32"))
-    lossy = {**bad, "onnx_ppl": 2.5, "ppl_change_pct": 25.0}
+        _check_fp32(bad, ExportConfig(precision="fp32"))
+    _check_fp32(bad, ExportConfig(precision="int4"))  # quantized exports go through the fidelity gate instead
     # verify sees the rounding that ran (auto resolved): advice goes from the biggest lever down
-    _judge(lossy, ExportConfig(precision="int4", quant_method="k_quant"))
-    assert "+25.0% worse" in caplog.text and "--quant-method gptq --calibration" in caplog.text
-    caplog.clear()
-    _judge(lossy, ExportConfig(precision="int4", quant_method="gptq", int8_matmuls="none"))
-    assert "--int8-matmuls attention" in caplog.text and "gptq" not in caplog.text
-    _judge(lossy, ExportConfig(precision="int4", quant_method="gptq"))
-    assert "--int8 stays closest" in caplog.text
+    assert "--quant-method gptq --calibration" in advice(ExportConfig(precision="int4", quant_method="k_quant"))
+    text = advice(ExportConfig(precision="int4", quant_method="gptq", int8_matmuls="none"))
+    assert "--int8-matmuls attention" in text and "gptq" not in text
+    assert "--int8 stays closest" in advice(ExportConfig(precision="int4", quant_method="gptq"))
 
 
 def test_missing_files_are_named(tiny_llama_run):
@@ -227,18 +227,20 @@ def test_no_disk_leaves_nothing(tiny_llama_run, monkeypatch):
 def test_export_of_a_bare_model(tiny_phi3, tmp_path):
     out = export(str(tiny_phi3), cfg(output=str(tmp_path / "phi3-int4")))
     record = json.loads((out / "edgeft-export.json").read_text())
-    assert record["verification"]["reference"] == "PyTorch greedy output"
+    assert record["verification"]["reference"] == "the reference model's greedy output"
 
 
 @pytest.mark.real
 def test_real_smollm2_int4_is_small_and_faithful(smollm2, tmp_path):
-    out = export("smollm2-135m", ExportConfig(output=str(tmp_path / "int4")))
+    # The base model is exported as a baseline here: its drift (+17% perplexity) is accepted and recorded.
+    out = export("smollm2-135m", ExportConfig(output=str(tmp_path / "int4"), allow_drift=True))
     record = json.loads((out / "edgeft-export.json").read_text())
     assert record["size_bytes"] <= 0.3 * record["merged_size_bytes"]  # 27%: the int8 embedding table is a fifth of it
     assert record["rounding"] == "k_quant" and record["embeddings"] == "int8"  # a bare model: nothing to calibrate GPTQ on
-    # Measured +21% (k_quant, int8 attention, shared int4 embedding/head) against the model's own greedy
+    # Measured +17% (k_quant, int8 attention, int8 embedding table) against the model's own greedy
     # answers, a harsh reference; plain int4 rounding measured +50%.
-    assert record["verification"]["onnx_ppl"] <= 1.30 * record["verification"]["pytorch_ppl"]
+    check = record["verification"]
+    assert check["candidate_ppl"] <= 1.30 * check["reference_ppl"] and check["gate"]["accepted"] is not check["gate"]["passed"]
     from edgeft.runtime import ChatModel
 
     # The plain question is a coin toss for the 135M base model in int4 (this export once answered it in
@@ -254,5 +256,5 @@ def test_real_smollm2_optimum_backend(smollm2, tmp_path):
 
     out = export("smollm2-135m", ExportConfig(backend="optimum", output=str(tmp_path / "opt"), verify_samples=4))
     record = json.loads((out / "edgeft-export.json").read_text())
-    assert record["verification"]["onnx_ppl"] <= 1.10 * record["verification"]["pytorch_ppl"]
+    assert record["verification"]["candidate_ppl"] <= 1.10 * record["verification"]["reference_ppl"]
     ORTModelForCausalLM.from_pretrained(out)

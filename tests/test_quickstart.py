@@ -22,7 +22,7 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
     assert stages["export"]["verification"]["samples"] > 0
     eval_report = json.loads((run.logs_dir / "eval.json").read_text())
     assert [r["label"] for r in eval_report["rows"]] == ["base-onnx-int4 zero-shot (ONNX)", "base-onnx-int4 2-shot (ONNX)",
-                                                         "qs (PyTorch)", "onnx-int4 (ONNX)"]
+                                                         "qs as trained (PyTorch)", "qs merged (PyTorch)", "onnx-int4 (ONNX)"]
     assert all(r["samples"] == 6 and r["perplexity"] > 1 for r in eval_report["rows"])
     bench = json.loads((run.logs_dir / "bench.json").read_text())
     assert [r["engine"] for r in bench["results"]] == ["genai", "pytorch"] and "error" not in bench["results"][1]
