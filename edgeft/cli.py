@@ -76,7 +76,7 @@ def cli(verbose: bool) -> None:
 @click.option("--bench-runs", default=3, show_default=True, help="Repetitions of the speed benchmark.")
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones.")
 def quickstart(output: str, max_steps: int, limit: int, shots: int, bench_runs: int, force: bool) -> None:
-    """The whole path on the built-in model and the recipe sample, with a report (about 24 min on 2 CPU cores).
+    """The whole path on the built-in model and the recipe sample, with a report (about 27 min on 2 CPU cores).
 
     \b
     fine-tune (QLoRA) -> merge -> export int4 -> evaluate (base zero-shot, base few-shot, the model

@@ -108,11 +108,15 @@ def _tune(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
 
 
 def _merge(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
+    from edgeft.fidelity import table
     from edgeft.pipeline.merge import merge
 
     if _done(run_dir, "merge", force) and (Run.open(run_dir).merged_dir / "config.json").is_file():
         return "reusing the merged model"
     merge(run_dir, force=True)
+    log.info("  checked against the model as trained:")
+    for line in table(Run.open(run_dir).stage("merge")["fidelity"]):
+        log.info(line)
     return None
 
 

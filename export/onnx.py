@@ -43,7 +43,7 @@ class ExportConfig:
     embeddings: str = opt("auto", "int4 only, for models whose embedding table is the head's matrix (tied): int8 = a separate int8 table (more accurate; +26 MB for SmolLM2-135M), same = the head's int4 matrix (smallest). auto = int8.", choices=("auto", "int8", "same"))
     int8_matmuls: str = opt("auto", "int4 only: MatMuls kept in int8. attention = attention projections and MLP down projection in every layer; mixed = those in a third of the layers (llama.cpp's Q4_K_M choice); none = all int4. auto = attention below 1B parameters (tiny models lose the most), mixed above.", choices=("auto", "attention", "mixed", "none"))
     lm_head: str = opt("auto", "Precision of the output head. auto = int8, except for models that tie it to the embedding: int4 (measured harmless on SmolLM2-135M; the builder's int8 head for a tied model fails to load in 0.15).", choices=("auto", "same", "int8", "fp32"))
-    verify: bool = opt(True, "Compare the export with the PyTorch model (token agreement, perplexity, logits for fp32).")
+    verify: bool = opt(True, "Compare the export with the model as trained (token agreement, perplexity, exact answers; logits for fp32) and apply the fidelity gate.")
     verify_samples: int = opt(24, "Held-out prompts used by verification (the first 8 are also decoded greedily by both models).")
     allow_drift: bool = opt(False, "Keep an export that falls outside the fidelity gate against the model as trained (recorded in the manifest) instead of failing.")
     output: str = opt("", "Output folder (default: RUN/onnx-PRECISION, or ./NAME-onnx-PRECISION for a bare model).")

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeft import artifacts, fidelity, models
 from edgeft.artifacts import Run
-from edgeft.errors import ConfigError, ExportError, RunError
+from edgeft.errors import ConfigError, DeviceError, ExportError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,12 @@ def load_base(trained: Trained, *, keep_4bit: bool = False):
     if trained.method == "qlora":
         try:
             check_qlora("cpu")
-        except Exception as e:
-            raise ExportError(f"{e} Rebuilding the NF4 base as trained needs it; --base-weights original merges onto the "
-                              "unquantized base instead (a different model: check it with --allow-drift).") from None  # fmt: skip
+        except DeviceError:
+            raise DeviceError(
+                f"the model as trained in {trained.adapter.parent} is an NF4 base + adapter, and bitsandbytes 4-bit, which "
+                "rebuilds it, does not work on this machine. Merge, export and evaluate this run where it does "
+                "(`edgeft doctor` checks it)."
+            ) from None
     kwargs = base_load_kwargs(trained.method, trained.precision, "cpu")
     model = _load(lambda: AutoModelForCausalLM.from_pretrained(trained.base, **kwargs), trained.base)
     if trained.method != "qlora":
@@ -145,7 +148,11 @@ def load_base(trained: Trained, *, keep_4bit: bool = False):
             # block scales to bf16 (AVX512-BF16 CPUs): the function as trained, not an approximation.
             module.compute_dtype, module.compute_type_is_set = torch.float32, True
             module.support_avx512bf16_for_cpu = False
-    return model if keep_4bit else model.dequantize()  # dequantizes into model.dtype: fp32 now
+    if keep_4bit:
+        return model
+    # transformers warns that it dequantizes into model.dtype: fp32 now, which is the point.
+    logging.getLogger("transformers.integrations.bitsandbytes").setLevel(logging.ERROR)
+    return model.dequantize()
 
 
 def as_trained_model(trained: Trained):
@@ -160,7 +167,7 @@ def merged_model(trained: Trained, *, base_weights: str = "as-trained"):
     from transformers import AutoTokenizer
 
     if base_weights == "original":
-        base = load_base(Trained(trained.base, trained.adapter, "lora", "fp32"))
+        base = load_base(replace(trained, method="lora", precision="fp32"))
     else:
         base = load_base(trained)
     model = _with_adapter(base, trained).merge_and_unload()
