@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   create .venv, install, run the whole pipeline on the built-in model (edgeft quickstart)
 #   make test   create .venv, install, run the test suite
+#   make lint   ruff check and ruff format --check (CI runs it before the tests)
 # On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip never
 # pulls a multi-GB CUDA build: from a local wheel (pip --find-links) when there is one, else from
 # PyTorch's CPU index. Extra pip arguments for torch go in TORCH_PIP_ARGS.
@@ -12,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast chromium clean
+.PHONY: setup demo test test-fast lint chromium clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +37,10 @@ demo: setup
 
 test: setup chromium
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not real and not browser" $(PYTEST_ARGS)

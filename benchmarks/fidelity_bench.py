@@ -18,9 +18,10 @@ import logging
 import shutil
 from pathlib import Path
 
+from edgeft.export.bench import machine
+
 from edgeft import artifacts
 from edgeft.artifacts import Run
-from edgeft.export.bench import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "recipes"
@@ -37,31 +38,51 @@ def measure(method: str, run_dir: Path, limit: int | None) -> dict:
     from edgeft.pipeline.evaluate import evaluate
     from edgeft.pipeline.merge import merge
     from edgeft.pipeline.tune import tune
+
     from edgeft.quickstart import CPU_PRESET
 
     if not finished(run_dir, "tune"):
-        tune(TuneConfig(model="smollm2-135m", data=str(SAMPLES / "train.jsonl"), eval_file=str(SAMPLES / "eval.jsonl"),
-                        output=str(run_dir), **{**CPU_PRESET, "method": method}), force=True)  # fmt: skip
+        tune(
+            TuneConfig(
+                model="smollm2-135m",
+                data=str(SAMPLES / "train.jsonl"),
+                eval_file=str(SAMPLES / "eval.jsonl"),
+                output=str(run_dir),
+                **{**CPU_PRESET, "method": method},
+            ),
+            force=True,
+        )
     if not finished(run_dir, "merge"):
         merge(run_dir, force=True)
     if not finished(run_dir, "export"):
         export(run_dir, ExportConfig(precision="int4"), force=True)
-    report = earlier_eval(run_dir, limit) or evaluate([str(run_dir), str(run_dir / "onnx-int4")], SAMPLES / "eval.jsonl", limit=limit,
-                                                     output=run_dir / "logs" / "fidelity-eval.json")  # fmt: skip
+    report = earlier_eval(run_dir, limit) or evaluate(
+        [str(run_dir), str(run_dir / "onnx-int4")],
+        SAMPLES / "eval.jsonl",
+        limit=limit,
+        output=run_dir / "logs" / "fidelity-eval.json",
+    )
     run = Run.open(run_dir)
     rows = {("int4" if r["backend"] == "onnx" else r["kind"]): r for r in report["rows"] if r["kind"] != "base"}
     result = {
-        "method": method, "precision": run.stage("tune")["precision"], "samples": report["samples"],
-        "as_trained": rows["as-trained"]["exact_match"], "merged": rows["merged"]["exact_match"], "int4": rows["int4"]["exact_match"],
-        "merge_check": run.stage("merge")["fidelity"], "export_check": run.stage("export")["verification"],
-    }  # fmt: skip
+        "method": method,
+        "precision": run.stage("tune")["precision"],
+        "samples": report["samples"],
+        "as_trained": rows["as-trained"]["exact_match"],
+        "merged": rows["merged"]["exact_match"],
+        "int4": rows["int4"]["exact_match"],
+        "merge_check": run.stage("merge")["fidelity"],
+        "export_check": run.stage("export")["verification"],
+    }
     if method == "qlora":  # the old merge, for the record: the adapter on the unquantized base
         old = run_dir.parent / f"{run_dir.name}-original-base"
         if not finished(old, "eval"):
             shutil.rmtree(old, ignore_errors=True)
             shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("merged", "*onnx-*", "logs"))
             merge(old, force=True, base_weights="original", allow_drift=True)
-        old_report = evaluate([str(old / "merged")], SAMPLES / "eval.jsonl", limit=limit, output=old / "logs" / "eval.json")
+        old_report = evaluate(
+            [str(old / "merged")], SAMPLES / "eval.jsonl", limit=limit, output=old / "logs" / "eval.json"
+        )
         Run.open(old).record_stage("eval", status="done")
         result["merged_original_base"] = old_report["rows"][0]["exact_match"]
         result["merge_original_check"] = Run.open(old).stage("merge")["fidelity"]
@@ -89,9 +110,11 @@ def markdown(results: list[dict], where: str) -> list[str]:
     for r in results:
         m, e = r["merge_check"], r["export_check"]
         old = f"{r['merged_original_base']:.1f}" if "merged_original_base" in r else "-"
-        lines.append(f"| {r['method']} ({r['precision']}) | {r['as_trained']:.1f} | {r['merged']:.1f} | {r['int4']:.1f} | {old} | "
-                     f"{m['ppl_change_pct']:+.2f}%, {m['candidate_exact_match']:.0f} vs {m['reference_exact_match']:.0f} | "
-                     f"{e['token_agreement']:.0%}, {e['ppl_change_pct']:+.2f}% |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} ({r['precision']}) | {r['as_trained']:.1f} | {r['merged']:.1f} | {r['int4']:.1f} | {old} | "
+            f"{m['ppl_change_pct']:+.2f}%, {m['candidate_exact_match']:.0f} vs {m['reference_exact_match']:.0f} | "
+            f"{e['token_agreement']:.0%}, {e['ppl_change_pct']:+.2f}% |"
+        )
     return lines
 
 
@@ -99,7 +122,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["qlora", "lora", "dora"], choices=["qlora", "lora", "dora"])
     parser.add_argument("--runs", default="runs/fidelity", help="Where the runs go (finished stages are reused).")
-    parser.add_argument("--qlora-run", help="Use this finished QLoRA run (e.g. runs/quickstart) instead of training one.")
+    parser.add_argument(
+        "--qlora-run", help="Use this finished QLoRA run (e.g. runs/quickstart) instead of training one."
+    )
     parser.add_argument("--limit", type=int, help="Evaluate on the first N held-out examples only.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -109,7 +134,9 @@ def main() -> None:
         results.append(measure(method, run_dir, args.limit))
     where = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json_atomic(RESULTS / "fidelity.json", {"machine": where, "measured_at": artifacts.now(), "results": results})
+    artifacts.write_json_atomic(
+        RESULTS / "fidelity.json", {"machine": where, "measured_at": artifacts.now(), "results": results}
+    )
     text = "\n".join(markdown(results, where)) + "\n"
     (RESULTS / "fidelity.md").write_text(text)
     print(text)

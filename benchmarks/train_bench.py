@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeft.artifacts import peak_rss_mb
 from edgeft.export.bench import machine
+
+from edgeft.artifacts import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "samples" / "recipes" / "train.jsonl"
@@ -43,23 +44,39 @@ def run_edgeft(steps: int, method: str, precision: str) -> dict:
     from edgeft.pipeline.tune import tune
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TuneConfig(model="smollm2-135m", data=str(DATA), method=method, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"],
-                         lora_dropout=0.0, learning_rate=LR, max_seq_len=MAX_LEN, batch_tokens=1024, max_steps=steps,
-                         precision=precision, save_every=10_000, output=str(Path(tmp) / "run"))  # fmt: skip
+        cfg = TuneConfig(
+            model="smollm2-135m",
+            data=str(DATA),
+            method=method,
+            lora_r=LORA["r"],
+            lora_alpha=LORA["lora_alpha"],
+            lora_dropout=0.0,
+            learning_rate=LR,
+            max_seq_len=MAX_LEN,
+            batch_tokens=1024,
+            max_steps=steps,
+            precision=precision,
+            save_every=10_000,
+            output=str(Path(tmp) / "run"),
+        )
         run = tune(cfg)
         metrics = json.loads((run / "edgeft.json").read_text())["stages"]["tune"]["metrics"]
-    return {"steps": metrics["steps"], "tokens": metrics["train_tokens"], "tokens_per_second": metrics["tokens_per_second"]}
+    return {
+        "steps": metrics["steps"],
+        "tokens": metrics["train_tokens"],
+        "tokens_per_second": metrics["tokens_per_second"],
+    }
 
 
 def run_trl(steps: int) -> dict:
     import torch
     from datasets import Dataset
+    from edgeft.pipeline.tune import resolve_precision
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from edgeft.models import resolve_model
-    from edgeft.pipeline.tune import resolve_precision
 
     path = resolve_model("smollm2-135m").path
     rows = [json.loads(line)["messages"] for line in DATA.read_text().splitlines() if line.strip()]
@@ -80,14 +97,36 @@ def run_trl(steps: int) -> dict:
             return super().compute_loss(model, inputs, *a, **kw)
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=5, learning_rate=LR, max_length=MAX_LEN,
-                         bf16=bf16, use_cpu=True, logging_steps=1000, save_strategy="no", report_to=[], packing=False,
-                         dataloader_num_workers=0, seed=42)  # fmt: skip
+        args = SFTConfig(
+            output_dir=tmp,
+            max_steps=steps,
+            per_device_train_batch_size=5,
+            learning_rate=LR,
+            max_length=MAX_LEN,
+            bf16=bf16,
+            use_cpu=True,
+            logging_steps=1000,
+            save_strategy="no",
+            report_to=[],
+            packing=False,
+            dataloader_num_workers=0,
+            seed=42,
+        )
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-        trainer = Counting(model=model, args=args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(path),
-                           peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[Clock()])  # fmt: skip
+        trainer = Counting(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=AutoTokenizer.from_pretrained(path),
+            peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+            callbacks=[Clock()],
+        )
         trainer.train()
-    return {"steps": steps, "tokens": timer["tokens"], "tokens_per_second": round(timer["tokens"] / timer["seconds"], 1)}
+    return {
+        "steps": steps,
+        "tokens": timer["tokens"],
+        "tokens_per_second": round(timer["tokens"] / timer["seconds"], 1),
+    }
 
 
 def one(name: str, steps: int) -> dict:
@@ -114,8 +153,13 @@ def main() -> None:
     results = {}
     for name in args.only:
         print(f"{name}: {CONFIGS[name]} ({args.steps} steps)...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)], capture_output=True, text=True,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
+            check=False,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             results[name] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
@@ -136,11 +180,15 @@ def markdown(report: dict) -> list[str]:
             lines.append(f"| {CONFIGS[name]} | error: {row['error']} | |")
         else:
             lines.append(f"| {CONFIGS[name]} | {row['tokens_per_second']:.0f} | {row['peak_rss_mb'] / 1024:.2f} GB |")
-    ok = lambda *names: all(n in r and "error" not in r[n] for n in names)  # noqa: E731
+    ok = lambda *names: all(n in r and "error" not in r[n] for n in names)
     if ok("edgeft-lora", "trl-lora"):
-        lines.append(f"\nedgeft / TRL tokens/s: {r['edgeft-lora']['tokens_per_second'] / r['trl-lora']['tokens_per_second']:.2f}x")
+        lines.append(
+            f"\nedgeft / TRL tokens/s: {r['edgeft-lora']['tokens_per_second'] / r['trl-lora']['tokens_per_second']:.2f}x"
+        )
     if ok("edgeft-qlora", "edgeft-lora-fp32"):
-        lines.append(f"QLoRA peak memory / LoRA fp32: {r['edgeft-qlora']['peak_rss_mb'] / r['edgeft-lora-fp32']['peak_rss_mb']:.0%}")
+        lines.append(
+            f"QLoRA peak memory / LoRA fp32: {r['edgeft-qlora']['peak_rss_mb'] / r['edgeft-lora-fp32']['peak_rss_mb']:.0%}"
+        )
     return lines
 
 

@@ -9,7 +9,7 @@ The library comes first; the `edgeft` command calls the same functions:
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "ChatModel"]
+__all__ = ["ChatModel", "__version__"]
 
 
 def __getattr__(name: str):

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from edgeft import __version__
 from edgeft.errors import DiskSpaceError, RunError
@@ -183,10 +184,12 @@ class Run:
                     f"{path} exists and is not an edgeft run (no {MANIFEST}); refusing to touch it. Choose another --output."
                 )
             if not force:
-                raise RunError(f"run {path} already exists. Pass --force to start it over, or --resume {path} to continue it.")
+                raise RunError(
+                    f"run {path} already exists. Pass --force to start it over, or --resume {path} to continue it."
+                )
 
     @classmethod
-    def create(cls, path: Path, *, force: bool = False, **fields: Any) -> "Run":
+    def create(cls, path: Path, *, force: bool = False, **fields: Any) -> Run:
         """Start a new run directory; an existing run is replaced only with `force`."""
         path = Path(path)
         cls.check_new(path, force=force)
@@ -196,12 +199,18 @@ class Run:
         run = cls(path)
         write_json_atomic(
             run.manifest_path,
-            {"schema_version": SCHEMA_VERSION, "edgeft_version": __version__, "created_at": now(), **fields, "stages": {}},
+            {
+                "schema_version": SCHEMA_VERSION,
+                "edgeft_version": __version__,
+                "created_at": now(),
+                **fields,
+                "stages": {},
+            },
         )
         return run
 
     @classmethod
-    def open(cls, path: Path) -> "Run":
+    def open(cls, path: Path) -> Run:
         path = Path(path)
         if not path.exists():
             raise RunError(f"run directory not found: {path}. Create one with `edgeft tune`.")

@@ -84,9 +84,13 @@ def quickstart(output: str, max_steps: int, limit: int, shots: int, bench_runs: 
     Merge and export are checked against the model as trained; a drift stops the quickstart.
     Running it again reuses finished stages and resumes an interrupted fine-tune.
     """
-    from edgeft.quickstart import QuickstartConfig, quickstart as run_quickstart
+    from edgeft.quickstart import QuickstartConfig
+    from edgeft.quickstart import quickstart as run_quickstart
 
-    report = run_quickstart(QuickstartConfig(output=output, max_steps=max_steps, limit=limit, shots=shots, bench_runs=bench_runs), force=force)
+    report = run_quickstart(
+        QuickstartConfig(output=output, max_steps=max_steps, limit=limit, shots=shots, bench_runs=bench_runs),
+        force=force,
+    )
     click.echo(f"\nReport: {report}")
     click.echo(f"Chat with your fine-tuned model:  edgeft chat {output}")
     click.echo(f"Serve it (API + web page):        edgeft serve {output}")
@@ -167,7 +171,14 @@ def config_options(cls, skip: tuple[str, ...] = ()):
                 continue
             choices = f.metadata.get("choices")
             kind = click.Choice(choices) if choices else {"int": int, "float": float, "str": str}[f.type]
-            func = click.option(flag, f.name, type=kind, default=default, show_default=default not in ("", None), help=f.metadata["help"])(func)
+            func = click.option(
+                flag,
+                f.name,
+                type=kind,
+                default=default,
+                show_default=default not in ("", None),
+                help=f.metadata["help"],
+            )(func)
         return func
 
     return decorate
@@ -187,13 +198,39 @@ def data() -> None:
 
 @data.command("check")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--model", default="smollm2-135m", show_default=True, help="Model whose tokenizer and chat template to use.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "chat", "alpaca", "completion", "text"]), default="auto", show_default=True)
-@click.option("--max-seq-len", type=int, default=1024, show_default=True, help="Report examples longer than this (tune truncates them).")
+@click.option(
+    "--model", default="smollm2-135m", show_default=True, help="Model whose tokenizer and chat template to use."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "chat", "alpaca", "completion", "text"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--max-seq-len",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Report examples longer than this (tune truncates them).",
+)
 @click.option("--train-on-prompt", is_flag=True, help="Count prompt tokens as trained too.")
-@click.option("--method", type=click.Choice(["qlora", "lora", "dora"]), default="qlora", show_default=True, help="For the time estimate.")
+@click.option(
+    "--method",
+    type=click.Choice(["qlora", "lora", "dora"]),
+    default="qlora",
+    show_default=True,
+    help="For the time estimate.",
+)
 @click.option("--epochs", type=float, default=3.0, show_default=True, help="For the time estimate.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For the time estimate.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="For the time estimate.",
+)
 def data_check(file, model, fmt, max_seq_len, train_on_prompt, method, epochs, device) -> None:
     """Check a data file the way OpenAI's fine-tuning data preparation does, then count tokens.
 
@@ -216,7 +253,9 @@ def data_check(file, model, fmt, max_seq_len, train_on_prompt, method, epochs, d
         report = DataReport(dataset, [], None, dataset.problems)
     else:
         resolved = resolve_model(model)
-        report = check_data(file, load_tokenizer(resolved.path), fmt=fmt, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+        report = check_data(
+            file, load_tokenizer(resolved.path), fmt=fmt, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt
+        )
     for line in report.lines(max_seq_len):
         click.echo(line)
     if not report.ok:
@@ -224,17 +263,32 @@ def data_check(file, model, fmt, max_seq_len, train_on_prompt, method, epochs, d
     dev = pick_device_name(device)
     tokens = report.stats.tokens_per_epoch * epochs
     seconds, basis = estimate_seconds(model, resolved.path, method, dev, int(tokens))
-    click.echo(f"  {epochs:g} epoch(s)          {int(tokens):,} tokens, about {_duration(seconds)} with {method} on {dev} ({basis})")
+    click.echo(
+        f"  {epochs:g} epoch(s)          {int(tokens):,} tokens, about {_duration(seconds)} with {method} on {dev} ({basis})"
+    )
     click.echo("No problems found.")
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 90
+        else f"{seconds / 60:.0f} min"
+        if seconds < 5400
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with settings (flags override it).")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue an interrupted run from its last checkpoint.")
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with settings (flags override it)."
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False),
+    help="Continue an interrupted run from its last checkpoint.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing run directory.")
 @config_options(TuneConfig)
 @click.pass_context
@@ -267,10 +321,19 @@ def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Merge again even if RUN/merged exists.")
-@click.option("--base-weights", type=click.Choice(["as-trained", "original"]), default="as-trained", show_default=True,
-              help="as-trained = the base exactly as training saw it (for QLoRA: the dequantized NF4 weights, kept in fp32); "
-                   "original = the unquantized base (a different model for QLoRA: needs --allow-drift if it drifts).")
-@click.option("--allow-drift", is_flag=True, help="Keep a merged model that fails the fidelity check against the model as trained.")
+@click.option(
+    "--base-weights",
+    type=click.Choice(["as-trained", "original"]),
+    default="as-trained",
+    show_default=True,
+    help="as-trained = the base exactly as training saw it (for QLoRA: the dequantized NF4 weights, kept in fp32); "
+    "original = the unquantized base (a different model for QLoRA: needs --allow-drift if it drifts).",
+)
+@click.option(
+    "--allow-drift",
+    is_flag=True,
+    help="Keep a merged model that fails the fidelity check against the model as trained.",
+)
 def merge(run: Path, force: bool, base_weights: str, allow_drift: bool) -> None:
     """Fold a run's adapter into its base model as trained (RUN/merged), then check it against the model as trained.
 
@@ -293,7 +356,9 @@ def merge(run: Path, force: bool, base_weights: str, allow_drift: bool) -> None:
 
 @cli.command()
 @click.argument("target")
-@click.option("--int4", "precision", flag_value="int4", default=True, help="4-bit weights (default; recommended for CPU).")
+@click.option(
+    "--int4", "precision", flag_value="int4", default=True, help="4-bit weights (default; recommended for CPU)."
+)
 @click.option("--int8", "precision", flag_value="int8", help="8-bit weights.")
 @click.option("--fp32", "precision", flag_value="fp32", help="Full precision (a reference; large and slower).")
 @click.option("--force", is_flag=True, help="Replace an existing export.")
@@ -319,7 +384,9 @@ def export(target: str, precision: str, force: bool, **options) -> None:
     info = artifacts.read_json(out / "edgeft-export.json", "export record")
     size, merged = info["size_bytes"], info["merged_size_bytes"]
     click.echo(f"Exported {info['precision']} ({info['backend']} backend) in {info['seconds']:.0f} s: {out}")
-    click.echo(f"  size                   {artifacts.human_size(size)} ({size / merged:.0%} of the merged model's {artifacts.human_size(merged)})")
+    click.echo(
+        f"  size                   {artifacts.human_size(size)} ({size / merged:.0%} of the merged model's {artifacts.human_size(merged)})"
+    )
     if info["verification"]:
         click.echo("Verification against the model as trained:")
         for line in table(info["verification"]):
@@ -332,13 +399,31 @@ def export(target: str, precision: str, force: bool, **options) -> None:
 
 @cli.command("eval")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Held-out chat data; the last assistant message is the reference.")
-@click.option("--shots", default=0, show_default=True, help="Also evaluate each base model with K training examples in the prompt.")
-@click.option("--shots-file", type=click.Path(dir_okay=False), help="Where the shots come from (default: the run's training data).")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Held-out chat data; the last assistant message is the reference.",
+)
+@click.option(
+    "--shots",
+    default=0,
+    show_default=True,
+    help="Also evaluate each base model with K training examples in the prompt.",
+)
+@click.option(
+    "--shots-file",
+    type=click.Path(dir_okay=False),
+    help="Where the shots come from (default: the run's training data).",
+)
 @click.option("--limit", type=int, help="Evaluate only the first N examples (quick checks).")
 @click.option("--max-tokens", type=int, help="New tokens per answer.  [default: fits the longest reference]")
 @click.option("--batch-size", default=8, show_default=True, help="Prompts per batch for PyTorch models.")
-@click.option("--output", type=click.Path(dir_okay=False), help="JSON report path.  [default: RUN/logs/eval.json or ./edgeft-eval.json]")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="JSON report path.  [default: RUN/logs/eval.json or ./edgeft-eval.json]",
+)
 def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, output) -> None:
     """Compare models on held-out data: base, base with examples in the prompt, fine-tuned, exported.
 
@@ -351,8 +436,16 @@ def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, out
     """
     from edgeft.pipeline.evaluate import evaluate, table
 
-    report = evaluate(list(models), data, shots=shots, shots_file=shots_file, limit=limit, max_tokens=max_tokens,
-                      batch_size=batch_size, output=output)  # fmt: skip
+    report = evaluate(
+        list(models),
+        data,
+        shots=shots,
+        shots_file=shots_file,
+        limit=limit,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        output=output,
+    )
     click.echo(f"{report['samples']} examples from {data}, greedy, up to {report['max_tokens']} new tokens:")
     for line in table(report):
         click.echo(line)
@@ -364,13 +457,19 @@ def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, out
 
 @cli.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--compare", is_flag=True, help="Also measure PyTorch, Optimum's ORTModelForCausalLM and llama.cpp (if installed).")
+@click.option(
+    "--compare", is_flag=True, help="Also measure PyTorch, Optimum's ORTModelForCausalLM and llama.cpp (if installed)."
+)
 @click.option("--runs", default=3, show_default=True, help="Repetitions; the median and the spread are reported.")
 @click.option("--threads", default=0, show_default=True, help="Threads for every engine (0 = all cores).")
 @click.option("--decode-tokens", default=128, show_default=True, help="Tokens generated for the decode speed.")
-@click.option("--gguf", type=click.Path(exists=True, dir_okay=False), help="GGUF for llama.cpp (default: the base model's).")
+@click.option(
+    "--gguf", type=click.Path(exists=True, dir_okay=False), help="GGUF for llama.cpp (default: the base model's)."
+)
 @click.option("--output", type=click.Path(file_okay=False), help="Where bench.json/.md/.png go.  [default: RUN/logs]")
-def bench(path: Path, compare: bool, runs: int, threads: int, decode_tokens: int, gguf: str | None, output: str | None) -> None:
+def bench(
+    path: Path, compare: bool, runs: int, threads: int, decode_tokens: int, gguf: str | None, output: str | None
+) -> None:
     """Measure an export: load time, time to first token (32 and 512-token prompts), decode speed, memory, size.
 
     \b
@@ -378,10 +477,16 @@ def bench(path: Path, compare: bool, runs: int, threads: int, decode_tokens: int
       edgeft bench runs/recipes
       edgeft bench runs/recipes --compare      # + PyTorch, Optimum, llama.cpp, as ratios
     """
-    from edgeft.export.bench import Settings, bench as run_bench, markdown
+    from edgeft.export.bench import Settings, markdown
+    from edgeft.export.bench import bench as run_bench
 
-    report = run_bench(path, compare=compare, gguf=gguf, output=output,
-                       settings=Settings(runs=runs, threads=threads, decode_tokens=decode_tokens))  # fmt: skip
+    report = run_bench(
+        path,
+        compare=compare,
+        gguf=gguf,
+        output=output,
+        settings=Settings(runs=runs, threads=threads, decode_tokens=decode_tokens),
+    )
     for line in markdown(report):
         click.echo(line)
     click.echo(f"Saved: {report['paths']['md']}, {report['paths']['json']}, {report['paths']['png']}")
@@ -428,14 +533,23 @@ def chat(path: Path, system: str | None, prompt: str | None, threads: int | None
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 opens it to others.")
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
-@click.option("--api-key", envvar="EDGEFT_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on /v1.  [env: EDGEFT_API_KEY]")
+@click.option(
+    "--api-key", envvar="EDGEFT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.  [env: EDGEFT_API_KEY]"
+)
 @click.option("--parallel", default=1, show_default=True, help="Answers generated at once (each uses --threads).")
 @click.option("--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 503.")
 @click.option("--max-body", default=1_000_000, show_default=True, help="Largest request body accepted, in bytes.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime per answer.  [default: all cores]")
-def serve(path: Path, host: str, port: int, api_key: str | None, parallel: int, queue_size: int, max_body: int,
-          threads: int | None) -> None:  # fmt: skip
+def serve(
+    path: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    parallel: int,
+    queue_size: int,
+    max_body: int,
+    threads: int | None,
+) -> None:
     """Serve an exported model: OpenAI-compatible API at /v1 and a web chat page at /.
 
     \b
@@ -451,8 +565,16 @@ def serve(path: Path, host: str, port: int, api_key: str | None, parallel: int, 
             raise ConfigError(f"{name} must be at least {low}, got {value}.")
     from edgeft.runtime.server import serve as run_server  # says to install edgeft[serve] if fastapi is missing
 
-    run_server(path, host=host, port=port, api_key=api_key, threads=threads, parallel=parallel, max_queue=queue_size,
-               max_body=max_body)  # fmt: skip
+    run_server(
+        path,
+        host=host,
+        port=port,
+        api_key=api_key,
+        threads=threads,
+        parallel=parallel,
+        max_queue=queue_size,
+        max_body=max_body,
+    )
 
 
 def main() -> None:

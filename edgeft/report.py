@@ -59,23 +59,33 @@ def _stage_rows(run: Run, stages: dict, timings: dict) -> list[str]:
     tune, merge, export, evaluation, bench = (stages.get(k) for k in ("tune", "merge", "export", "eval", "bench"))
     if tune and tune.get("metrics"):
         m, c = tune["metrics"], tune["config"]
-        rows.append(f"| fine-tune | {_minutes(timings.get('fine-tune (QLoRA)', m['train_seconds']))} | {c['method']} "
-                    f"({tune.get('precision', '?')}) on {tune.get('device', '?')}: {m['steps']} steps, {m['train_tokens']:,} tokens "
-                    f"at {m['tokens_per_second']} tokens/s, peak memory {m.get('peak_memory_mb', '?')} MB |")  # fmt: skip
+        rows.append(
+            f"| fine-tune | {_minutes(timings.get('fine-tune (QLoRA)', m['train_seconds']))} | {c['method']} "
+            f"({tune.get('precision', '?')}) on {tune.get('device', '?')}: {m['steps']} steps, {m['train_tokens']:,} tokens "
+            f"at {m['tokens_per_second']} tokens/s, peak memory {m.get('peak_memory_mb', '?')} MB |"
+        )
     if merge:
-        rows.append(f"| merge | {_minutes(timings.get('merge', merge['seconds']))} | {merge['path']}/ "
-                    f"({artifacts.human_size(merge['size_bytes'])}), {merge.get('base_weights', 'original')} base weights, "
-                    f"{_verdict(merge.get('fidelity'))} |")  # fmt: skip
+        rows.append(
+            f"| merge | {_minutes(timings.get('merge', merge['seconds']))} | {merge['path']}/ "
+            f"({artifacts.human_size(merge['size_bytes'])}), {merge.get('base_weights', 'original')} base weights, "
+            f"{_verdict(merge.get('fidelity'))} |"
+        )
     if export:
-        rows.append(f"| export int4 | {_minutes(timings.get('export int4', export['seconds']))} | {export['path']}/ "
-                    f"({artifacts.human_size(export['size_bytes'])}, {export['size_bytes'] / export['merged_size_bytes']:.0%} "
-                    f"of the merged model), {export['backend']} backend, {_verdict(export.get('verification'))} |")  # fmt: skip
+        rows.append(
+            f"| export int4 | {_minutes(timings.get('export int4', export['seconds']))} | {export['path']}/ "
+            f"({artifacts.human_size(export['size_bytes'])}, {export['size_bytes'] / export['merged_size_bytes']:.0%} "
+            f"of the merged model), {export['backend']} backend, {_verdict(export.get('verification'))} |"
+        )
     if "export the base model" in timings:
-        rows.append(f"| export the base model | {_minutes(timings['export the base model'])} | the same int4 path, for the base rows |")
+        rows.append(
+            f"| export the base model | {_minutes(timings['export the base model'])} | the same int4 path, for the base rows |"
+        )
     if evaluation:
         report = json.loads(Path(evaluation["report"]).read_text())
-        rows.append(f"| evaluate | {_minutes(timings.get('evaluate', 0))} | {report['samples']} held-out examples x "
-                    f"{len(report['rows'])} models |")  # fmt: skip
+        rows.append(
+            f"| evaluate | {_minutes(timings.get('evaluate', 0))} | {report['samples']} held-out examples x "
+            f"{len(report['rows'])} models |"
+        )
     if bench:
         rows.append(f"| benchmark | {_minutes(timings.get('benchmark', 0))} | {len(bench['results'])} engines |")
     return rows
@@ -103,8 +113,10 @@ def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float])
     lines = [
         "## Does fine-tuning pay off?",
         "",
-        f"{report['samples']} held-out examples from `{Path(report['data']).name}`, greedy decoding, exact match of the "
-        "answer (JSON compared as parsed data).",
+        (
+            f"{report['samples']} held-out examples from `{Path(report['data']).name}`, greedy decoding, exact match of the "
+            "answer (JSON compared as parsed data)."
+        ),
         "",
         *table(report),
         "",
@@ -117,20 +129,40 @@ def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float])
     if zero and few and trained and onnx_ft:
         gain, drop, stops = bar
         checks = [
-            (onnx_ft["exact_match"] - max(zero["exact_match"], few["exact_match"]) >= gain,
-             f"fine-tuned int4 exact match {onnx_ft['exact_match']:.1f}% is at least {gain:.0f} points above base zero-shot "
-             f"({zero['exact_match']:.1f}%) and base {few['shots']}-shot ({few['exact_match']:.1f}%)"),
-            (trained["exact_match"] - onnx_ft["exact_match"] <= drop,
-             f"int4 ({onnx_ft['exact_match']:.1f}%) is within {drop:.0f} points of the model as trained ({trained['exact_match']:.1f}%)"),
-            (min(onnx_ft["stop_rate"], trained["stop_rate"]) >= stops,
-             f"the fine-tuned model stops at the end of its turn on {min(onnx_ft['stop_rate'], trained['stop_rate']):.1f}% "
-             f"of prompts (bar: {stops:.0f}%)"),
-        ]  # fmt: skip
+            (
+                onnx_ft["exact_match"] - max(zero["exact_match"], few["exact_match"]) >= gain,
+                (
+                    f"fine-tuned int4 exact match {onnx_ft['exact_match']:.1f}% is at least {gain:.0f} points above base "
+                    f"zero-shot ({zero['exact_match']:.1f}%) and base {few['shots']}-shot ({few['exact_match']:.1f}%)"
+                ),
+            ),
+            (
+                trained["exact_match"] - onnx_ft["exact_match"] <= drop,
+                f"int4 ({onnx_ft['exact_match']:.1f}%) is within {drop:.0f} points of the model as trained ({trained['exact_match']:.1f}%)",
+            ),
+            (
+                min(onnx_ft["stop_rate"], trained["stop_rate"]) >= stops,
+                (
+                    f"the fine-tuned model stops at the end of its turn on "
+                    f"{min(onnx_ft['stop_rate'], trained['stop_rate']):.1f}% of prompts (bar: {stops:.0f}%)"
+                ),
+            ),
+        ]
         if merged:
-            checks.insert(1, (trained["exact_match"] - merged["exact_match"] <= drop,
-                              f"the merged model ({merged['exact_match']:.1f}%) is within {drop:.0f} points of the model as "
-                              f"trained ({trained['exact_match']:.1f}%)"))  # fmt: skip
-        lines += ["Quality bar (the model as trained is the NF4 base + adapter through bitsandbytes and peft, for QLoRA):", ""]
+            checks.insert(
+                1,
+                (
+                    trained["exact_match"] - merged["exact_match"] <= drop,
+                    (
+                        f"the merged model ({merged['exact_match']:.1f}%) is within {drop:.0f} points of the model as "
+                        f"trained ({trained['exact_match']:.1f}%)"
+                    ),
+                ),
+            )
+        lines += [
+            "Quality bar (the model as trained is the NF4 base + adapter through bitsandbytes and peft, for QLoRA):",
+            "",
+        ]
         lines += [f"- {'PASS' if ok else 'NOT MET'}: {text}" for ok, text in checks]
         lines.append("")
     lines += _examples(Path(evaluation["report"]), zero, onnx_ft)
@@ -163,7 +195,8 @@ def _training(run: Run, tune: dict) -> list[str]:
         "",
         f"{d['train_examples']} examples ({d['tokens_per_epoch']:,} tokens per epoch, {d['trained_tokens']:,} of them "
         f"trained: assistant turns and their end-of-turn token), packed without padding. Final train loss "
-        f"{m['train_loss']}" + (f", eval loss {m['eval_loss']} (perplexity {m['eval_ppl']})." if m.get("eval_loss") is not None else "."),
+        f"{m['train_loss']}"
+        + (f", eval loss {m['eval_loss']} (perplexity {m['eval_ppl']})." if m.get("eval_loss") is not None else "."),
         "",
     ]
     if (run.logs_dir / "loss.png").exists():
@@ -176,8 +209,16 @@ def _export(export: dict | None) -> list[str]:
         return []
     from edgeft.fidelity import table
 
-    return ["## Export and verification", "", "The int4 ONNX model against the model as trained (verification at export time):",
-            "", "```", *table(export["verification"]), "```", ""]  # fmt: skip
+    return [
+        "## Export and verification",
+        "",
+        "The int4 ONNX model against the model as trained (verification at export time):",
+        "",
+        "```",
+        *table(export["verification"]),
+        "```",
+        "",
+    ]
 
 
 def _speed(run: Run, bench: dict | None) -> list[str]:

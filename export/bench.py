@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeft.runtime.engine import default_threads, og_config
+
 from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.errors import EdgeftError, ExportError
-from edgeft.runtime.engine import default_threads, og_config
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,13 @@ def _measure(load, first_token, decode, settings: Settings, encode) -> dict:
         ttft_long.append(first_token(state, long))
         decode_rates.append(decode(state, short, settings.decode_tokens))
     return {
-        "load_s": round(load_s, 3), "ttft_short_s": _summary(ttft_short), "ttft_long_s": _summary(ttft_long),
-        "decode_tokens_per_s": _summary(decode_rates), "peak_rss_mb": artifacts.peak_rss_mb(),
+        "load_s": round(load_s, 3),
+        "ttft_short_s": _summary(ttft_short),
+        "ttft_long_s": _summary(ttft_long),
+        "decode_tokens_per_s": _summary(decode_rates),
+        "peak_rss_mb": artifacts.peak_rss_mb(),
         "prompt_tokens": {"short": len(short), "long": len(long)},
-    }  # fmt: skip
+    }
 
 
 def measure_genai(folder: str, settings: Settings) -> dict:
@@ -138,16 +142,26 @@ def measure_pytorch(folder: str, settings: Settings) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+            folder
+        )
 
     def generate(state, prompt, n):
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            state[0].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=state[1].pad_token_id)  # fmt: skip
+            state[0].generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=state[1].pad_token_id,
+            )
 
     first_token, decode = _hf_first_and_decode(torch, generate)
-    return _measure(load, first_token, decode, settings, lambda state, text: state[1].encode(text, add_special_tokens=False))
+    return _measure(
+        load, first_token, decode, settings, lambda state, text: state[1].encode(text, add_special_tokens=False)
+    )
 
 
 def measure_optimum(folder: str, settings: Settings) -> dict:
@@ -159,15 +173,25 @@ def measure_optimum(folder: str, settings: Settings) -> dict:
     def load():
         options = ort.SessionOptions()
         options.intra_op_num_threads = settings.threads or default_threads()
-        return ORTModelForCausalLM.from_pretrained(folder, session_options=options), AutoTokenizer.from_pretrained(folder)
+        return ORTModelForCausalLM.from_pretrained(folder, session_options=options), AutoTokenizer.from_pretrained(
+            folder
+        )
 
     def generate(state, prompt, n):
         ids = torch.tensor([prompt])
-        state[0].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=state[1].pad_token_id)  # fmt: skip
+        state[0].generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=state[1].pad_token_id,
+        )
 
     first_token, decode = _hf_first_and_decode(torch, generate)
-    return _measure(load, first_token, decode, settings, lambda state, text: state[1].encode(text, add_special_tokens=False))
+    return _measure(
+        load, first_token, decode, settings, lambda state, text: state[1].encode(text, add_special_tokens=False)
+    )
 
 
 def measure_llamacpp(gguf: str, settings: Settings) -> dict:
@@ -175,7 +199,9 @@ def measure_llamacpp(gguf: str, settings: Settings) -> dict:
 
     def load():
         threads = settings.threads or default_threads()
-        return Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512, verbose=False)
+        return Llama(
+            model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512, verbose=False
+        )
 
     def first_token(llm, prompt):
         llm.reset()
@@ -234,11 +260,13 @@ class Target:
     note: str = ""
 
 
-def plan(path: Path, compare: bool, gguf: str | None, engines: tuple[str, ...] = ("pytorch", "optimum", "llamacpp")) -> tuple[list[Target], Path, Run | None]:
+def plan(
+    path: Path, compare: bool, gguf: str | None, engines: tuple[str, ...] = ("pytorch", "optimum", "llamacpp")
+) -> tuple[list[Target], Path, Run | None]:
     """edgeft's export first (the baseline of every ratio), then the comparisons that can run here."""
     from edgeft.runtime.engine import resolve_export
 
-    folder, name = resolve_export(Path(path))
+    folder, _ = resolve_export(Path(path))
     run = _run_of(Path(path), folder)
     targets = [Target(f"edgeft {folder.name}", "genai", folder)]
     if not compare:
@@ -257,11 +285,15 @@ def plan(path: Path, compare: bool, gguf: str | None, engines: tuple[str, ...] =
         import llama_cpp  # noqa: F401
 
         if gguf_path is not None and gguf_path.is_file():
-            targets.append(Target(f"llama.cpp {gguf_path.name}", "llamacpp", gguf_path, "base model GGUF (same architecture)"))
+            targets.append(
+                Target(f"llama.cpp {gguf_path.name}", "llamacpp", gguf_path, "base model GGUF (same architecture)")
+            )
         else:
             log.warning("llama.cpp: no GGUF of the base model found (pass --gguf FILE); skipped.")
     except ImportError:
-        log.warning("llama.cpp: llama-cpp-python is not installed (pip install 'edgeft[llamacpp]', ~5 min compile); skipped.")
+        log.warning(
+            "llama.cpp: llama-cpp-python is not installed (pip install 'edgeft[llamacpp]', ~5 min compile); skipped."
+        )
     return targets, folder, run
 
 
@@ -293,9 +325,17 @@ def _optimum_export(folder: Path, source: Path, run: Run | None) -> Path | None:
         from edgeft.export.onnx import ExportConfig, export
 
         log.info(f"Making an Optimum int4 export of {source} for the comparison (once)...")
-        precision = json.loads((folder / "edgeft-export.json").read_text())["precision"] if (folder / "edgeft-export.json").exists() else "int4"
+        precision = (
+            json.loads((folder / "edgeft-export.json").read_text())["precision"]
+            if (folder / "edgeft-export.json").exists()
+            else "int4"
+        )
         try:
-            export(str(source), ExportConfig(precision=precision, backend="optimum", verify=False, output=str(target)), force=True)
+            export(
+                str(source),
+                ExportConfig(precision=precision, backend="optimum", verify=False, output=str(target)),
+                force=True,
+            )
         except EdgeftError as e:
             log.warning(f"Optimum: could not export ({e}); skipped.")
             return None
@@ -306,7 +346,10 @@ def _base_gguf(run: Run | None) -> Path | None:
     from edgeft.models import builtin_path
 
     spec = run.manifest()["base_model"]["spec"] if run else "smollm2-135m"
-    for candidate in (Path(run.manifest()["base_model"]["path"]) / "source.gguf" if run else None, builtin_path(spec) / "source.gguf"):
+    for candidate in (
+        Path(run.manifest()["base_model"]["path"]) / "source.gguf" if run else None,
+        builtin_path(spec) / "source.gguf",
+    ):
         if candidate is not None and candidate.is_file():
             return candidate
     return None
@@ -315,8 +358,15 @@ def _base_gguf(run: Run | None) -> Path | None:
 # --- the report ------------------------------------------------------------------------------
 
 
-def bench(path: str | Path, *, compare: bool = False, settings: Settings | None = None, gguf: str | None = None,
-          output: str | Path | None = None, engines: tuple[str, ...] = ("pytorch", "optimum", "llamacpp")) -> dict:  # fmt: skip
+def bench(
+    path: str | Path,
+    *,
+    compare: bool = False,
+    settings: Settings | None = None,
+    gguf: str | None = None,
+    output: str | Path | None = None,
+    engines: tuple[str, ...] = ("pytorch", "optimum", "llamacpp"),
+) -> dict:
     """Benchmark an export (and, with compare, the alternatives); write JSON, Markdown and a PNG."""
     from tqdm.auto import tqdm
 
@@ -329,11 +379,22 @@ def bench(path: str | Path, *, compare: bool = False, settings: Settings | None 
     for target in tqdm(targets, desc="benchmark", unit="engine", disable=None):
         log.info(f"Measuring {target.name}...")
         result = run_engine(target.engine, target.path, settings)
-        result.update(name=target.name, engine=target.engine, path=str(target.path), note=target.note,
-                      size_bytes=artifacts.dir_size(target.path))  # fmt: skip
+        result.update(
+            name=target.name,
+            engine=target.engine,
+            path=str(target.path),
+            note=target.note,
+            size_bytes=artifacts.dir_size(target.path),
+        )
         results.append(result)
     _ratios(results)
-    report = {"machine": machine(), "threads": threads, "settings": vars(settings), "finished_at": artifacts.now(), "results": results}
+    report = {
+        "machine": machine(),
+        "threads": threads,
+        "settings": vars(settings),
+        "finished_at": artifacts.now(),
+        "results": results,
+    }
     out_dir = Path(output) if output else (run.logs_dir if run else folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     artifacts.write_json_atomic(out_dir / "bench.json", report)
@@ -341,7 +402,9 @@ def bench(path: str | Path, *, compare: bool = False, settings: Settings | None 
     chart(report, out_dir / "bench.png")
     report["paths"] = {k: str(out_dir / f"bench.{k}") for k in ("json", "md", "png")}
     if run:
-        run.record_stage("bench", status="done", report=str(out_dir / "bench.json"), results=results, finished_at=artifacts.now())
+        run.record_stage(
+            "bench", status="done", report=str(out_dir / "bench.json"), results=results, finished_at=artifacts.now()
+        )
     return report
 
 
@@ -403,5 +466,10 @@ def chart(report: dict, path: Path) -> None:
 
     ok = [r for r in report["results"] if "error" not in r]
     if ok:
-        bar_chart([r["name"].split(" (")[0] for r in ok], [r["decode_tokens_per_s"]["median"] for r in ok], path,
-                  title=f"Decode speed, {report['threads']} threads ({report['machine'].split(',')[0]})", ylabel="tokens / s")  # fmt: skip
+        bar_chart(
+            [r["name"].split(" (")[0] for r in ok],
+            [r["decode_tokens_per_s"]["median"] for r in ok],
+            path,
+            title=f"Decode speed, {report['threads']} threads ({report['machine'].split(',')[0]})",
+            ylabel="tokens / s",
+        )

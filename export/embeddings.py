@@ -38,10 +38,13 @@ def embedding_table(model_dir: Path) -> np.ndarray:
 
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
+            names = set(f.keys())  # safe_open has keys() but no `in`
             for key in EMBEDDING_KEYS:
-                if key in f.keys():
+                if key in names:
                     return f.get_tensor(key).float().numpy()
-    raise ExportError(f"no token-embedding table ({' or '.join(EMBEDDING_KEYS)}) in the safetensors files of {model_dir}.")
+    raise ExportError(
+        f"no token-embedding table ({' or '.join(EMBEDDING_KEYS)}) in the safetensors files of {model_dir}."
+    )
 
 
 def quantize_int8(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,6 +89,12 @@ def separate_int8(model_dir: Path, folder: Path) -> bool:
     if locations - {data_file.name}:
         raise ExportError(f"{folder}: the export keeps weights in {sorted(locations)}, expected {data_file.name} only.")
     data_file.unlink()  # every tensor is in memory now; onnx would append to the old file
-    onnx.save_model(proto, str(model_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_file.name, size_threshold=1024)  # fmt: skip
+    onnx.save_model(
+        proto,
+        str(model_file),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_file.name,
+        size_threshold=1024,
+    )
     return True

@@ -22,7 +22,6 @@ import numpy as np
 
 from edgeft.errors import ExportError
 
-
 WEIGHT_SUFFIX = ".MatMul.weight_Q4G"  # the builder's name for an int4 weight: <torch name>.MatMul.weight_Q4G<block>
 CALIBRATION_EXAMPLES = 128
 CALIBRATION_MAX_TOKENS = 512
@@ -45,7 +44,16 @@ class Target:
 # --- the algorithm ------------------------------------------------------------------------
 
 
-def quantize(weight, hessian, block_size: int, *, bits: int = 4, damping: float = DAMPING, act_order: bool = True, batch: int = 128):
+def quantize(
+    weight,
+    hessian,
+    block_size: int,
+    *,
+    bits: int = 4,
+    damping: float = DAMPING,
+    act_order: bool = True,
+    batch: int = 128,
+):
     """GPTQ for one [out, in] weight: integer codes [out, in], scales and zero points [out, in / block_size].
 
     Asymmetric blocks along the input dimension, as MatMulNBits stores them: w ~ (code - zero) * scale.
@@ -107,7 +115,9 @@ def _block_grid(block, top: int):
     for ratio in CLIP_RATIOS:
         scale = torch.clamp((high - low) * ratio / top, min=1e-10)
         zero = torch.clamp(torch.round(-low * ratio / scale), 0, top)
-        rounded = (torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, top) - zero[:, None]) * scale[:, None]
+        rounded = (torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, top) - zero[:, None]) * scale[
+            :, None
+        ]
         error = ((rounded - block) ** 2).sum(dim=1)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
@@ -203,24 +213,36 @@ def targets(graph, model) -> list[Target]:
     found = []
     for node in graph.node:
         attrs = {a.name: a.i for a in node.attribute}
-        if node.op_type != "MatMulNBits" or attrs.get("bits") != 4 or shared & set(node.input[1:]) or len(node.input) < 4:
+        if (
+            node.op_type != "MatMulNBits"
+            or attrs.get("bits") != 4
+            or shared & set(node.input[1:])
+            or len(node.input) < 4
+        ):
             continue
         name = node.input[1].split(WEIGHT_SUFFIX)[0]
         if name in SKIP:
             continue
         direct = name.replace(".attn.", ".self_attn.")
-        options = [[direct]] + [[name[: -len(f)] + part for part in parts] for f, parts in FUSED.items() if name.endswith("." + f)]
+        options = [[direct]] + [
+            [name[: -len(f)] + part for part in parts] for f, parts in FUSED.items() if name.endswith("." + f)
+        ]
         names, N, K = node.input[1:4], attrs["N"], attrs["K"]
         for modules in options:
             linears = [_linear(model, m) for m in modules]
-            if all(x is not None for x in linears) and (sum(x.weight.shape[0] for x in linears), linears[0].weight.shape[1]) == (N, K):
+            if all(x is not None for x in linears) and (
+                sum(x.weight.shape[0] for x in linears),
+                linears[0].weight.shape[1],
+            ) == (N, K):
                 found.append(Target(modules, *names, attrs["block_size"]))
                 break
         else:
             for part, (fused, half) in HALVES.items():
                 linear = _linear(model, name[: -len(part)] + fused) if name.endswith("." + part) else None
                 if linear is not None and tuple(linear.weight.shape) == (2 * N, K):
-                    found.append(Target([name[: -len(part)] + fused], *names, attrs["block_size"], (half * N, (half + 1) * N)))
+                    found.append(
+                        Target([name[: -len(part)] + fused], *names, attrs["block_size"], (half * N, (half + 1) * N))
+                    )
     return found
 
 
@@ -261,8 +283,13 @@ def apply(model_dir: Path, onnx_dir: Path, data_file: Path) -> dict:
         writer.replace(target.scales, scales.numpy())
         writer.replace(target.zero_points, packed_zeros)
     writer.save(model_file)
-    return {"method": "gptq", "matmuls": len(found), "calibration_examples": len(batches),
-            "calibration_tokens": sum(map(len, batches)), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    return {
+        "method": "gptq",
+        "matmuls": len(found),
+        "calibration_examples": len(batches),
+        "calibration_tokens": sum(map(len, batches)),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 class _TensorWriter:

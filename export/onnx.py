@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from edgeft.pipeline.config import opt
+
 from edgeft import artifacts, fidelity, models
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, ExportError
-from edgeft.pipeline.config import opt
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +34,51 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class ExportConfig:
     """How to export. Defaults are the fastest accurate choice measured on a 2-core CPU."""
 
-    precision: str = opt("int4", "Weight precision: int4 (recommended for CPU), int8, or fp32.", choices=("int4", "int8", "fp32"))
-    backend: str = opt("genai", "genai = onnxruntime-genai model builder (fused ops, fastest); optimum = Optimum graph + ORT quantizer.", choices=("genai", "optimum"))
+    precision: str = opt(
+        "int4", "Weight precision: int4 (recommended for CPU), int8, or fp32.", choices=("int4", "int8", "fp32")
+    )
+    backend: str = opt(
+        "genai",
+        "genai = onnxruntime-genai model builder (fused ops, fastest); optimum = Optimum graph + ORT quantizer.",
+        choices=("genai", "optimum"),
+    )
     block_size: int = opt(32, "Weights per quantization scale (int4/int8): smaller = more accurate, larger file.")
-    accuracy_level: int = opt(4, "MatMulNBits compute: 4 = int8 activations (fastest on CPU), 3 = bf16, 2 = fp16, 1 = fp32.")
+    accuracy_level: int = opt(
+        4, "MatMulNBits compute: 4 = int8 activations (fastest on CPU), 3 = bf16, 2 = fp16, 1 = fp32."
+    )
     symmetric: bool = opt(True, "Symmetric quantization (no zero points).")
-    quant_method: str = opt("auto", "How int4 weights are rounded. gptq = rounds each weight against the others on calibration data (most accurate; needs the run's training data or --calibration, and the genai backend); k_quant = searches each block's scale; rtn or default = plain rounding (fastest export). auto = gptq when calibration data is at hand, else k_quant.", choices=("auto", "gptq", "k_quant", "rtn", "default"))
+    quant_method: str = opt(
+        "auto",
+        "How int4 weights are rounded. gptq = rounds each weight against the others on calibration data (most accurate; needs the run's training data or --calibration, and the genai backend); k_quant = searches each block's scale; rtn or default = plain rounding (fastest export). auto = gptq when calibration data is at hand, else k_quant.",
+        choices=("auto", "gptq", "k_quant", "rtn", "default"),
+    )
     calibration: str = opt("", "Chat data (JSONL) that GPTQ calibrates on (default: the run's training data).")
-    embeddings: str = opt("auto", "int4 only, for models whose embedding table is the head's matrix (tied): int8 = a separate int8 table (more accurate; +26 MB for SmolLM2-135M), same = the head's int4 matrix (smallest). auto = int8.", choices=("auto", "int8", "same"))
-    int8_matmuls: str = opt("auto", "int4 only: MatMuls kept in int8. attention = attention projections and MLP down projection in every layer; mixed = those in a third of the layers (llama.cpp's Q4_K_M choice); none = all int4. auto = attention below 1B parameters (tiny models lose the most), mixed above.", choices=("auto", "attention", "mixed", "none"))
-    lm_head: str = opt("auto", "Precision of the output head. auto = int8, except for models that tie it to the embedding: int4 (measured harmless on SmolLM2-135M; the builder's int8 head for a tied model fails to load in 0.15).", choices=("auto", "same", "int8", "fp32"))
-    verify: bool = opt(True, "Compare the export with the model as trained (token agreement, perplexity, exact answers; logits for fp32) and apply the fidelity gate.")
-    verify_samples: int = opt(24, "Held-out prompts used by verification (the first 8 are also decoded greedily by both models).")
-    allow_drift: bool = opt(False, "Keep an export that falls outside the fidelity gate against the model as trained (recorded in the manifest) instead of failing.")
+    embeddings: str = opt(
+        "auto",
+        "int4 only, for models whose embedding table is the head's matrix (tied): int8 = a separate int8 table (more accurate; +26 MB for SmolLM2-135M), same = the head's int4 matrix (smallest). auto = int8.",
+        choices=("auto", "int8", "same"),
+    )
+    int8_matmuls: str = opt(
+        "auto",
+        "int4 only: MatMuls kept in int8. attention = attention projections and MLP down projection in every layer; mixed = those in a third of the layers (llama.cpp's Q4_K_M choice); none = all int4. auto = attention below 1B parameters (tiny models lose the most), mixed above.",
+        choices=("auto", "attention", "mixed", "none"),
+    )
+    lm_head: str = opt(
+        "auto",
+        "Precision of the output head. auto = int8, except for models that tie it to the embedding: int4 (measured harmless on SmolLM2-135M; the builder's int8 head for a tied model fails to load in 0.15).",
+        choices=("auto", "same", "int8", "fp32"),
+    )
+    verify: bool = opt(
+        True,
+        "Compare the export with the model as trained (token agreement, perplexity, exact answers; logits for fp32) and apply the fidelity gate.",
+    )
+    verify_samples: int = opt(
+        24, "Held-out prompts used by verification (the first 8 are also decoded greedily by both models)."
+    )
+    allow_drift: bool = opt(
+        False,
+        "Keep an export that falls outside the fidelity gate against the model as trained (recorded in the manifest) instead of failing.",
+    )
     output: str = opt("", "Output folder (default: RUN/onnx-PRECISION, or ./NAME-onnx-PRECISION for a bare model).")
 
     def recorded(self) -> dict:
@@ -56,7 +89,9 @@ class ExportConfig:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is invalid: choose one of {', '.join(choices)}.")
+                raise ConfigError(
+                    f"{f.name} = {getattr(self, f.name)!r} is invalid: choose one of {', '.join(choices)}."
+                )
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ConfigError(f"block_size = {self.block_size} is invalid: choose 16, 32, 64, 128 or 256.")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -77,7 +112,11 @@ class Source:
 def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Path:
     """Export a run (merging first if needed) or a bare model; returns the ONNX folder."""
     source = _source(target, allow_drift=cfg.allow_drift)
-    out = Path(cfg.output) if cfg.output else (source.run.export_dir(cfg.precision) if source.run else Path(f"{source.name}-onnx-{cfg.precision}"))
+    out = (
+        Path(cfg.output)
+        if cfg.output
+        else (source.run.export_dir(cfg.precision) if source.run else Path(f"{source.name}-onnx-{cfg.precision}"))
+    )
     if out.exists() and not force:
         raise ExportError(f"{out} already exists. Pass --force to export again.")
     merged_size = artifacts.dir_size(source.model_dir)
@@ -91,7 +130,9 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
             try:
                 build_genai(source.model_dir, tmp, replace(cfg, quant_method=method))
             except UnsupportedByBuilder as e:
-                log.warning(f"The onnxruntime-genai builder does not support this model ({e}); using the optimum backend instead.")
+                log.warning(
+                    f"The onnxruntime-genai builder does not support this model ({e}); using the optimum backend instead."
+                )
                 shutil.rmtree(tmp)
                 tmp.mkdir()
                 backend = "optimum"
@@ -110,15 +151,28 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
             from edgeft.export.verify import verify
 
             log.info("Verifying the export against the model as trained...")
-            verification = verify(source.model_dir, tmp, replace(cfg, quant_method=method), eval_file=_eval_file(source.run),
-                                  reference=_as_trained(source.run))  # fmt: skip
+            verification = verify(
+                source.model_dir,
+                tmp,
+                replace(cfg, quant_method=method),
+                eval_file=_eval_file(source.run),
+                reference=_as_trained(source.run),
+            )
     drifted = bool(verification) and not verification["gate"]["passed"] and not cfg.allow_drift
     record = {
-        "status": "drift" if drifted else "done", "path": out.name if source.run else str(out.resolve()), "precision": cfg.precision, "backend": backend,
-        "options": cfg.recorded(), "rounding": method if cfg.precision == "int4" else None, **weights, "seconds": round(seconds, 1),
-        "size_bytes": artifacts.dir_size(out), "merged_size_bytes": merged_size, "verification": verification,
+        "status": "drift" if drifted else "done",
+        "path": out.name if source.run else str(out.resolve()),
+        "precision": cfg.precision,
+        "backend": backend,
+        "options": cfg.recorded(),
+        "rounding": method if cfg.precision == "int4" else None,
+        **weights,
+        "seconds": round(seconds, 1),
+        "size_bytes": artifacts.dir_size(out),
+        "merged_size_bytes": merged_size,
+        "verification": verification,
         "finished_at": artifacts.now(),
-    }  # fmt: skip
+    }
     if source.run:
         source.run.record_stage("export", **record)
     artifacts.write_json_atomic(out / "edgeft-export.json", {"source": str(source.model_dir), **record})
@@ -127,8 +181,14 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
 
         for line in fidelity.table(verification):
             log.info(line)
-        raise fidelity.DriftError(fidelity.drift_message(f"The {cfg.precision} export", str(out), verification["gate"]["problems"],
-                                                         advice(replace(cfg, quant_method=method))))  # fmt: skip
+        raise fidelity.DriftError(
+            fidelity.drift_message(
+                f"The {cfg.precision} export",
+                str(out),
+                verification["gate"]["problems"],
+                advice(replace(cfg, quant_method=method)),
+            )
+        )
     return out
 
 
@@ -159,7 +219,9 @@ def _calibration_file(cfg: ExportConfig, run: Run | None) -> Path | None:
     if cfg.calibration:
         path = Path(cfg.calibration)
         if not path.is_file():
-            raise ConfigError(f"calibration = {cfg.calibration!r}: no such file. Pass a chat JSONL file, such as the training data.")
+            raise ConfigError(
+                f"calibration = {cfg.calibration!r}: no such file. Pass a chat JSONL file, such as the training data."
+            )
         return path
     data = ((run.stage("tune") or {}).get("config", {}).get("data") if run else None) or ""
     return Path(data) if data and Path(data).is_file() else None
@@ -171,7 +233,11 @@ def rounding(cfg: ExportConfig, backend: str, calibration: Path | None, *, fallb
     if method == "auto":
         return "gptq" if calibration and backend == "genai" else "k_quant"
     if method == "gptq" and cfg.precision == "int4" and (calibration is None or backend != "genai"):
-        why = "it needs the genai backend" if backend != "genai" else "there is no calibration data: pass --calibration FILE (chat JSONL, such as the training data)"
+        why = (
+            "it needs the genai backend"
+            if backend != "genai"
+            else "there is no calibration data: pass --calibration FILE (chat JSONL, such as the training data)"
+        )
         if fallback:
             log.warning(f"GPTQ is not possible ({why}); rounding with k_quant instead.")
             return "k_quant"
@@ -234,7 +300,11 @@ def int8_layers(mode: str, num_layers: int) -> set[int]:
     if mode == "attention":
         return set(range(num_layers))
     if mode == "mixed":
-        return {i for i in range(num_layers) if i < num_layers / 8 or i >= 7 * num_layers / 8 or (i - round(num_layers / 8)) % 3 == 2}
+        return {
+            i
+            for i in range(num_layers)
+            if i < num_layers / 8 or i >= 7 * num_layers / 8 or (i - round(num_layers / 8)) % 3 == 2
+        }
     return set()
 
 
@@ -245,11 +315,17 @@ def estimate_parameters(config: dict) -> float:
 
 
 def builder_options(cfg: ExportConfig, model_config: dict) -> list[str]:
-    options = [f"block_size={cfg.block_size}", f"accuracy_level={cfg.accuracy_level}", f"is_symmetric={str(cfg.symmetric).lower()}"]
+    options = [
+        f"block_size={cfg.block_size}",
+        f"accuracy_level={cfg.accuracy_level}",
+        f"is_symmetric={str(cfg.symmetric).lower()}",
+    ]
     head = lm_head_precision(cfg, model_config)
     mixed = []
     if cfg.precision == "int4":
-        options.append(f"algo_config={'k_quant' if cfg.quant_method in ('auto', 'gptq') else cfg.quant_method}")  # gptq re-rounds afterwards
+        options.append(
+            f"algo_config={'k_quant' if cfg.quant_method in ('auto', 'gptq') else cfg.quant_method}"
+        )  # gptq re-rounds afterwards
         mixed += ["last_matmul:int8"] if head == "int8" else []
         mixed += ["mixed_layers:int8"] if int8_matmuls(cfg, model_config) == "mixed" else []
     if mixed:
@@ -273,10 +349,26 @@ def build_genai(model_dir: Path, out: Path, cfg: ExportConfig) -> None:
     model_config = json.loads((model_dir / "config.json").read_text())
     cache = out / ".builder-cache"
     kinds = ",".join(ATTENTION_MATMULS) if int8_matmuls(cfg, model_config) == "attention" else "-"
-    cmd = [sys.executable, "-m", "edgeft.export.genai_builder", kinds, "-i", str(model_dir), "-o", str(out),
-           "-p", cfg.precision, "-e", "cpu", "-c", str(cache), "--extra_options", *builder_options(cfg, model_config)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeft.export.genai_builder",
+        kinds,
+        "-i",
+        str(model_dir),
+        "-o",
+        str(out),
+        "-p",
+        cfg.precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+        "--extra_options",
+        *builder_options(cfg, model_config),
+    ]
     log.info(f"Exporting with the onnxruntime-genai model builder ({describe(cfg, model_config)})...")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0:
         text = proc.stdout + proc.stderr
@@ -314,9 +406,9 @@ def _stop_ids(model_dir: Path) -> list[int]:
 def check_export_folder(folder: Path) -> None:
     """Every file the runtime needs is there (the runtime's own check), and the model's external data too."""
     import onnx
+    from edgeft.runtime.engine import check_export
 
     from edgeft.errors import ModelError
-    from edgeft.runtime.engine import check_export
 
     try:
         check_export(folder)

@@ -42,9 +42,18 @@ def _optimum_export(model_dir: Path, raw: Path) -> None:
     for name in ("optimum", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        main_export(str(model_dir), raw, task="text-generation-with-past", device="cpu", do_validation=False, local_files_only=True)
+        main_export(
+            str(model_dir),
+            raw,
+            task="text-generation-with-past",
+            device="cpu",
+            do_validation=False,
+            local_files_only=True,
+        )
     except Exception as e:
-        raise ExportError(f"Optimum could not export {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ExportError(
+            f"Optimum could not export {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def _load(path: Path):
@@ -56,7 +65,14 @@ def _load(path: Path):
 def _save(model, path: Path) -> None:
     import onnx
 
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
 
 
 def _head_node(model) -> str | None:
@@ -70,14 +86,13 @@ def _head_node(model) -> str | None:
 
 def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
     """MatMulNBits int4, with the same head and int8 MatMul choices as the builder path."""
+    from edgeft.export.onnx import ATTENTION_MATMULS, int8_layers, int8_matmuls
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         KQuantWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
         RTNWeightOnlyQuantConfig,
     )
-
-    from edgeft.export.onnx import ATTENTION_MATMULS, int8_layers, int8_matmuls
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per MatMul
     model = _load(src)
@@ -116,8 +131,14 @@ def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = dst.with_name("int8-work.onnx")
-    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                     use_external_data_format=True)  # fmt: skip
+    quantize_dynamic(
+        str(src),
+        str(tmp),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul"],
+        use_external_data_format=True,
+    )
     _save(_load(tmp), dst)
     for leftover in dst.parent.glob("int8-work.onnx*"):
         leftover.unlink()
@@ -134,8 +155,12 @@ def write_genai_config(model_dir: Path, out: Path) -> None:
     hidden = config["hidden_size"]
     kv_heads = config.get("num_key_value_heads", heads)
     context = config.get("max_position_embeddings", 2048)
-    names = {"input_ids": "input_ids", "attention_mask": "attention_mask",
-             "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}  # fmt: skip
+    names = {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
+    }
     if "position_ids" in inputs:
         names["position_ids"] = "position_ids"
     genai = {
@@ -148,21 +173,38 @@ def write_genai_config(model_dir: Path, out: Path) -> None:
                 "head_size": config.get("head_dim") or hidden // heads,
                 "hidden_size": hidden,
                 "inputs": names,
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
                 "num_attention_heads": heads,
                 "num_hidden_layers": config["num_hidden_layers"],
                 "num_key_value_heads": kv_heads,
             },
             "eos_token_id": config.get("eos_token_id"),
-            "pad_token_id": config.get("pad_token_id") if config.get("pad_token_id") is not None else config.get("eos_token_id"),
+            "pad_token_id": config.get("pad_token_id")
+            if config.get("pad_token_id") is not None
+            else config.get("eos_token_id"),
             "type": config["model_type"],
             "vocab_size": config["vocab_size"],
         },
         "search": {
-            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0, "max_length": context,
-            "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
             # The Optimum graph concatenates past and new keys itself, so genai must not share one buffer.
-            "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-        },  # fmt: skip
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 50,
+            "top_p": 1.0,
+        },
     }
     (out / "genai_config.json").write_text(json.dumps(genai, indent=4))

@@ -57,9 +57,8 @@ def verify(model_dir: Path, onnx_dir: Path, cfg, *, eval_file: Path | None = Non
     An fp32 export that disagrees raises ExportError; the fidelity gate's verdict is in result["gate"].
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgeft.pipeline.data import reference_pairs
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -67,8 +66,14 @@ def verify(model_dir: Path, onnx_dir: Path, cfg, *, eval_file: Path | None = Non
         reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     stops = set(json.loads((onnx_dir / "genai_config.json").read_text())["model"]["eos_token_id"])
     pairs = reference_pairs(tokenizer, eval_file, cfg.verify_samples)
-    result = fidelity.compare(fidelity.TorchScorer(reference, tokenizer.pad_token_id), OnnxScorer(onnx_dir), pairs, stops,
-                              greedy_samples=GREEDY_SAMPLES, progress="verifying")  # fmt: skip
+    result = fidelity.compare(
+        fidelity.TorchScorer(reference, tokenizer.pad_token_id),
+        OnnxScorer(onnx_dir),
+        pairs,
+        stops,
+        greedy_samples=GREEDY_SAMPLES,
+        progress="verifying",
+    )
     result["seconds"] = round(time.perf_counter() - start, 1)
     _check_fp32(result, cfg)
     result["gate"] = fidelity.gate_record(result, fidelity.EXPORT_GATE, allow_drift=cfg.allow_drift)
@@ -76,7 +81,9 @@ def verify(model_dir: Path, onnx_dir: Path, cfg, *, eval_file: Path | None = Non
 
 
 def _check_fp32(result: dict, cfg) -> None:
-    if cfg.precision == "fp32" and (result["max_abs_logit_diff"] > FP32_MAX_LOGIT_DIFF or result["token_agreement"] < 0.99):
+    if cfg.precision == "fp32" and (
+        result["max_abs_logit_diff"] > FP32_MAX_LOGIT_DIFF or result["token_agreement"] < 0.99
+    ):
         raise ExportError(
             f"the fp32 export does not match PyTorch: max |logit difference| {result['max_abs_logit_diff']} "
             f"(tolerance {FP32_MAX_LOGIT_DIFF}), token agreement {result['token_agreement']:.0%}. This is a bug in the "

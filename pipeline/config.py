@@ -36,13 +36,23 @@ class TuneConfig:
     data: str = opt("", "Training data: JSONL or JSON array (chat, alpaca, prompt/completion or text).")
     eval_file: str = opt("", "Held-out data for eval loss/perplexity (same formats as --data).")
     val_split: float = opt(0.0, "Hold out this fraction of --data for evaluation when there is no --eval-file.")
-    format: str = opt("auto", "Data format; auto detects it from the keys.", choices=("auto", "chat", "alpaca", "completion", "text"))
+    format: str = opt(
+        "auto", "Data format; auto detects it from the keys.", choices=("auto", "chat", "alpaca", "completion", "text")
+    )
     output: str = opt("", "Run directory to create (default: runs/<data name>-<method>).")
-    method: str = opt("qlora", "qlora = 4-bit NF4 base + LoRA (least memory); lora = full-precision base; dora = weight-decomposed LoRA.", choices=("qlora", "lora", "dora"))
+    method: str = opt(
+        "qlora",
+        "qlora = 4-bit NF4 base + LoRA (least memory); lora = full-precision base; dora = weight-decomposed LoRA.",
+        choices=("qlora", "lora", "dora"),
+    )
     lora_r: int = opt(16, "LoRA rank: higher = more capacity, more memory.")
     lora_alpha: int = opt(32, "LoRA scaling numerator (the update is scaled by alpha/r).")
-    lora_dropout: float = opt(0.0, "Dropout on the LoRA input. 0 is 1.4x faster on CPU (no random masks) and fine for 1-3 epochs.")
-    target_modules: str = opt("all-linear", "Comma-separated module names to adapt, or all-linear (every linear layer but the output head).")
+    lora_dropout: float = opt(
+        0.0, "Dropout on the LoRA input. 0 is 1.4x faster on CPU (no random masks) and fine for 1-3 epochs."
+    )
+    target_modules: str = opt(
+        "all-linear", "Comma-separated module names to adapt, or all-linear (every linear layer but the output head)."
+    )
     epochs: float = opt(3.0, "Passes over the training data (fractions allowed).")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = run all epochs). The schedule follows it.")
     learning_rate: float = opt(2e-4, "Peak learning rate.", flag="--lr")
@@ -51,16 +61,28 @@ class TuneConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA weights.")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = off).")
     max_seq_len: int = opt(1024, "Examples longer than this many tokens are truncated (data check reports how many).")
-    batch_tokens: int = opt(1024, "Tokens per step: examples are packed into one row up to this length, with no padding.")
+    batch_tokens: int = opt(
+        1024, "Tokens per step: examples are packed into one row up to this length, with no padding."
+    )
     grad_accum: int = opt(1, "Steps of gradients to accumulate before each optimizer update.")
-    train_on_prompt: bool = opt(False, "Also train on system/user tokens (default: only assistant turns and their end-of-turn token).")
+    train_on_prompt: bool = opt(
+        False, "Also train on system/user tokens (default: only assistant turns and their end-of-turn token)."
+    )
     eval_every: int = opt(0, "Also evaluate every N optimizer steps (0 = once per epoch).")
     save_every: int = opt(50, "Write a resumable checkpoint every N optimizer steps (and always on Ctrl-C).")
     seed: int = opt(42, "Seed for data order, dropout and LoRA initialisation.")
     device: str = opt("auto", "Where to train: auto picks CUDA when available.", choices=("auto", "cpu", "cuda"))
-    precision: str = opt("auto", "Compute precision; auto = bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.", choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = opt(
+        "auto",
+        "Compute precision; auto = bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
     threads: int = opt(0, "CPU threads for torch (0 = all cores).")
-    gradient_checkpointing: str = opt("auto", "Recompute activations in backward: ~3x less memory, ~30% slower. auto = on for CUDA, and on CPU when activations would need over a quarter of the RAM.", choices=("auto", "on", "off"))
+    gradient_checkpointing: str = opt(
+        "auto",
+        "Recompute activations in backward: ~3x less memory, ~30% slower. auto = on for CUDA, and on CPU when activations would need over a quarter of the RAM.",
+        choices=("auto", "on", "off"),
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,7 +113,9 @@ class TuneConfig:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is invalid: choose one of {', '.join(choices)}.")
+                raise ConfigError(
+                    f"{f.name} = {getattr(self, f.name)!r} is invalid: choose one of {', '.join(choices)}."
+                )
         if self.batch_tokens < self.max_seq_len:
             raise ConfigError(
                 f"batch_tokens ({self.batch_tokens}) is smaller than max_seq_len ({self.max_seq_len}): "

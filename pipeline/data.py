@@ -28,7 +28,12 @@ MAX_EXAMPLE_BYTES = 8_000_000  # one example this large is a data bug; it would 
 IGNORE = -100  # label that the loss skips
 
 # Keys that identify each format, in detection order.
-SIGNATURES = {"chat": ("messages",), "alpaca": ("instruction", "output"), "completion": ("prompt", "completion"), "text": ("text",)}
+SIGNATURES = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+}
 
 
 @dataclass
@@ -75,8 +80,13 @@ def load_dataset(path: str | Path, fmt: str = "auto") -> Dataset:
     if detected:
         fmt = _detect(records)
         if fmt is None:
-            problems.append(Problem("file", "cannot detect the format: expected 'messages' (chat), 'instruction'+'output' "
-                                            "(alpaca), 'prompt'+'completion' or 'text' keys. Pass --format to force one."))  # fmt: skip
+            problems.append(
+                Problem(
+                    "file",
+                    "cannot detect the format: expected 'messages' (chat), 'instruction'+'output' "
+                    "(alpaca), 'prompt'+'completion' or 'text' keys. Pass --format to force one.",
+                )
+            )
             return Dataset(path, "unknown", True, [], problems, hashlib.sha256(raw).hexdigest())
     examples = []
     for where, obj in records:
@@ -95,7 +105,9 @@ def _parse(raw: bytes, path: Path) -> tuple[list[tuple[str, Any]], list[Problem]
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            return [], [Problem(_line_of(raw, e.start), f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8")]
+            return [], [
+                Problem(_line_of(raw, e.start), f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
+            ]
         except json.JSONDecodeError as e:
             return [], [Problem(f"line {e.lineno}", f"invalid JSON: {e.msg} (column {e.colno})")]
         if isinstance(data, list):
@@ -107,13 +119,23 @@ def _parse(raw: bytes, path: Path) -> tuple[list[tuple[str, Any]], list[Problem]
             continue
         where = f"line {number}"
         if len(line) > MAX_EXAMPLE_BYTES:
-            problems.append(Problem(where, f"is {len(line) / 1e6:.1f} MB long; one example must stay under "
-                                           f"{MAX_EXAMPLE_BYTES / 1e6:.0f} MB (is a newline missing?)"))  # fmt: skip
+            problems.append(
+                Problem(
+                    where,
+                    f"is {len(line) / 1e6:.1f} MB long; one example must stay under "
+                    f"{MAX_EXAMPLE_BYTES / 1e6:.0f} MB (is a newline missing?)",
+                )
+            )
             continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(Problem(where, f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"))
+            problems.append(
+                Problem(
+                    where,
+                    f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); save the file as UTF-8",
+                )
+            )
             continue
         try:
             records.append((where, json.loads(text)))
@@ -123,7 +145,8 @@ def _parse(raw: bytes, path: Path) -> tuple[list[tuple[str, Any]], list[Problem]
 
 
 def _line_of(raw: bytes, offset: int) -> str:
-    return "line %d" % (raw.count(b"\n", 0, offset) + 1)
+    number = raw.count(b"\n", 0, offset) + 1
+    return f"line {number}"
 
 
 def _detect(records: list[tuple[str, Any]]) -> str | None:
@@ -175,11 +198,17 @@ def _chat(where: str, obj: Any) -> tuple[Example | None, list[Problem]]:
         problems.append(Problem(where, "no assistant message: nothing to learn from this example"))
     if not problems and not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         problems.append(Problem(where, "every assistant message has weight 0: nothing to learn from this example"))
-    clean = [{"role": m["role"], "content": m["content"], "weight": m.get("weight", 1)} for m in messages] if not problems else []
+    clean = (
+        [{"role": m["role"], "content": m["content"], "weight": m.get("weight", 1)} for m in messages]
+        if not problems
+        else []
+    )
     return Example(where, clean), problems
 
 
-def _pairs(where: str, obj: Any, prompt_keys: tuple[str, ...], answer_key: str, build) -> tuple[Example | None, list[Problem]]:
+def _pairs(
+    where: str, obj: Any, prompt_keys: tuple[str, ...], answer_key: str, build
+) -> tuple[Example | None, list[Problem]]:
     if not isinstance(obj, dict):
         return None, [Problem(where, f"entry is not a JSON object (found {type(obj).__name__})")]
     problems = [Problem(where, f"missing '{k}'") for k in (*prompt_keys, answer_key) if k not in obj]
@@ -194,12 +223,21 @@ def _pairs(where: str, obj: Any, prompt_keys: tuple[str, ...], answer_key: str, 
     if problems:
         return None, problems
     messages = [{"role": "system", "content": obj["system"], "weight": 0}] if obj.get("system") else []
-    messages += [{"role": "user", "content": build(obj), "weight": 0}, {"role": "assistant", "content": obj[answer_key], "weight": 1}]
+    messages += [
+        {"role": "user", "content": build(obj), "weight": 0},
+        {"role": "assistant", "content": obj[answer_key], "weight": 1},
+    ]
     return Example(where, messages), []
 
 
 def _alpaca(where: str, obj: Any):
-    return _pairs(where, obj, ("instruction",), "output", lambda o: o["instruction"] + (f"\n\n{o['input']}" if o.get("input") else ""))
+    return _pairs(
+        where,
+        obj,
+        ("instruction",),
+        "output",
+        lambda o: o["instruction"] + (f"\n\n{o['input']}" if o.get("input") else ""),
+    )
 
 
 def _completion(where: str, obj: Any):
@@ -251,7 +289,9 @@ class ChatRenderer:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if not self.tokenizer.chat_template:
-            raise DataError("the model has no chat template, so chat data cannot be rendered. Use --format text or a chat model.")
+            raise DataError(
+                "the model has no chat template, so chat data cannot be rendered. Use --format text or a chat model."
+            )
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
         return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -270,7 +310,9 @@ class ChatRenderer:
             content = message["content"].strip()
             start = full.find(content, cursor)
             if start < 0:
-                raise DataError(f"{example.where}: the chat template changed an assistant message, so its tokens cannot be located.")
+                raise DataError(
+                    f"{example.where}: the chat template changed an assistant message, so its tokens cannot be located."
+                )
             end = start + len(content)
             eot = full.find(self.end_of_turn, end, end + len(self.end_of_turn) + 16) if self.end_of_turn else -1
             if eot >= 0:
@@ -306,7 +348,7 @@ class DataStats:
     tokens_per_epoch: int
 
     @classmethod
-    def of(cls, tokenized: list[Tokenized]) -> "DataStats":
+    def of(cls, tokenized: list[Tokenized]) -> DataStats:
         lengths = sorted(t.length_before_truncation for t in tokenized) or [0]
         return cls(
             examples=len(tokenized),
@@ -375,7 +417,9 @@ def reference_pairs(tokenizer, eval_file: str | Path | None, n: int) -> list[tup
     for text in BUILTIN_PROMPTS:
         if len(pairs) >= n:
             break
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         pairs.append((list(prompt), None))
     return pairs
 
@@ -416,7 +460,9 @@ class DataReport:
         return out
 
 
-def check_data(path: str | Path, tokenizer, *, fmt: str = "auto", max_seq_len: int = 1024, train_on_prompt: bool = False) -> DataReport:
+def check_data(
+    path: str | Path, tokenizer, *, fmt: str = "auto", max_seq_len: int = 1024, train_on_prompt: bool = False
+) -> DataReport:
     """Everything `edgeft data check` reports: format problems by line, then token statistics."""
     dataset = load_dataset(path, fmt)
     problems = list(dataset.problems)
@@ -425,7 +471,12 @@ def check_data(path: str | Path, tokenizer, *, fmt: str = "auto", max_seq_len: i
             problems.append(Problem("file", "no examples found"))
         return DataReport(dataset, [], None, problems)
     if dataset.format != "text" and not tokenizer.chat_template:
-        problems.append(Problem("model", "the tokenizer has no chat template, so chat data cannot be rendered; use --format text or a chat model"))
+        problems.append(
+            Problem(
+                "model",
+                "the tokenizer has no chat template, so chat data cannot be rendered; use --format text or a chat model",
+            )
+        )
         return DataReport(dataset, [], None, problems)
     eot = None if dataset.format == "text" else end_of_turn_for(tokenizer)
     renderer = ChatRenderer(tokenizer, eot, train_on_prompt=train_on_prompt, max_seq_len=max_seq_len)
@@ -437,5 +488,9 @@ def check_data(path: str | Path, tokenizer, *, fmt: str = "auto", max_seq_len: i
             problems.append(Problem(example.where, str(e).split(": ", 1)[-1]))
     report = DataReport(dataset, tokenized, DataStats.of(tokenized), problems)
     if tokenized and not report.usable:
-        problems.append(Problem("file", f"no example has a trained token within the first {max_seq_len} tokens; raise --max-seq-len"))
+        problems.append(
+            Problem(
+                "file", f"no example has a trained token within the first {max_seq_len} tokens; raise --max-seq-len"
+            )
+        )
     return report

@@ -35,7 +35,9 @@ class Candidate:
     label: str
     backend: str  # pytorch | onnx
     path: Path  # HF folder (pytorch) or export folder (onnx)
-    kind: str = "base"  # base | as-trained (base as training loaded it + adapter) | merged | fine-tuned (an export or folder)
+    kind: str = (
+        "base"  # base | as-trained (base as training loaded it + adapter) | merged | fine-tuned (an export or folder)
+    )
     shots: int = 0
     run: Run | None = None
 
@@ -82,15 +84,27 @@ def candidates(specs: list[str], shots: int) -> list[Candidate]:
             from edgeft.pipeline.merge import open_tuned_run
 
             run = open_tuned_run(path)  # the reference row: what training produced, before any merge
-            out.append(Candidate(f"{run.path.name} as trained (PyTorch)", "pytorch", run.adapter_dir, kind="as-trained", run=run))
+            out.append(
+                Candidate(
+                    f"{run.path.name} as trained (PyTorch)", "pytorch", run.adapter_dir, kind="as-trained", run=run
+                )
+            )
             if (run.merged_dir / "config.json").is_file():
-                out.append(Candidate(f"{run.path.name} merged (PyTorch)", "pytorch", run.merged_dir, kind="merged", run=run))
+                out.append(
+                    Candidate(f"{run.path.name} merged (PyTorch)", "pytorch", run.merged_dir, kind="merged", run=run)
+                )
         else:
             resolved = models.resolve_model(spec)
             name = Path(spec).name if resolved.kind != "builtin" else spec
             fine_tuned = (resolved.path / "edgeft-export.json").exists() or resolved.path.name == "merged"
-            out.append(Candidate(f"{name} zero-shot" if not fine_tuned else name, "pytorch", resolved.path,
-                                 kind="fine-tuned" if fine_tuned else "base"))  # fmt: skip
+            out.append(
+                Candidate(
+                    f"{name} zero-shot" if not fine_tuned else name,
+                    "pytorch",
+                    resolved.path,
+                    kind="fine-tuned" if fine_tuned else "base",
+                )
+            )
             if shots and not fine_tuned:
                 out.append(Candidate(f"{name} {shots}-shot", "pytorch", resolved.path, shots=shots))
     return out
@@ -110,10 +124,14 @@ def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
     rows = []
     for ex in dataset.examples:
         if ex.text is not None:
-            raise DataError(f"{path} is plain text; evaluation needs chat data whose last message is the assistant's answer.")
+            raise DataError(
+                f"{path} is plain text; evaluation needs chat data whose last message is the assistant's answer."
+            )
         if ex.messages[-1]["role"] != "assistant":
             continue
-        rows.append(Sample([{"role": m["role"], "content": m["content"]} for m in ex.messages[:-1]], ex.messages[-1]["content"]))
+        rows.append(
+            Sample([{"role": m["role"], "content": m["content"]} for m in ex.messages[:-1]], ex.messages[-1]["content"])
+        )
     if not rows:
         raise DataError(f"{path} has no example that ends with an assistant answer to compare against.")
     return rows[:limit] if limit else rows
@@ -135,7 +153,9 @@ def with_shots(sample: Sample, shots: list[Sample]) -> list[dict]:
     rest = sample.messages[len(system) :]
     earlier = []
     for shot in shots:
-        earlier += [m for m in shot.messages if m["role"] != "system"] + [{"role": "assistant", "content": shot.reference}]
+        earlier += [m for m in shot.messages if m["role"] != "system"] + [
+            {"role": "assistant", "content": shot.reference}
+        ]
     return system + earlier + rest
 
 
@@ -184,9 +204,8 @@ class TorchBackend:
 
     def __init__(self, candidate: Candidate):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from edgeft.pipeline.data import end_of_turn_for
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
         self.torch = torch
@@ -212,8 +231,14 @@ class TorchBackend:
         batch = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         with torch.no_grad():
-            out = self.model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                                      eos_token_id=self.stops, pad_token_id=pad)  # fmt: skip
+            out = self.model.generate(
+                input_ids=batch,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=self.stops,
+                pad_token_id=pad,
+            )
         results = []
         for row in out[:, width:].tolist():
             stop_at = next((i for i, t in enumerate(row) if t in self.stops), None)
@@ -254,12 +279,22 @@ class OnnxBackend:
 # --- the evaluation -----------------------------------------------------------------------
 
 
-def evaluate(specs: list[str], data: str | Path, *, shots: int = 0, shots_file: str | Path | None = None,
-             limit: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
-             output: str | Path | None = None) -> dict:  # fmt: skip
+def evaluate(
+    specs: list[str],
+    data: str | Path,
+    *,
+    shots: int = 0,
+    shots_file: str | Path | None = None,
+    limit: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    output: str | Path | None = None,
+) -> dict:
     """Evaluate every candidate on `data`; write a JSON report and record it in the runs involved."""
     if not specs:
-        raise ConfigError("name at least one model to evaluate (a built-in name, a run, a merged folder or an ONNX export).")
+        raise ConfigError(
+            "name at least one model to evaluate (a built-in name, a run, a merged folder or an ONNX export)."
+        )
     if shots < 0 or (limit is not None and limit < 1) or batch_size < 1:
         raise ConfigError("--shots must be 0 or more, --limit and --batch-size at least 1.")
     samples = load_samples(data, limit)
@@ -271,20 +306,25 @@ def evaluate(specs: list[str], data: str | Path, *, shots: int = 0, shots_file: 
     for candidate in todo:
         rows.append(evaluate_one(candidate, samples, shot_pool[: candidate.shots], max_tokens, batch_size))
     report = {
-        "data": str(Path(data).resolve()), "samples": len(samples), "max_tokens": max_tokens, "shots": shots,
-        "finished_at": artifacts.now(), "rows": [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in rows],
-    }  # fmt: skip
+        "data": str(Path(data).resolve()),
+        "samples": len(samples),
+        "max_tokens": max_tokens,
+        "shots": shots,
+        "finished_at": artifacts.now(),
+        "rows": [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in rows],
+    }
     run = next((c.run for c in todo if c.run), None)
     target = Path(output) if output else (run.logs_dir / "eval.json" if run else Path("edgeft-eval.json"))
     target.parent.mkdir(parents=True, exist_ok=True)
     artifacts.write_json_atomic(target, report)
     with open(target.with_suffix(".predictions.jsonl"), "w", encoding="utf-8") as f:
         for r in rows:
-            for p in r.predictions:
-                f.write(json.dumps({"model": r.label, **p}, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps({"model": r.label, **p}, ensure_ascii=False) + "\n" for p in r.predictions)
     report["path"] = str(target)
     for r in {id(c.run): c.run for c in todo if c.run}.values():
-        r.record_stage("eval", status="done", report=str(target.resolve()), rows=report["rows"], finished_at=artifacts.now())
+        r.record_stage(
+            "eval", status="done", report=str(target.resolve()), rows=report["rows"], finished_at=artifacts.now()
+        )
     return report
 
 
@@ -307,7 +347,9 @@ def _default_max_tokens(samples: list[Sample]) -> int:
     return min(512, longest // 3 + 16)
 
 
-def evaluate_one(candidate: Candidate, samples: list[Sample], shots: list[Sample], max_tokens: int, batch_size: int) -> Row:
+def evaluate_one(
+    candidate: Candidate, samples: list[Sample], shots: list[Sample], max_tokens: int, batch_size: int
+) -> Row:
     from tqdm.auto import tqdm
 
     log.info(f"Evaluating {candidate.label} on {len(samples)} examples...")
@@ -322,8 +364,15 @@ def evaluate_one(candidate: Candidate, samples: list[Sample], shots: list[Sample
         seconds += time.perf_counter() - start
         for sample, (text, finish, n_tokens) in zip(samples[i : i + step], results):
             generated += n_tokens
-            predictions.append({"prediction": text, "reference": sample.reference, "finish_reason": finish,
-                                "exact_match": exact_match(text, sample.reference), "token_f1": token_f1(text, sample.reference)})  # fmt: skip
+            predictions.append(
+                {
+                    "prediction": text,
+                    "reference": sample.reference,
+                    "finish_reason": finish,
+                    "exact_match": exact_match(text, sample.reference),
+                    "token_f1": token_f1(text, sample.reference),
+                }
+            )
         bar.update(len(results))
     bar.close()
     nll, count = 0.0, 0
@@ -333,15 +382,22 @@ def evaluate_one(candidate: Candidate, samples: list[Sample], shots: list[Sample
     json_refs = [p for p in predictions if is_json(p["reference"])]
     n = len(predictions)
     row = Row(
-        label=candidate.label, backend=candidate.backend, kind=candidate.kind, shots=candidate.shots,
+        label=candidate.label,
+        backend=candidate.backend,
+        kind=candidate.kind,
+        shots=candidate.shots,
         exact_match=round(100 * sum(p["exact_match"] for p in predictions) / n, 1),
         token_f1=round(100 * sum(p["token_f1"] for p in predictions) / n, 1),
-        json_valid=round(100 * sum(is_json(p["prediction"]) for p in json_refs) / len(json_refs), 1) if json_refs else None,
+        json_valid=round(100 * sum(is_json(p["prediction"]) for p in json_refs) / len(json_refs), 1)
+        if json_refs
+        else None,
         perplexity=round(math.exp(nll / count), 3) if count else None,
         stop_rate=round(100 * sum(p["finish_reason"] == "stop" for p in predictions) / n, 1),
-        latency_s=round(seconds / n, 3), tokens_per_second=round(generated / seconds, 1) if seconds else 0.0,
-        samples=n, predictions=predictions,
-    )  # fmt: skip
+        latency_s=round(seconds / n, 3),
+        tokens_per_second=round(generated / seconds, 1) if seconds else 0.0,
+        samples=n,
+        predictions=predictions,
+    )
     log.info(f"  {row.label}: exact match {row.exact_match}%, {row.stop_rate}% stopped, {seconds:.0f} s")
     return row
 
@@ -355,6 +411,8 @@ def table(report: dict) -> list[str]:
     for r in report["rows"]:
         json_valid = "-" if r["json_valid"] is None else f"{r['json_valid']:.1f}"
         ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
-        lines.append(f"| {r['label']} | {r['exact_match']:.1f} | {r['token_f1']:.1f} | {json_valid} | {ppl} | "
-                     f"{r['stop_rate']:.1f} | {r['latency_s']:.2f} | {r['tokens_per_second']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['label']} | {r['exact_match']:.1f} | {r['token_f1']:.1f} | {json_valid} | {ppl} | "
+            f"{r['stop_rate']:.1f} | {r['latency_s']:.2f} | {r['tokens_per_second']:.1f} |"
+        )
     return lines

@@ -37,7 +37,7 @@ class Trained:
     precision: str  # the training's compute precision: fp32 | bf16 | fp16
 
     @classmethod
-    def of(cls, run: Run) -> "Trained":
+    def of(cls, run: Run) -> Trained:
         record = run.stage("tune") or {}
         base = Path(run.manifest()["base_model"]["path"])
         if not base.exists():  # e.g. the cache was cleared: fetch the built-in again
@@ -57,7 +57,9 @@ def open_tuned_run(path: str | Path) -> Run:
     return run
 
 
-def merge(path: str | Path, *, force: bool = False, base_weights: str = "as-trained", allow_drift: bool = False) -> Path:
+def merge(
+    path: str | Path, *, force: bool = False, base_weights: str = "as-trained", allow_drift: bool = False
+) -> Path:
     """Merge the run's adapter into its base model as trained; returns the merged folder.
 
     Raises DriftError (after writing the folder and recording why) when the merged model does not
@@ -78,15 +80,27 @@ def merge(path: str | Path, *, force: bool = False, base_weights: str = "as-trai
     log.info(f"Merged {run.adapter_dir} into {trained.base.name} ({base_weights} base weights) -> {target}")
     check = check_merged(run, trained, merged, tokenizer, allow_drift=allow_drift)
     seconds = time.perf_counter() - start
-    run.record_stage("merge", status="done" if check["gate"]["passed"] or allow_drift else "drift", path=target.name,
-                     base_weights=base_weights, size_bytes=artifacts.dir_size(target), seconds=round(seconds, 1),
-                     fidelity=check, finished_at=artifacts.now())  # fmt: skip
+    run.record_stage(
+        "merge",
+        status="done" if check["gate"]["passed"] or allow_drift else "drift",
+        path=target.name,
+        base_weights=base_weights,
+        size_bytes=artifacts.dir_size(target),
+        seconds=round(seconds, 1),
+        fidelity=check,
+        finished_at=artifacts.now(),
+    )
     if not check["gate"]["passed"] and not allow_drift:
         for line in fidelity.table(check):
             log.info(line)
-        advice = "Merge with the default --base-weights as-trained." if base_weights != "as-trained" else (
-            "This is unexpected for an as-trained merge: please report it with the run's edgeft.json.")
-        raise fidelity.DriftError(fidelity.drift_message("The merged model", str(target), check["gate"]["problems"], advice))
+        advice = (
+            "Merge with the default --base-weights as-trained."
+            if base_weights != "as-trained"
+            else ("This is unexpected for an as-trained merge: please report it with the run's edgeft.json.")
+        )
+        raise fidelity.DriftError(
+            fidelity.drift_message("The merged model", str(target), check["gate"]["problems"], advice)
+        )
     return target
 
 
@@ -117,9 +131,8 @@ def load_base(trained: Trained, *, keep_4bit: bool = False):
     storage dtype training used (bf16 on CPUs and GPUs that have it).
     """
     import torch
-    from transformers import AutoModelForCausalLM
-
     from edgeft.pipeline.tune import base_load_kwargs, check_qlora
+    from transformers import AutoModelForCausalLM
 
     if trained.method == "qlora":
         try:
@@ -195,7 +208,7 @@ def check_adapter_fits(model, adapter: Path) -> None:
         raise ExportError(f"{weights} is missing; the adapter folder is incomplete. Re-run edgeft tune.")
     try:
         with safe_open(weights, "pt") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except Exception as e:
         raise ExportError(f"{weights} is corrupted ({_reason(e)}). Re-run edgeft tune.") from None
     modules = dict(model.named_modules())
@@ -204,7 +217,9 @@ def check_adapter_fits(model, adapter: Path) -> None:
         name = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
         target = modules.get(name)
         if target is None or not hasattr(target, "in_features"):
-            raise ExportError(f"the adapter in {adapter} was trained on a different base model: it has no layer {name}.")
+            raise ExportError(
+                f"the adapter in {adapter} was trained on a different base model: it has no layer {name}."
+            )
         expected = target.in_features if ".lora_A." in key else target.out_features
         got = shape[1] if ".lora_A." in key else shape[0]
         if ".lora_magnitude" not in key and got != expected:
@@ -236,7 +251,9 @@ def _load(fn, path: Path):
     try:
         return fn()
     except Exception as e:
-        raise ExportError(f"could not load the model in {path}: {_reason(e)}. If a file is corrupted, fetch or train it again.") from None
+        raise ExportError(
+            f"could not load the model in {path}: {_reason(e)}. If a file is corrupted, fetch or train it again."
+        ) from None
 
 
 def _reason(e: Exception) -> str:

@@ -23,15 +23,16 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+
+from edgeft.pipeline.config import TuneConfig
+from edgeft.pipeline.data import IGNORE, DataReport, Tokenized, check_data, load_dataset, split_validation
 
 from edgeft import artifacts, models
 from edgeft.artifacts import Run
 from edgeft.errors import DataError, DeviceError, EdgeftError, ModelError
-from edgeft.pipeline.config import TuneConfig
-from edgeft.pipeline.data import IGNORE, DataReport, Tokenized, check_data, load_dataset, split_validation
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,16 @@ def prepare_data(cfg: TuneConfig) -> Prepared:
     resolved = models.resolve_model(cfg.model)
     check_causal_lm(resolved.path)
     tokenizer = load_tokenizer(resolved.path)
-    report = check_data(cfg.data, tokenizer, fmt=cfg.format, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt)
+    report = check_data(
+        cfg.data, tokenizer, fmt=cfg.format, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt
+    )
     if not report.ok:
         raise DataError(_refusal(report, cfg))
     train, eval_report = report.usable, None
     if cfg.eval_file:
-        eval_report = check_data(cfg.eval_file, tokenizer, fmt=cfg.format, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt)
+        eval_report = check_data(
+            cfg.eval_file, tokenizer, fmt=cfg.format, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt
+        )
         if not eval_report.ok:
             raise DataError(_refusal(eval_report, cfg))
         evaluation = eval_report.usable
@@ -81,8 +86,10 @@ def prepare_data(cfg: TuneConfig) -> Prepared:
 
 
 def _refusal(report: DataReport, cfg: TuneConfig) -> str:
-    return "the data has problems, so training did not start.\n" + "\n".join(report.lines(cfg.max_seq_len)) + (
-        f"\nFix them and check again with: edgeft data check {report.dataset.path}"
+    return (
+        "the data has problems, so training did not start.\n"
+        + "\n".join(report.lines(cfg.max_seq_len))
+        + (f"\nFix them and check again with: edgeft data check {report.dataset.path}")
     )
 
 
@@ -180,9 +187,12 @@ def collate(examples: list[Tokenized], device) -> dict:
 def forward(model, batch: dict):
     """Logits at the trained positions of a packed row."""
     return model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], segments=batch["segments"],
-        logits_to_keep=batch["keep"], use_cache=False,
-    ).logits[0]  # fmt: skip
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        segments=batch["segments"],
+        logits_to_keep=batch["keep"],
+        use_cache=False,
+    ).logits[0]
 
 
 PACKED_ATTENTION = "edgeft_packed"
@@ -203,7 +213,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     outputs, start = [], 0
     for n in segments:
         q, k, v = (t[:, :, start : start + n] for t in (query, key, value))
-        outputs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True))
+        outputs.append(
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True)
+        )
         start += n
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
@@ -223,8 +235,14 @@ def pick_device(cfg: TuneConfig) -> str:
     import torch
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was asked for, but torch sees no CUDA GPU here. Use --device cpu (see `edgeft doctor`).")
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+        raise DeviceError(
+            "--device cuda was asked for, but torch sees no CUDA GPU here. Use --device cpu (see `edgeft doctor`)."
+        )
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     if device == "cpu":
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     return device
@@ -270,7 +288,9 @@ def check_qlora(device: str) -> None:
         layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to(device)
         layer(torch.randn(1, 64, device=device))
     except Exception as e:
-        raise DeviceError(f"--method qlora needs bitsandbytes 4-bit, which does not work on {device} here ({e}). Use --method lora.") from None
+        raise DeviceError(
+            f"--method qlora needs bitsandbytes 4-bit, which does not work on {device} here ({e}). Use --method lora."
+        ) from None
 
 
 def load_model(path: Path, cfg: TuneConfig, device: str, precision: str):
@@ -295,11 +315,17 @@ def load_model(path: Path, cfg: TuneConfig, device: str, precision: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else [m.strip() for m in cfg.target_modules.split(",")]
+    targets = (
+        cfg.target_modules if cfg.target_modules == "all-linear" else [m.strip() for m in cfg.target_modules.split(",")]
+    )
     lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        use_dora=cfg.method == "dora", task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_dora=cfg.method == "dora",
+        task_type="CAUSAL_LM",
+    )
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
@@ -315,13 +341,15 @@ def base_load_kwargs(method: str, precision: str, device: str) -> dict:
     """
     from transformers import BitsAndBytesConfig
 
-    dtype = torch_dtype("fp32" if precision == "fp16" else precision)  # fp16 weights would underflow; autocast handles fp16
+    dtype = torch_dtype(
+        "fp32" if precision == "fp16" else precision
+    )  # fp16 weights would underflow; autocast handles fp16
     kwargs = {"dtype": dtype}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
-        kwargs["device_map"] = {"": device if device == "cpu" else int(os.environ.get("LOCAL_RANK", 0))}
+        kwargs["device_map"] = {"": device if device == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))}
     return kwargs
 
 
@@ -361,7 +389,9 @@ def save_checkpoint(run: Run, accelerator, model, optimizer, scheduler, state: d
         rng["cuda"] = torch.cuda.get_rng_state_all()
     with artifacts.staged_dir(target, force=True, what="checkpoint") as tmp:
         accelerator.unwrap_model(model).save_pretrained(tmp / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "trainer.pt")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "trainer.pt"
+        )
         artifacts.write_json_atomic(tmp / "state.json", state)
     artifacts.write_json_atomic(run.checkpoints_dir / "latest.json", {"checkpoint": target.name, "step": state["step"]})
     for old in sorted(run.checkpoints_dir.glob("step-*"))[:-2]:  # keep the last two
@@ -443,7 +473,15 @@ def tune(cfg: TuneConfig, *, force: bool = False, on_step: Callable[[dict], None
     device = pick_device(cfg)
     if cfg.method == "qlora":
         check_qlora(device)
-    run = Run.create(output, force=force, base_model={"spec": prepared.model.spec, "path": str(prepared.model.path.resolve()), "kind": prepared.model.kind})
+    run = Run.create(
+        output,
+        force=force,
+        base_model={
+            "spec": prepared.model.spec,
+            "path": str(prepared.model.path.resolve()),
+            "kind": prepared.model.kind,
+        },
+    )
     # Absolute paths, so the run can be resumed (and merged) from any working directory.
     cfg.output = str(output.resolve())
     cfg.data = str(Path(cfg.data).resolve())
@@ -466,7 +504,9 @@ def resume(run_dir: str | Path, *, on_step: Callable[[dict], None] | None = None
         raise artifacts.RunError(f"run {run.path} has no checkpoint to resume from. Start it over with --force.")
     prepared = prepare_data(cfg)
     if prepared.report.dataset.sha256 != record["data"]["sha256"]:
-        raise DataError(f"{cfg.data} changed since run {run.path} started, so the data order cannot be replayed. Start over with --force.")
+        raise DataError(
+            f"{cfg.data} changed since run {run.path} started, so the data order cannot be replayed. Start over with --force."
+        )
     device = pick_device(cfg)
     if cfg.method == "qlora":
         check_qlora(device)
@@ -477,10 +517,16 @@ def resume(run_dir: str | Path, *, on_step: Callable[[dict], None] | None = None
 def _data_record(p: Prepared) -> dict:
     s = p.report.stats
     record = {
-        "path": str(p.report.dataset.path), "sha256": p.report.dataset.sha256, "format": p.report.dataset.format,
-        "examples": s.examples, "train_examples": len(p.train), "eval_examples": len(p.eval),
-        "tokens_per_epoch": sum(len(t.input_ids) for t in p.train), "trained_tokens": s.trained_tokens, "truncated": s.truncated,
-    }  # fmt: skip
+        "path": str(p.report.dataset.path),
+        "sha256": p.report.dataset.sha256,
+        "format": p.report.dataset.format,
+        "examples": s.examples,
+        "train_examples": len(p.train),
+        "eval_examples": len(p.eval),
+        "tokens_per_epoch": sum(len(t.input_ids) for t in p.train),
+        "trained_tokens": s.trained_tokens,
+        "truncated": s.truncated,
+    }
     if p.eval_report:
         record["eval_file"] = {"path": str(p.eval_report.dataset.path), "sha256": p.eval_report.dataset.sha256}
     return record
@@ -509,11 +555,25 @@ def _train(run: Run, cfg: TuneConfig, prepared: Prepared, device: str, *, resume
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     plan = Plan([len(t.input_ids) for t in prepared.train], cfg, accelerator.process_index, accelerator.num_processes)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=round(plan.total * cfg.warmup_ratio), num_training_steps=plan.total)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=round(plan.total * cfg.warmup_ratio),
+        num_training_steps=plan.total,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     torch_device = accelerator.device
 
-    state = {"step": 0, "epoch": 0, "next": 0, "tokens": 0, "seconds": 0.0, "best_eval_loss": None, "best_step": None, "last_eval_step": None}
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "next": 0,
+        "tokens": 0,
+        "seconds": 0.0,
+        "best_eval_loss": None,
+        "best_step": None,
+        "last_eval_step": None,
+    }
     metrics_path = run.logs_dir / "metrics.jsonl"
     run.logs_dir.mkdir(parents=True, exist_ok=True)
     if resume_from:
@@ -528,7 +588,13 @@ def _train(run: Run, cfg: TuneConfig, prepared: Prepared, device: str, *, resume
             return None
         state["last_eval_step"] = state["step"]
         loss = eval_loss(model, accelerator, prepared.eval, cfg.batch_tokens, torch_device)
-        entry = {"type": "eval", "step": state["step"], "epoch": state["epoch"], "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+        entry = {
+            "type": "eval",
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "eval_loss": loss,
+            "eval_ppl": math.exp(min(loss, 50)),
+        }
         _append(metrics_path, entry)
         if state["best_eval_loss"] is None or loss < state["best_eval_loss"]:
             state["best_eval_loss"], state["best_step"] = loss, state["step"]
@@ -548,13 +614,27 @@ def _train(run: Run, cfg: TuneConfig, prepared: Prepared, device: str, *, resume
                 if state["step"] >= plan.total:
                     break
                 t0 = time.perf_counter()
-                loss, tokens = train_step(model, optimizer, scheduler, accelerator, steps[index], prepared.train, cfg, torch_device)
+                loss, tokens = train_step(
+                    model, optimizer, scheduler, accelerator, steps[index], prepared.train, cfg, torch_device
+                )
                 elapsed = time.perf_counter() - t0
-                state.update(step=state["step"] + 1, next=index + 1, tokens=state["tokens"] + tokens, seconds=state["seconds"] + elapsed)
+                state.update(
+                    step=state["step"] + 1,
+                    next=index + 1,
+                    tokens=state["tokens"] + tokens,
+                    seconds=state["seconds"] + elapsed,
+                )
                 window = (window + [(tokens, elapsed)])[-20:]
                 tok_s = sum(t for t, _ in window) / sum(s for _, s in window)
-                entry = {"type": "train", "step": state["step"], "epoch": epoch + (index + 1) / len(steps), "loss": loss,
-                         "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_second": tok_s}  # fmt: skip
+                entry = {
+                    "type": "train",
+                    "step": state["step"],
+                    "epoch": epoch + (index + 1) / len(steps),
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": tokens,
+                    "tokens_per_second": tok_s,
+                }
                 _append(metrics_path, entry)
                 bar.update(epoch, entry)
                 if on_step:
@@ -665,13 +745,27 @@ def _metrics(state: dict, metrics_path: Path) -> dict:
     }
 
 
-def _finish(run: Run, cfg: TuneConfig, prepared: Prepared, state: dict, metrics_path: Path, device: str, plan: Plan) -> Path:
+def _finish(
+    run: Run, cfg: TuneConfig, prepared: Prepared, state: dict, metrics_path: Path, device: str, plan: Plan
+) -> Path:
     from edgeft.plots import loss_curve
 
     metrics = _metrics(state, metrics_path)
     metrics["peak_memory_mb"] = peak_memory_mb(device)
-    loss_curve(read_metrics(metrics_path), run.logs_dir / "loss.png", title=f"{prepared.model.spec} {cfg.method} on {Path(cfg.data).name}")
-    run.record_stage("tune", status="done", device=device, precision=resolve_precision(cfg.precision, device), adapter=run.adapter_dir.name, metrics=metrics, finished_at=artifacts.now())
+    loss_curve(
+        read_metrics(metrics_path),
+        run.logs_dir / "loss.png",
+        title=f"{prepared.model.spec} {cfg.method} on {Path(cfg.data).name}",
+    )
+    run.record_stage(
+        "tune",
+        status="done",
+        device=device,
+        precision=resolve_precision(cfg.precision, device),
+        adapter=run.adapter_dir.name,
+        metrics=metrics,
+        finished_at=artifacts.now(),
+    )
     if metrics["tokens_per_second"]:
         record_throughput(prepared.model.spec, cfg.method, device, metrics["tokens_per_second"])
     shutil.rmtree(run.checkpoints_dir, ignore_errors=True)  # the run is complete: the adapter is the result
@@ -692,13 +786,17 @@ def summary(run_dir: Path) -> list[str]:
     rec = run.stage("tune")
     m = rec["metrics"]
     lines = [
-        f"Fine-tuned {run.manifest()['base_model']['spec']} with {rec['config']['method']} on {rec['device']} ({rec['precision']}) "
-        f"in {m['train_seconds'] / 60:.1f} min: {m['steps']} steps, {m['train_tokens']:,} tokens "
-        f"({m['tokens_per_second']} tokens/s).",
+        (
+            f"Fine-tuned {run.manifest()['base_model']['spec']} with {rec['config']['method']} on {rec['device']} "
+            f"({rec['precision']}) in {m['train_seconds'] / 60:.1f} min: {m['steps']} steps, {m['train_tokens']:,} tokens "
+            f"({m['tokens_per_second']} tokens/s)."
+        ),
         f"  train loss  {m['train_loss']}",
     ]
     if m.get("eval_loss") is not None:
-        lines.append(f"  eval loss   {m['eval_loss']} (perplexity {m['eval_ppl']}); best {m['best_eval_loss']} at step {m['best_step']}, kept")
+        lines.append(
+            f"  eval loss   {m['eval_loss']} (perplexity {m['eval_ppl']}); best {m['best_eval_loss']} at step {m['best_step']}, kept"
+        )
     lines += [
         f"  adapter     {run.adapter_dir}",
         f"  loss curve  {run.logs_dir / 'loss.png'}",
@@ -768,14 +866,18 @@ class Progress:
         self.smoothed = entry["loss"] if self.smoothed is None else 0.9 * self.smoothed + 0.1 * entry["loss"]
         if self.tty:
             self.bar.set_description(f"epoch {epoch + 1}")
-            self.bar.set_postfix(loss=f"{self.smoothed:.3f}", tok_s=f"{entry['tokens_per_second']:.0f}", lr=f"{entry['lr']:.1e}")
+            self.bar.set_postfix(
+                loss=f"{self.smoothed:.3f}", tok_s=f"{entry['tokens_per_second']:.0f}", lr=f"{entry['lr']:.1e}"
+            )
             self.bar.update(1)
             return
         step, now = entry["step"], time.monotonic()
         if step == self.total or now - self.last_log > 30 or step % max(1, self.total // 10) == 0:
             elapsed = now - self.start
-            log.info(f"step {step}/{self.total}  epoch {entry['epoch']:.2f}  loss {self.smoothed:.3f}  "
-                     f"{entry['tokens_per_second']:.0f} tokens/s  elapsed {elapsed / 60:.1f} min")  # fmt: skip
+            log.info(
+                f"step {step}/{self.total}  epoch {entry['epoch']:.2f}  loss {self.smoothed:.3f}  "
+                f"{entry['tokens_per_second']:.0f} tokens/s  elapsed {elapsed / 60:.1f} min"
+            )
             self.last_log = now
 
     def close(self) -> None:

@@ -11,16 +11,26 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator, TextIO
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from edgeft.runtime.engine import ChatModel, ChatResult, ChatStream
 
 from edgeft.errors import GenerationError
-from edgeft.runtime.engine import ChatModel, ChatResult, ChatStream
 
 COMMANDS = {"/reset": "forget the conversation (keeps --system)", "/exit": "leave (or Ctrl-D)", "/help": "this list"}
 
 
-def answer_once(model: ChatModel, prompt: str, *, system: str | None = None, options: dict[str, Any] | None = None,
-                stats: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> ChatResult:  # fmt: skip
+def answer_once(
+    model: ChatModel,
+    prompt: str,
+    *,
+    system: str | None = None,
+    options: dict[str, Any] | None = None,
+    stats: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> ChatResult:
     """Answer one message, streaming it to `out`; for `--prompt` and piped input."""
     out, err = out or sys.stdout, err or sys.stderr
     if not prompt.strip():
@@ -32,9 +42,16 @@ def answer_once(model: ChatModel, prompt: str, *, system: str | None = None, opt
     return result
 
 
-def chat_loop(model: ChatModel, *, system: str | None = None, options: dict[str, Any] | None = None,
-              stats: bool = False, input_fn: Callable[[str], str] = input, out: TextIO | None = None,
-              err: TextIO | None = None) -> list[dict[str, str]]:  # fmt: skip
+def chat_loop(
+    model: ChatModel,
+    *,
+    system: str | None = None,
+    options: dict[str, Any] | None = None,
+    stats: bool = False,
+    input_fn: Callable[[str], str] = input,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> list[dict[str, str]]:
     """Chat until /exit or Ctrl-D; returns the conversation."""
     out, err = out or sys.stdout, err or sys.stderr
     options = options or {}
@@ -42,8 +59,10 @@ def chat_loop(model: ChatModel, *, system: str | None = None, options: dict[str,
     if input_fn is input and sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (arrow keys and line editing for input())
-    err.write(f"Chatting with {model.name} ({model.context_length} tokens of context). "
-              "Ctrl-C stops an answer, /reset starts over, /exit or Ctrl-D leaves.\n")  # fmt: skip
+    err.write(
+        f"Chatting with {model.name} ({model.context_length} tokens of context). "
+        "Ctrl-C stops an answer, /reset starts over, /exit or Ctrl-D leaves.\n"
+    )
     while True:
         try:
             line = input_fn(">>> ").strip()
@@ -97,9 +116,11 @@ def format_stats(result: ChatResult) -> str:
     """'[42 tokens, 118.3 tokens/s, first token 0.05 s, stop]'"""
     speed = result.tokens_per_second
     ttft = result.time_to_first_token
-    return (f"[{result.usage['completion_tokens']} tokens, "
-            f"{f'{speed:.1f}' if speed else '-'} tokens/s, "
-            f"first token {f'{ttft:.2f}' if ttft is not None else '-'} s, {result.finish_reason}]")  # fmt: skip
+    return (
+        f"[{result.usage['completion_tokens']} tokens, "
+        f"{f'{speed:.1f}' if speed else '-'} tokens/s, "
+        f"first token {f'{ttft:.2f}' if ttft is not None else '-'} s, {result.finish_reason}]"
+    )
 
 
 def _start(system: str | None) -> list[dict[str, str]]:

@@ -15,13 +15,15 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+
+from edgeft.runtime.template import ChatTemplate
 
 from edgeft.errors import GenerationError, ModelError
 from edgeft.fidelity import negative_log_likelihood
-from edgeft.runtime.template import ChatTemplate
 
 log = logging.getLogger("edgeft")
 
@@ -67,7 +69,7 @@ class GenerationOptions:
         self.stop = _check_stop(self.stop)
 
     @classmethod
-    def from_kwargs(cls, options: dict[str, Any]) -> "GenerationOptions":
+    def from_kwargs(cls, options: dict[str, Any]) -> GenerationOptions:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(known))
         if unknown:
@@ -204,7 +206,7 @@ class ChatStream:
     ends after the current token with finish_reason "cancelled".
     """
 
-    def __init__(self, model: "ChatModel", prompt_ids: list[int], options: GenerationOptions, max_tokens: int):
+    def __init__(self, model: ChatModel, prompt_ids: list[int], options: GenerationOptions, max_tokens: int):
         self.model = model
         self.prompt_tokens = len(prompt_ids)
         self.result: ChatResult | None = None
@@ -222,7 +224,7 @@ class ChatStream:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def __iter__(self) -> "ChatStream":
+    def __iter__(self) -> ChatStream:
         return self
 
     def __next__(self) -> str:
@@ -281,11 +283,14 @@ class ChatStream:
             self.result = ChatResult(
                 text="".join(parts),
                 finish_reason=reason,
-                usage={"prompt_tokens": self.prompt_tokens, "completion_tokens": generated,
-                       "total_tokens": self.prompt_tokens + generated},
+                usage={
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": generated,
+                    "total_tokens": self.prompt_tokens + generated,
+                },
                 time_to_first_token=None if first_token_at is None else first_token_at - started,
                 elapsed=time.perf_counter() - started,
-            )  # fmt: skip
+            )
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -294,8 +299,9 @@ class ChatStream:
 class ChatModel:
     """An exported chat model, ready to answer. Make one with `ChatModel.load(path)`."""
 
-    def __init__(self, path: Path, og_model: Any, tokenizer: Any, genai_config: dict, template: ChatTemplate,
-                 name: str):  # fmt: skip
+    def __init__(
+        self, path: Path, og_model: Any, tokenizer: Any, genai_config: dict, template: ChatTemplate, name: str
+    ):
         self.path = path
         self.name = name
         self.genai_config = genai_config
@@ -313,7 +319,7 @@ class ChatModel:
         self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else eos)
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None) -> "ChatModel":
+    def load(cls, path: str | Path, threads: int | None = None) -> ChatModel:
         """Load an export folder (runs/NAME/onnx-int4) or a run directory (runs/NAME)."""
         import onnxruntime_genai as og
 

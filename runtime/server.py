@@ -24,12 +24,14 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any
+
+from edgeft.runtime.engine import ChatModel, ChatResult, ContextLengthError
 
 from edgeft.errors import ConfigError, EdgeftError, GenerationError
-from edgeft.runtime.engine import ChatModel, ChatResult, ContextLengthError
 
 try:
     from fastapi import APIRouter, Depends, FastAPI, Request
@@ -47,17 +49,41 @@ DEFAULT_MAX_BODY = 1_000_000  # bytes; a long conversation is a few hundred KB a
 RETRY_AFTER_S = 2
 
 # OpenAI fields we accept and ignore when they ask for nothing we would do differently.
-IGNORED_FIELDS = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "tool_choice", "logprobs",
-                  "top_logprobs", "logit_bias", "response_format", "frequency_penalty", "presence_penalty",
-                  "tools", "functions", "function_call", "reasoning_effort", "modalities"}  # fmt: skip
+IGNORED_FIELDS = {
+    "user",
+    "store",
+    "metadata",
+    "service_tier",
+    "parallel_tool_calls",
+    "tool_choice",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "response_format",
+    "frequency_penalty",
+    "presence_penalty",
+    "tools",
+    "functions",
+    "function_call",
+    "reasoning_effort",
+    "modalities",
+}
 OPTION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed")
 
 
 class ApiError(Exception):
     """An HTTP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -75,7 +101,7 @@ class ApiError(Exception):
 class Ticket:
     """One admitted request; released exactly once, whichever way the request ends."""
 
-    def __init__(self, scheduler: "Scheduler"):
+    def __init__(self, scheduler: Scheduler):
         self._scheduler, self._released = scheduler, False
 
     def release(self) -> None:
@@ -159,14 +185,20 @@ async def read_json(request: Request, max_body: int) -> dict:
     """The request body as a JSON object, refusing bodies over `max_body` bytes before reading them."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_body:
-        raise ApiError(413, f"the request body is {declared} bytes; this server accepts at most {max_body}.",
-                       code="request_too_large")  # fmt: skip
+        raise ApiError(
+            413,
+            f"the request body is {declared} bytes; this server accepts at most {max_body}.",
+            code="request_too_large",
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_body:
-            raise ApiError(413, f"the request body is over {max_body} bytes, the most this server accepts.",
-                           code="request_too_large")  # fmt: skip
+            raise ApiError(
+                413,
+                f"the request body is over {max_body} bytes, the most this server accepts.",
+                code="request_too_large",
+            )
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -178,8 +210,17 @@ async def read_json(request: Request, max_body: int) -> dict:
 
 def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bool]:
     """OpenAI chat request -> (messages, generation options, stream, include_usage)."""
-    known = {"model", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options", "n",
-             *OPTION_FIELDS, *IGNORED_FIELDS}  # fmt: skip
+    known = {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "stream",
+        "stream_options",
+        "n",
+        *OPTION_FIELDS,
+        *IGNORED_FIELDS,
+    }
     unknown = sorted(set(body) - known)
     if unknown:
         raise ApiError(400, f"unrecognized request argument: {unknown[0]}.", param=unknown[0])
@@ -189,8 +230,9 @@ def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bo
         raise ApiError(400, "n must be 1: this server generates one answer per request.", param="n")
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
-            raise ApiError(400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats).",
-                           param=name)  # fmt: skip
+            raise ApiError(
+                400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats).", param=name
+            )
     if body.get("tools") or body.get("functions"):
         raise ApiError(400, "tools and function calling are not supported by this server.", param="tools")
     stream = body.get("stream", False)
@@ -217,10 +259,12 @@ def _messages(messages: Any) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
         if isinstance(content, list):  # content parts: only text is supported
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):  # fmt: skip
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported.",
-                               param=f"messages[{i}].content")  # fmt: skip
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise ApiError(
+                    400, f"messages[{i}].content: only text parts are supported.", param=f"messages[{i}].content"
+                )
             content = "\n".join(p["text"] for p in content)
         out.append({"role": role, "content": content})
     return out
@@ -229,12 +273,19 @@ def _messages(messages: Any) -> list[dict]:
 # --- the app ------------------------------------------------------------------------------
 
 
-def create_app(model: ChatModel, api_key: str | None = None, max_queue: int = 8, max_body: int = DEFAULT_MAX_BODY,
-               parallel: int = 1) -> FastAPI:  # fmt: skip
+def create_app(
+    model: ChatModel,
+    api_key: str | None = None,
+    max_queue: int = 8,
+    max_body: int = DEFAULT_MAX_BODY,
+    parallel: int = 1,
+) -> FastAPI:
     """The ASGI app serving `model`; `api_key` (if set) is required as `Authorization: Bearer KEY` on /v1."""
     if parallel < 1 or max_queue < 0 or max_body < 1:
-        raise ConfigError(f"parallel must be at least 1, max_queue at least 0 and max_body at least 1; "
-                          f"got {parallel}, {max_queue}, {max_body}.")  # fmt: skip
+        raise ConfigError(
+            f"parallel must be at least 1, max_queue at least 0 and max_body at least 1; "
+            f"got {parallel}, {max_queue}, {max_body}."
+        )
     scheduler = Scheduler(parallel, max_queue)
     created = int(time.time())
 
@@ -277,8 +328,12 @@ def create_app(model: ChatModel, api_key: str | None = None, max_queue: int = 8,
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model.name, "running": scheduler.running,
-                "waiting": scheduler.admitted - scheduler.running}  # fmt: skip
+        return {
+            "status": "ok",
+            "model": model.name,
+            "running": scheduler.running,
+            "waiting": scheduler.admitted - scheduler.running,
+        }
 
     @v1.get("/models")
     async def list_models() -> dict:
@@ -287,8 +342,13 @@ def create_app(model: ChatModel, api_key: str | None = None, max_queue: int = 8,
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> dict:
         if model_id != model.name:
-            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {model.name!r}.",
-                           type="not_found_error", param="model", code="model_not_found")  # fmt: skip
+            raise ApiError(
+                404,
+                f"model {model_id!r} is not served here; this server serves {model.name!r}.",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return _model_card(model, created)
 
     @v1.post("/chat/completions")
@@ -304,10 +364,15 @@ def create_app(model: ChatModel, api_key: str | None = None, max_queue: int = 8,
             raise ApiError(400, str(e)) from None
         ticket = scheduler.admit()
         if ticket is None:
-            raise ApiError(503, f"the server is busy: {scheduler.running} answers running and "
-                           f"{scheduler.admitted - scheduler.running} waiting (the most is {parallel} + {max_queue}). "
-                           f"Retry in a few seconds.", type="server_error", code="server_busy",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+            raise ApiError(
+                503,
+                f"the server is busy: {scheduler.running} answers running and "
+                f"{scheduler.admitted - scheduler.running} waiting (the most is {parallel} + {max_queue}). "
+                f"Retry in a few seconds.",
+                type="server_error",
+                code="server_busy",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         completion_id, started = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream_it:
             events = _sse(scheduler.run(stream, ticket), completion_id, started, model.name, include_usage)
@@ -325,16 +390,25 @@ def create_app(model: ChatModel, api_key: str | None = None, max_queue: int = 8,
 
 def _check_key(header: str | None, api_key: str) -> None:
     if not header:
-        raise ApiError(401, "no API key: send the header 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key",
-                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise ApiError(
+            401,
+            "no API key: send the header 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
         raise ApiError(401, "incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def _model_card(model: ChatModel, created: int) -> dict:
-    return {"id": model.name, "object": "model", "created": created, "owned_by": "edgeft",
-            "context_length": model.context_length}  # fmt: skip
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "edgeft",
+        "context_length": model.context_length,
+    }
 
 
 class _TicketedStreamingResponse(StreamingResponse):
@@ -372,23 +446,39 @@ async def _collect(events: AsyncIterator[tuple[str, Any]], request: Request, str
 
 def _completion(result: ChatResult, completion_id: str, created: int, name: str) -> dict:
     return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason, "logprobs": None}],
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
+        ],
         "usage": result.usage,
-    }  # fmt: skip
+    }
 
 
-async def _sse(events: AsyncIterator[tuple[str, Any]], completion_id: str, created: int, name: str,
-               include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+async def _sse(
+    events: AsyncIterator[tuple[str, Any]], completion_id: str, created: int, name: str, include_usage: bool
+) -> AsyncIterator[str]:
     """ChatStream events as OpenAI chat.completion.chunk server-sent events, ending with [DONE]."""
 
     def chunk(delta: dict | None, finish_reason: str | None = None, **extra: Any) -> str:
         choices = []
         if delta is not None:
             choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
-        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": choices, **extra}  # fmt: skip
+        data = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": name,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
@@ -411,21 +501,39 @@ async def _sse(events: AsyncIterator[tuple[str, Any]], completion_id: str, creat
 # --- running it ---------------------------------------------------------------------------
 
 
-def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          threads: int | None = None, parallel: int = 1, max_queue: int = 8, max_body: int = DEFAULT_MAX_BODY,
-          log_level: str = "info") -> None:  # fmt: skip
+def serve(
+    path: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    threads: int | None = None,
+    parallel: int = 1,
+    max_queue: int = 8,
+    max_body: int = DEFAULT_MAX_BODY,
+    log_level: str = "info",
+) -> None:
     """Load the model at `path` and serve it until Ctrl-C."""
     import uvicorn
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(host) and not api_key:
-        log.warning("Serving on %s without an API key: anyone who can reach this machine can use the model. "
-                    "Set --api-key or %s.", host, API_KEY_ENV)  # fmt: skip
+        log.warning(
+            "Serving on %s without an API key: anyone who can reach this machine can use the model. "
+            "Set --api-key or %s.",
+            host,
+            API_KEY_ENV,
+        )
     model = ChatModel.load(path, threads=threads)
     app = create_app(model, api_key=api_key, max_queue=max_queue, max_body=max_body, parallel=parallel)
     shown = f"[{host}]" if ":" in host else host
-    log.info("Serving %s on http://%s:%d  (web chat at /, OpenAI API at /v1%s). Ctrl-C stops.",
-             model.name, shown, port, ", API key required" if api_key else "")  # fmt: skip
+    log.info(
+        "Serving %s on http://%s:%d  (web chat at /, OpenAI API at /v1%s). Ctrl-C stops.",
+        model.name,
+        shown,
+        port,
+        ", API key required" if api_key else "",
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 

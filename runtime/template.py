@@ -27,7 +27,7 @@ class ChatTemplate:
     _compiled: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_folder(cls, folder: Path, tokenizer_config: dict) -> "ChatTemplate":
+    def from_folder(cls, folder: Path, tokenizer_config: dict) -> ChatTemplate:
         """The template in tokenizer_config.json's `chat_template`, else in chat_template.jinja."""
         template, origin = tokenizer_config.get("chat_template"), folder / "tokenizer_config.json"
         if isinstance(template, list):  # the older multi-template form: [{"name": "default", "template": ...}]
@@ -59,8 +59,9 @@ class ChatTemplate:
         try:
             if self._compiled is None:
                 self.compile()
-            return self._compiled.render(messages=messages, add_generation_prompt=True, tools=None,
-                                           documents=None, **self.special_tokens)  # fmt: skip
+            return self._compiled.render(
+                messages=messages, add_generation_prompt=True, tools=None, documents=None, **self.special_tokens
+            )
         except jinja2.TemplateError as e:
             # raise_exception() in a template is how a model says "this conversation is not allowed".
             raise GenerationError(f"the chat template ({self.origin}) rejected the conversation: {e}") from None
@@ -99,7 +100,8 @@ def _jinja_env() -> Any:
     return env
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:  # fmt: skip
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # transformers overrides jinja's tojson, which HTML-escapes, with plain json.dumps.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -41,9 +41,17 @@ def tiny_run(model_dir, root, **overrides):
     from edgeft.pipeline.tune import tune
 
     root.mkdir(parents=True, exist_ok=True)
-    cfg = dict(model=str(model_dir), data=str(recipes_like(root / "train.jsonl")), output=str(root / "run"), method="lora",
-               eval_file=str(recipes_like(root / "eval.jsonl", n=6, seed=1)), epochs=1, batch_tokens=128, max_seq_len=64,
-               precision="fp32")  # fmt: skip
+    cfg = dict(
+        model=str(model_dir),
+        data=str(recipes_like(root / "train.jsonl")),
+        output=str(root / "run"),
+        method="lora",
+        eval_file=str(recipes_like(root / "eval.jsonl", n=6, seed=1)),
+        epochs=1,
+        batch_tokens=128,
+        max_seq_len=64,
+        precision="fp32",
+    )
     return tune(TuneConfig(**{**cfg, **overrides}))
 
 

@@ -56,10 +56,9 @@ def test_record_stage_merges_and_stamps(tmp_path):
 
 def test_staged_dir_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "out"
-    with pytest.raises(ValueError):
-        with artifacts.staged_dir(target) as tmp:
-            (tmp / "half.bin").write_bytes(b"x")
-            raise ValueError("boom")
+    with pytest.raises(ValueError), artifacts.staged_dir(target) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise ValueError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -67,9 +66,8 @@ def test_staged_dir_replaces_only_with_force(tmp_path):
     target = tmp_path / "out"
     with artifacts.staged_dir(target) as tmp:
         (tmp / "v").write_text("1")
-    with pytest.raises(RunError, match="--force"):
-        with artifacts.staged_dir(target):
-            pass
+    with pytest.raises(RunError, match="--force"), artifacts.staged_dir(target):
+        pass
     with artifacts.staged_dir(target, force=True) as tmp:
         (tmp / "v").write_text("2")
     assert (target / "v").read_text() == "2"

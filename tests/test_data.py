@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from edgeft.pipeline.data import IGNORE, ChatRenderer, Example, check_data, end_of_turn_for, load_dataset
 
 from edgeft.errors import DataError
-from edgeft.pipeline.data import IGNORE, ChatRenderer, Example, check_data, end_of_turn_for, load_dataset
 from tests.helpers import run_cli
 
 
@@ -34,7 +34,9 @@ def test_formats_are_detected_and_normalized(tmp_path, row, fmt):
 
 
 def test_alpaca_input_joins_the_instruction(tmp_path):
-    ds = load_dataset(write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Translate", "input": "bonjour", "output": "hello"}]))
+    ds = load_dataset(
+        write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Translate", "input": "bonjour", "output": "hello"}])
+    )
     assert ds.examples[0].messages[0]["content"] == "Translate\n\nbonjour"
 
 
@@ -115,15 +117,18 @@ def test_only_assistant_turns_and_their_end_token_are_trained(tiny_model):
     assert eot in ("<|im_end|>", "<|end|>")  # Phi-3's eos is <|endoftext|>, but a turn ends with <|end|>
     assert tok.pad_token_id != tok.convert_tokens_to_ids(eot)  # pad must never be the trained stop token
     renderer = ChatRenderer(tok, eot)
-    example = Example("line 1", [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "The quick brown fox?"},
-        {"role": "assistant", "content": "Jumps over the lazy dog.", "weight": 1},
-        {"role": "user", "content": "And then?"},
-        {"role": "assistant", "content": "It said thank you.", "weight": 0},
-        {"role": "user", "content": "yes"},
-        {"role": "assistant", "content": "yes", "weight": 1},
-    ])  # fmt: skip
+    example = Example(
+        "line 1",
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "The quick brown fox?"},
+            {"role": "assistant", "content": "Jumps over the lazy dog.", "weight": 1},
+            {"role": "user", "content": "And then?"},
+            {"role": "assistant", "content": "It said thank you.", "weight": 0},
+            {"role": "user", "content": "yes"},
+            {"role": "assistant", "content": "yes", "weight": 1},
+        ],
+    )
     tokenized = renderer.tokenize(example)
     assert trained_text(tok, tokenized) == f"Jumps over the lazy dog.{eot}yes{eot}"
     everything = ChatRenderer(tok, eot, train_on_prompt=True).tokenize(example)

@@ -1,11 +1,11 @@
 import json
 
 import pytest
+from edgeft.export.onnx import ExportConfig, export
+from edgeft.pipeline.evaluate import Sample, evaluate, exact_match, is_json, token_f1, with_shots
 
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, DataError
-from edgeft.export.onnx import ExportConfig, export
-from edgeft.pipeline.evaluate import Sample, evaluate, exact_match, is_json, token_f1, with_shots
 from tests.helpers import recipes_like, run_cli
 
 
@@ -32,12 +32,29 @@ def test_eval_table_over_every_kind_of_model(tiny_llama_run, tiny_llama, tmp_pat
     export(tiny_llama_run, ExportConfig(verify=False))
     data = recipes_like(tmp_path / "eval.jsonl", n=5, seed=3)
     shots = recipes_like(tmp_path / "shots.jsonl", n=4, seed=4)
-    out = run_cli("eval", tiny_llama, tiny_llama_run, tiny_llama_run / "onnx-int4", "--data", data, "--shots", "2",
-                  "--shots-file", shots, "--max-tokens", "8").output  # fmt: skip
+    out = run_cli(
+        "eval",
+        tiny_llama,
+        tiny_llama_run,
+        tiny_llama_run / "onnx-int4",
+        "--data",
+        data,
+        "--shots",
+        "2",
+        "--shots-file",
+        shots,
+        "--max-tokens",
+        "8",
+    ).output
     report = json.loads((tiny_llama_run / "logs" / "eval.json").read_text())
     labels = [r["label"] for r in report["rows"]]
-    assert labels == [f"{tiny_llama.name} zero-shot", f"{tiny_llama.name} 2-shot", "llama-run as trained (PyTorch)",
-                      "llama-run merged (PyTorch)", "onnx-int4 (ONNX)"]
+    assert labels == [
+        f"{tiny_llama.name} zero-shot",
+        f"{tiny_llama.name} 2-shot",
+        "llama-run as trained (PyTorch)",
+        "llama-run merged (PyTorch)",
+        "onnx-int4 (ONNX)",
+    ]
     assert [r["kind"] for r in report["rows"]] == ["base", "base", "as-trained", "merged", "fine-tuned"]
     for row in report["rows"]:
         assert row["samples"] == 5 and 0 <= row["exact_match"] <= 100 and row["perplexity"] > 1
@@ -54,7 +71,9 @@ def test_onnx_and_pytorch_perplexity_agree_for_fp32(tiny_llama_run, tmp_path):
     merge(tiny_llama_run)
     export(tiny_llama_run, ExportConfig(precision="fp32", verify=False))
     data = recipes_like(tmp_path / "eval.jsonl", n=3, seed=3)
-    report = evaluate([str(tiny_llama_run), str(tiny_llama_run / "onnx-fp32")], data, max_tokens=6, output=tmp_path / "r.json")
+    report = evaluate(
+        [str(tiny_llama_run), str(tiny_llama_run / "onnx-fp32")], data, max_tokens=6, output=tmp_path / "r.json"
+    )
     _, torch_row, onnx_row = report["rows"]
     assert torch_row["label"] == "llama-run merged (PyTorch)"
     assert onnx_row["perplexity"] == pytest.approx(torch_row["perplexity"], rel=1e-3)

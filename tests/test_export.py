@@ -1,14 +1,13 @@
 import json
 
 import pytest
-
-from edgeft.artifacts import Run
-from edgeft.errors import ConfigError, DiskSpaceError, ExportError, RunError
 from edgeft.export import onnx as onnx_export
 from edgeft.export.onnx import ExportConfig, export
 from edgeft.pipeline.merge import merge
-from tests.helpers import run_cli
 
+from edgeft.artifacts import Run
+from edgeft.errors import ConfigError, DiskSpaceError, ExportError, RunError
+from tests.helpers import run_cli
 
 # --- merge ---------------------------------------------------------------------------------
 
@@ -152,9 +151,16 @@ def test_int8_matmuls_choose_the_bit_width_per_projection(tiny_llama_run, tmp_pa
 
 
 def test_auto_int8_matmuls_by_model_size():
-    small = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152}  # SmolLM2-135M
+    small = {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+    }  # SmolLM2-135M
     large = {"hidden_size": 3072, "num_hidden_layers": 32, "intermediate_size": 8192, "vocab_size": 32064}  # Phi-3-mini
-    assert 1.2e8 < onnx_export.estimate_parameters(small) < 1.5e8 and 3.5e9 < onnx_export.estimate_parameters(large) < 4e9
+    assert (
+        1.2e8 < onnx_export.estimate_parameters(small) < 1.5e8 and 3.5e9 < onnx_export.estimate_parameters(large) < 4e9
+    )
     assert onnx_export.int8_matmuls(ExportConfig(), small) == "attention"
     assert onnx_export.int8_matmuls(ExportConfig(), large) == "mixed"
     assert onnx_export.int8_matmuls(ExportConfig(precision="int8"), small) == "none"
@@ -168,7 +174,9 @@ def test_builder_options_combine():
     assert "matmul_mixed_precision=mixed_layers:int8" in options and "nodes_to_exclude=/lm_head/MatMul" in options
     options = onnx_export.builder_options(ExportConfig(), untied)
     assert "algo_config=k_quant" in options and "matmul_mixed_precision=last_matmul:int8" in options
-    options = onnx_export.builder_options(ExportConfig(), tied)  # the builder's int8 head for a tied model fails to load
+    options = onnx_export.builder_options(
+        ExportConfig(), tied
+    )  # the builder's int8 head for a tied model fails to load
     assert "shared_embeddings=true" in options and not any(o.startswith("matmul_mixed") for o in options)
 
 
@@ -236,11 +244,16 @@ def test_real_smollm2_int4_is_small_and_faithful(smollm2, tmp_path):
     out = export("smollm2-135m", ExportConfig(output=str(tmp_path / "int4"), allow_drift=True))
     record = json.loads((out / "edgeft-export.json").read_text())
     assert record["size_bytes"] <= 0.3 * record["merged_size_bytes"]  # 27%: the int8 embedding table is a fifth of it
-    assert record["rounding"] == "k_quant" and record["embeddings"] == "int8"  # a bare model: nothing to calibrate GPTQ on
+    assert (
+        record["rounding"] == "k_quant" and record["embeddings"] == "int8"
+    )  # a bare model: nothing to calibrate GPTQ on
     # Measured +17% (k_quant, int8 attention, int8 embedding table) against the model's own greedy
     # answers, a harsh reference; plain int4 rounding measured +50%.
     check = record["verification"]
-    assert check["candidate_ppl"] <= 1.30 * check["reference_ppl"] and check["gate"]["accepted"] is not check["gate"]["passed"]
+    assert (
+        check["candidate_ppl"] <= 1.30 * check["reference_ppl"]
+        and check["gate"]["accepted"] is not check["gate"]["passed"]
+    )
     from edgeft.runtime import ChatModel
 
     # The plain question is a coin toss for the 135M base model in int4 (this export once answered it in

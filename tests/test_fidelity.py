@@ -6,11 +6,11 @@ import json
 import shutil
 
 import pytest
+from edgeft.pipeline.merge import Trained, as_trained_model, load_base, merge
 
 from edgeft import fidelity
 from edgeft.artifacts import Run
 from edgeft.fidelity import DriftError, Gate, judge
-from edgeft.pipeline.merge import Trained, as_trained_model, load_base, merge
 from tests.helpers import recipes_like, run_cli, tiny_run
 
 # The merged model computes in fp32 with the very weights the as-trained model dequantizes on the
@@ -38,8 +38,14 @@ def qlora_runs(tiny_llama, tiny_phi3, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEFT_HOME", str(root / "home"))
         return {
-            (name, precision): tiny_run(model, root / f"{name}-{precision}", method="qlora", precision=precision, learning_rate=1e-2)
-            for name, model, precision in (("llama", tiny_llama, "fp32"), ("llama", tiny_llama, "bf16"), ("phi3", tiny_phi3, "fp32"))
+            (name, precision): tiny_run(
+                model, root / f"{name}-{precision}", method="qlora", precision=precision, learning_rate=1e-2
+            )
+            for name, model, precision in (
+                ("llama", tiny_llama, "fp32"),
+                ("llama", tiny_llama, "bf16"),
+                ("phi3", tiny_phi3, "fp32"),
+            )
         }
 
 
@@ -98,7 +104,11 @@ def test_merge_onto_the_original_weights_is_refused_unless_accepted(qlora_runs, 
     assert result.exit_code == 3
     assert "does not behave like the model you trained" in result.output and "--allow-drift" in result.output
     record = Run.open(run_dir).stage("merge")
-    assert record["status"] == "drift" and not record["fidelity"]["gate"]["passed"] and record["fidelity"]["gate"]["problems"]
+    assert (
+        record["status"] == "drift"
+        and not record["fidelity"]["gate"]["passed"]
+        and record["fidelity"]["gate"]["problems"]
+    )
     out = run_cli("merge", run_dir, "--base-weights", "original", "--allow-drift", "--force").output
     assert "fidelity gate          FAILED, accepted with --allow-drift" in out
     assert Run.open(run_dir).stage("merge")["status"] == "done"
@@ -143,8 +153,16 @@ def test_an_export_outside_the_gate_fails_but_is_kept_and_recorded(tiny_llama_ru
 
 
 def result(**kw):
-    base = {"token_agreement": 0.9, "argmax_agreement": 0.99, "candidate_ppl": 2.0, "reference_ppl": 2.0, "ppl_change_pct": 0.0,
-            "exact_match_samples": 40, "reference_exact_match": 90.0, "candidate_exact_match": 85.0}  # fmt: skip
+    base = {
+        "token_agreement": 0.9,
+        "argmax_agreement": 0.99,
+        "candidate_ppl": 2.0,
+        "reference_ppl": 2.0,
+        "ppl_change_pct": 0.0,
+        "exact_match_samples": 40,
+        "reference_exact_match": 90.0,
+        "candidate_exact_match": 85.0,
+    }
     return {**base, **kw}
 
 
@@ -152,15 +170,26 @@ def test_the_gate_names_each_problem():
     gate = fidelity.EXPORT_GATE
     assert judge(result(), gate) == []
     # The QLoRA merge that lost the training: 23% token agreement, +20.5% perplexity, 57.5 vs 100 exact.
-    lost = judge(result(token_agreement=0.23, candidate_ppl=2.41, ppl_change_pct=20.5, reference_exact_match=100.0,
-                        candidate_exact_match=57.5), gate)  # fmt: skip
+    lost = judge(
+        result(
+            token_agreement=0.23,
+            candidate_ppl=2.41,
+            ppl_change_pct=20.5,
+            reference_exact_match=100.0,
+            candidate_exact_match=57.5,
+        ),
+        gate,
+    )
     assert len(lost) == 3 and "23.0%" in lost[0] and "+20.5%" in lost[1] and "58% of the reference answers" in lost[2]
     # Exact match is gated only with enough references: one answer would be 5+ points.
     assert judge(result(exact_match_samples=8, candidate_exact_match=50.0), gate) == []
     # Without greedy runs the argmax agreement is what counts (the merge check).
     merge_gate = fidelity.MERGE_GATE
     assert judge(result(token_agreement=None, argmax_agreement=1.0, candidate_exact_match=90.0), merge_gate) == []
-    assert "next-token choices" in judge(result(token_agreement=None, argmax_agreement=0.9, candidate_exact_match=90.0), merge_gate)[0]
+    assert (
+        "next-token choices"
+        in judge(result(token_agreement=None, argmax_agreement=0.9, candidate_exact_match=90.0), merge_gate)[0]
+    )
 
 
 def test_exact_match_comes_from_teacher_forced_logits():
@@ -216,8 +245,19 @@ def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp
     from edgeft.pipeline.tune import tune
 
     train, held_out = recipes_like(tmp_path / "train.jsonl", n=64), recipes_like(tmp_path / "eval.jsonl", n=24, seed=1)
-    run_dir = tune(TuneConfig(model="smollm2-135m", data=str(train), eval_file=str(held_out), output=str(tmp_path / "run"),
-                              method="qlora", max_steps=30, batch_tokens=256, max_seq_len=128, learning_rate=1e-3))  # fmt: skip
+    run_dir = tune(
+        TuneConfig(
+            model="smollm2-135m",
+            data=str(train),
+            eval_file=str(held_out),
+            output=str(tmp_path / "run"),
+            method="qlora",
+            max_steps=30,
+            batch_tokens=256,
+            max_seq_len=128,
+            learning_rate=1e-3,
+        )
+    )
     # The old merge (adapter + the unquantized base) is another model, and the gate says so.
     with pytest.raises(DriftError, match="does not behave like the model you trained"):
         merge(run_dir, base_weights="original")
@@ -229,7 +269,11 @@ def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp
     trained, merged, int4 = report["rows"]
     assert trained["exact_match"] >= 75  # it learned the task
     predictions = [json.loads(line) for line in (tmp_path / "eval.predictions.jsonl").read_text().splitlines()]
-    answers = {row["label"]: [p["prediction"] for p in predictions if p["model"] == row["label"]] for row in report["rows"]}
+    answers = {
+        row["label"]: [p["prediction"] for p in predictions if p["model"] == row["label"]] for row in report["rows"]
+    }
     assert answers[merged["label"]] == answers[trained["label"]]  # the merged model is the model as trained
     same = sum(a == b for a, b in zip(answers[int4["label"]], answers[trained["label"]]))
-    assert same >= 20 and int4["exact_match"] >= trained["exact_match"] - 10  # int4: 24 answers, measured 24/24 the same
+    assert (
+        same >= 20 and int4["exact_match"] >= trained["exact_match"] - 10
+    )  # int4: 24 answers, measured 24/24 the same

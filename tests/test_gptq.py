@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from edgeft.export import embeddings, gptq
+from edgeft.export.onnx import ExportConfig, export
 
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError
-from edgeft.export import embeddings, gptq
-from edgeft.export.onnx import ExportConfig, export
 
 
 def _correlated_inputs(n=512, k=64, seed=0):
@@ -72,7 +72,11 @@ def _int4_weights(folder) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     model = onnx.load(str(folder / "model.onnx"))
-    names = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute)}
+    names = {
+        n.input[1]
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute)
+    }
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
 
 
@@ -90,10 +94,19 @@ def test_default_int4_export_uses_gptq_and_an_int8_table(tiny_llama_run, tmp_pat
     assert embeddings.shared_lookup(graph) is None  # the head's int4 matrix is no longer read by the lookup
     assert record["verification"]["samples"] == 2
 
-    plain = export(tiny_llama_run, ExportConfig(verify=False, int8_matmuls="none", quant_method="k_quant", embeddings="same", output=str(tmp_path / "k")))
+    plain = export(
+        tiny_llama_run,
+        ExportConfig(
+            verify=False, int8_matmuls="none", quant_method="k_quant", embeddings="same", output=str(tmp_path / "k")
+        ),
+    )
     assert json.loads((plain / "edgeft-export.json").read_text())["rounding"] == "k_quant"
     rounded, reference = _int4_weights(out), _int4_weights(plain)
-    changed = [name for name in rounded if not name.startswith("lm_head") and not np.array_equal(rounded[name], reference[name])]
+    changed = [
+        name
+        for name in rounded
+        if not name.startswith("lm_head") and not np.array_equal(rounded[name], reference[name])
+    ]
     assert len(changed) == record["gptq"]["matmuls"]
 
     from edgeft.runtime import ChatModel
@@ -121,7 +134,12 @@ def test_hessians_are_each_layers_own(tiny_llama):
     batches = [[1, 5, 9, 3, 7], [2, 4, 6, 8, 10], [3, 3, 3, 11, 12]]
     H = gptq.hessians(model, names, batches)
     seen = {name: 0 for name in names}
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, seen[n] + (i[0][0].T @ i[0][0]).double())) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: seen.__setitem__(n, seen[n] + (i[0][0].T @ i[0][0]).double())
+        )
+        for n in names
+    ]
     with torch.no_grad():
         for ids in batches:
             model(torch.tensor([ids]))
@@ -135,4 +153,6 @@ def test_hessians_are_each_layers_own(tiny_llama):
 def test_every_int4_projection_is_rounded(tiny_run_dir):
     """Llama stacks q, k, v into the builder's qkv_proj; Phi-3 fuses gate and up in torch, which the builder splits."""
     export(tiny_run_dir, ExportConfig(verify=False, int8_matmuls="none"))
-    assert Run.open(tiny_run_dir).stage("export")["gptq"]["matmuls"] == 2 * 5  # qkv, o, gate, up, down in each of 2 layers
+    assert (
+        Run.open(tiny_run_dir).stage("export")["gptq"]["matmuls"] == 2 * 5
+    )  # qkv, o, gate, up, down in each of 2 layers

@@ -10,28 +10,65 @@ from tests.helpers import run_cli
 
 @pytest.mark.real
 def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
-    out = run_cli("quickstart", "--output", tmp_path / "qs", "--max-steps", "4", "--limit", "6", "--shots", "2",
-                  "--bench-runs", "1").output  # fmt: skip
+    out = run_cli(
+        "quickstart",
+        "--output",
+        tmp_path / "qs",
+        "--max-steps",
+        "4",
+        "--limit",
+        "6",
+        "--shots",
+        "2",
+        "--bench-runs",
+        "1",
+    ).output
     run = Run.open(tmp_path / "qs")
     stages = run.manifest()["stages"]
     assert [stages[s]["status"] for s in ("tune", "merge", "export", "eval", "bench")] == ["done"] * 5
     assert stages["tune"]["metrics"]["steps"] == 4 and stages["tune"]["metrics"]["tokens_per_second"] > 0
-    assert (run.adapter_dir / "adapter_model.safetensors").is_file() and (run.merged_dir / "model.safetensors").is_file()
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file() and (
+        run.merged_dir / "model.safetensors"
+    ).is_file()
     for export in ("onnx-int4", "base-onnx-int4"):
         assert (run.path / export / "genai_config.json").is_file()
     assert stages["export"]["verification"]["samples"] > 0
     eval_report = json.loads((run.logs_dir / "eval.json").read_text())
-    assert [r["label"] for r in eval_report["rows"]] == ["base-onnx-int4 zero-shot (ONNX)", "base-onnx-int4 2-shot (ONNX)",
-                                                         "qs as trained (PyTorch)", "qs merged (PyTorch)", "onnx-int4 (ONNX)"]
+    assert [r["label"] for r in eval_report["rows"]] == [
+        "base-onnx-int4 zero-shot (ONNX)",
+        "base-onnx-int4 2-shot (ONNX)",
+        "qs as trained (PyTorch)",
+        "qs merged (PyTorch)",
+        "onnx-int4 (ONNX)",
+    ]
     assert all(r["samples"] == 6 and r["perplexity"] > 1 for r in eval_report["rows"])
     bench = json.loads((run.logs_dir / "bench.json").read_text())
     assert [r["engine"] for r in bench["results"]] == ["genai", "pytorch"] and "error" not in bench["results"][1]
     for png in ("loss.png", "bench.png"):
         assert (run.logs_dir / png).stat().st_size > 5000
     report = (run.path / "report.md").read_text()
-    for section in ("## What ran", "## Does fine-tuning pay off?", "Quality bar:", "## Training", "## Export and verification", "## Speed"):
+    for section in (
+        "## What ran",
+        "## Does fine-tuning pay off?",
+        "Quality bar:",
+        "## Training",
+        "## Export and verification",
+        "## Speed",
+    ):
         assert section in report
     assert f"edgeft chat {tmp_path / 'qs'}" in out
 
-    again = run_cli("quickstart", "--output", tmp_path / "qs", "--max-steps", "4", "--limit", "6", "--shots", "2", "--bench-runs", "1")
+    again = run_cli(
+        "quickstart",
+        "--output",
+        tmp_path / "qs",
+        "--max-steps",
+        "4",
+        "--limit",
+        "6",
+        "--shots",
+        "2",
+        "--bench-runs",
+        "1",
+    )
     assert again.output.count("reusing") == 6  # nothing is redone

@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
-
 from edgeft.runtime import ChatModel
 from edgeft.runtime.chat import chat_loop
+
 from tests.helpers import run_cli
 
 
@@ -28,10 +28,25 @@ def test_prompt_gives_one_answer_and_exits(tiny_export):
 
 def test_text_on_stdin_gives_one_answer(tiny_llama_export):
     model = ChatModel.load(tiny_llama_export)
-    expected = model.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
-                          max_tokens=8, temperature=1, seed=4).text  # fmt: skip
-    result = run_cli("chat", tiny_llama_export, "--system", "Be brief.", "--max-tokens", "8", "--temperature", "1",
-                     "--seed", "4", input="hi\n")  # fmt: skip
+    expected = model.chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        max_tokens=8,
+        temperature=1,
+        seed=4,
+    ).text
+    result = run_cli(
+        "chat",
+        tiny_llama_export,
+        "--system",
+        "Be brief.",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "1",
+        "--seed",
+        "4",
+        input="hi\n",
+    )
     assert result.stdout == expected + "\n"
 
 
@@ -42,7 +57,20 @@ def test_stats_go_to_stderr(tiny_llama_export):
 
 
 def test_stop_strings_from_the_command_line(tiny_llama_export):
-    args = ["chat", tiny_llama_export, "-p", "hi", "--max-tokens", "30", "--temperature", "1.5", "--top-k", "0", "--seed", "3"]
+    args = [
+        "chat",
+        tiny_llama_export,
+        "-p",
+        "hi",
+        "--max-tokens",
+        "30",
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "0",
+        "--seed",
+        "3",
+    ]
     full = run_cli(*args).stdout.rstrip("\n")
     stop = full[5:8]
     assert run_cli(*args, "--stop", "zzzz", "--stop", stop).stdout == full[: full.find(stop)] + "\n"
@@ -89,8 +117,13 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny_llama_export):
 
     lines = iter(["tell me a story", "and another", "/exit"])
     out, err = InterruptAfterThreePieces(), io.StringIO()
-    history = chat_loop(model, options={"max_tokens": 1500, "temperature": 1.0, "seed": 1},
-                        input_fn=lambda _: next(lines), out=out, err=err)  # fmt: skip
+    history = chat_loop(
+        model,
+        options={"max_tokens": 1500, "temperature": 1.0, "seed": 1},
+        input_fn=lambda _: next(lines),
+        out=out,
+        err=err,
+    )
     assert "[stopped]" in err.getvalue()
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert history[1]["content"] in out.getvalue()  # the partial answer stays in the conversation
@@ -102,8 +135,15 @@ class Terminal:
     def __init__(self, *args: str):
         self.master, slave = pty.openpty()
         env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgeft", *args], stdin=slave, stdout=slave, stderr=slave,
-                                     env=env, start_new_session=True, preexec_fn=self._controlling_tty)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeft", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+            preexec_fn=self._controlling_tty,  # noqa: PLW1509 - the test is single-threaded here; the child needs a tty
+        )
         os.close(slave)
         self.seen, self.pos = "", 0  # everything shown so far; where the last expected text ended
 

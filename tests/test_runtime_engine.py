@@ -10,11 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from edgeft.runtime import ChatModel, ChatResult
+from edgeft.runtime.engine import StopStringFilter
 
 from edgeft.artifacts import Run
 from edgeft.errors import EdgeftError, GenerationError, ModelError
-from edgeft.runtime import ChatModel, ChatResult
-from edgeft.runtime.engine import StopStringFilter
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -115,7 +115,9 @@ def test_a_corrupt_model_file_is_a_load_error(tmp_path, tiny_llama_export):
 
 
 def test_a_hugging_face_checkpoint_gets_an_export_hint(tiny_llama):
-    with pytest.raises(ModelError, match=r"not an edgeft/onnxruntime-genai export.*Hugging Face checkpoint.*edgeft export"):
+    with pytest.raises(
+        ModelError, match=r"not an edgeft/onnxruntime-genai export.*Hugging Face checkpoint.*edgeft export"
+    ):
         ChatModel.load(tiny_llama)
 
 
@@ -158,7 +160,10 @@ def test_chatml_template(llama):
 
 def test_phi3_template(phi3):
     history = [*HI, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
-    assert phi3.apply_template(history) == "<|user|>\nhi<|end|>\n<|assistant|>\nhello<|end|>\n<|user|>\nbye<|end|>\n<|assistant|>\n"
+    assert (
+        phi3.apply_template(history)
+        == "<|user|>\nhi<|end|>\n<|assistant|>\nhello<|end|>\n<|user|>\nbye<|end|>\n<|assistant|>\n"
+    )
 
 
 def test_template_from_chat_template_jinja_and_special_tokens_as_dicts(tmp_path, tiny_llama_export):
@@ -167,7 +172,9 @@ def test_template_from_chat_template_jinja_and_special_tokens_as_dicts(tmp_path,
     del cfg["chat_template"]
     cfg["bos_token"] = {"content": "<|im_start|>", "special": True}  # the older AddedToken form
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (folder / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}")
+    (folder / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    )
     assert ChatModel.load(folder).apply_template(HI) == "<|im_start|>[user]hi"
 
 
@@ -214,8 +221,11 @@ def test_chat_result_carries_usage_and_finish_reason(llama):
     result = llama.chat(HI, max_tokens=5, temperature=0)
     assert isinstance(result, ChatResult)
     assert result.finish_reason == "length"
-    assert result.usage == {"prompt_tokens": llama.count_tokens(HI), "completion_tokens": 5,
-                            "total_tokens": llama.count_tokens(HI) + 5}  # fmt: skip
+    assert result.usage == {
+        "prompt_tokens": llama.count_tokens(HI),
+        "completion_tokens": 5,
+        "total_tokens": llama.count_tokens(HI) + 5,
+    }
     assert result.time_to_first_token is not None and result.elapsed >= result.time_to_first_token
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.real
 
 
 def _run(*cmd, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    proc = subprocess.run([str(c) for c in cmd], check=False, capture_output=True, text=True, **kwargs)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -58,6 +58,6 @@ def test_base_install_has_the_chat_command_and_explains_serve(fresh_env, tiny_ll
     edgeft = fresh_env.parent / "edgeft"
     out = _run(edgeft, "chat", tiny_llama_export, "--prompt", "hi", "--max-tokens", "3")
     assert out.stdout.endswith("\n")
-    proc = subprocess.run([str(edgeft), "serve", str(tiny_llama_export)], capture_output=True, text=True)
+    proc = subprocess.run([str(edgeft), "serve", str(tiny_llama_export)], check=False, capture_output=True, text=True)
     assert proc.returncode == 1
     assert "pip install 'edgeft[serve]'" in proc.stderr

@@ -13,9 +13,9 @@ import sys
 import httpx
 import openai
 import pytest
-
 from edgeft.runtime import ChatModel
 from edgeft.runtime.server import create_app
+
 from tests.helpers import LiveServer, SlowModel, wait_for
 
 HI = [{"role": "user", "content": "hi"}]
@@ -55,8 +55,17 @@ def test_chat_completion(client, model):
 
 def test_streaming_chat_completion_with_usage(client, model):
     expected = model.chat(HI, max_tokens=20, temperature=1.0, seed=11)
-    chunks = list(client.chat.completions.create(model=model.name, messages=HI, max_tokens=20, temperature=1.0,
-                                                 seed=11, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model=model.name,
+            messages=HI,
+            max_tokens=20,
+            temperature=1.0,
+            seed=11,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -68,8 +77,9 @@ def test_streaming_chat_completion_with_usage(client, model):
 
 
 def test_stream_ends_with_done_and_usage_on_the_last_choice_chunk(server):
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=30,
-                      json={"messages": HI, "max_tokens": 5, "stream": True}) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", timeout=30, json={"messages": HI, "max_tokens": 5, "stream": True}
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
@@ -82,8 +92,9 @@ def test_stop_strings_and_content_parts(client, model):
     full = model.chat(HI, max_tokens=30, temperature=1.5, top_k=0, seed=3).text
     stop = full[6:9]
     messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    response = client.chat.completions.create(model="any", messages=messages, max_tokens=30, temperature=1.5,
-                                              seed=3, stop=[stop], extra_body={"top_k": 0})  # fmt: skip
+    response = client.chat.completions.create(
+        model="any", messages=messages, max_tokens=30, temperature=1.5, seed=3, stop=[stop], extra_body={"top_k": 0}
+    )
     assert response.choices[0].message.content == full[: full.find(stop)]
     assert response.choices[0].finish_reason == "stop"
 
@@ -116,7 +127,9 @@ def test_simultaneous_streams_do_not_mix(server, model):
     client = server.client()
 
     def ask(seed):
-        stream = client.chat.completions.create(model="m", messages=HI, max_tokens=40, temperature=1.0, seed=seed, stream=True)
+        stream = client.chat.completions.create(
+            model="m", messages=HI, max_tokens=40, temperature=1.0, seed=seed, stream=True
+        )
         return seed, "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
@@ -190,7 +203,10 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "tool", "content": "x"}]}, "role must be one of"),
     ({"messages": [{"role": "user", "content": ""}]}, "content is empty"),
     ({"messages": [{"role": "user", "content": 42}]}, "content must be a string"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "only text parts"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "only text parts",
+    ),
     ({"messages": HI, "max_tokens": -1}, "max_tokens must be at least 1"),
     ({"messages": HI, "max_tokens": "ten"}, "max_tokens must be an integer"),
     ({"messages": HI, "max_tokens": 10**9}, "does not fit"),
@@ -219,7 +235,9 @@ def test_bad_requests_get_400_in_openai_shape(server, body, message):
 @pytest.mark.parametrize("stream", [False, True])
 def test_prompt_over_the_context_is_400_context_length_exceeded(client, stream):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello " * 3000}], stream=stream)
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hello " * 3000}], stream=stream
+        )
     assert e.value.code == "context_length_exceeded"
     assert "context of 2048 tokens" in e.value.message
 
@@ -305,9 +323,13 @@ def _free_port() -> int:
 def test_edgeft_serve_command(tiny_phi3_export, tmp_path):
     port = _free_port()
     env = {**os.environ, "EDGEFT_API_KEY": "from-env"}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "edgeft", "serve", str(tiny_phi3_export), "--port", str(port),
-                             "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - the server writes to it until the test stops it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeft", "serve", str(tiny_phi3_export), "--port", str(port), "--threads", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         wait_for(lambda: _health(port), timeout=60)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="from-env", max_retries=0)

@@ -11,19 +11,30 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from edgeft.runtime import ChatModel
 from edgeft.runtime.server import create_app
+
 from tests.helpers import LiveServer, SlowModel, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                       "(apt-get install chromium; `make test` does it when run as root)"),  # fmt: skip
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian's chromium at /usr/bin/chromium "
+        "(apt-get install chromium; `make test` does it when run as root)",
+    ),
 ]
 
 
@@ -45,9 +56,12 @@ def page(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (edgeft[dev])")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
+            str(tmp_path / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
             viewport={"width": 1000, "height": 720},
-        )  # fmt: skip
+        )
         try:
             yield browser.new_page()
         finally:
@@ -66,12 +80,16 @@ def test_chat_page_streams_an_answer_and_keeps_history(site, page, phi3_model, t
     page.keyboard.press("Enter")
     page.wait_for_selector(".msg.user")
     # Streaming: while the answer is pending it already shows part of the text.
-    page.wait_for_function("(() => { const a = document.querySelector('.msg.assistant.pending');"
-                           " return a && a.textContent.length > 3; })()")  # fmt: skip
+    page.wait_for_function(
+        "(() => { const a = document.querySelector('.msg.assistant.pending');"
+        " return a && a.textContent.length > 3; })()"
+    )
     assert page.is_enabled("#stop") and not page.is_enabled("#send")
     page.wait_for_selector(".msg.assistant .meta", timeout=30_000)
 
-    expected = phi3_model.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=60, temperature=0)
+    expected = phi3_model.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], max_tokens=60, temperature=0
+    )
     shown = page.evaluate("document.querySelector('.msg.assistant').firstChild.textContent")
     assert shown == expected.text
     stats = page.inner_text("#stats")
@@ -97,8 +115,10 @@ def test_stop_button_ends_the_answer(site, page):
     page.fill("#max_tokens", "3000")
     page.fill("#input", "Tell me a long story.")
     page.keyboard.press("Enter")
-    page.wait_for_function("(() => { const a = document.querySelector('.msg.assistant.pending');"
-                           " return a && a.textContent.length > 10; })()")  # fmt: skip
+    page.wait_for_function(
+        "(() => { const a = document.querySelector('.msg.assistant.pending');"
+        " return a && a.textContent.length > 10; })()"
+    )
     page.click("#stop")
     page.wait_for_selector(".msg.assistant .meta")
     assert "stopped" in page.inner_text(".msg.assistant .meta")

@@ -3,20 +3,29 @@ import os
 import signal
 
 import pytest
-
-from edgeft.artifacts import Run
-from edgeft.errors import ConfigError, DataError, DeviceError, DiskSpaceError, ModelError, RunError
 from edgeft.pipeline import tune as tuning
 from edgeft.pipeline.config import TuneConfig, load_config
 from edgeft.pipeline.data import IGNORE, Tokenized
+
+from edgeft.artifacts import Run
+from edgeft.errors import ConfigError, DataError, DeviceError, DiskSpaceError, ModelError, RunError
 from tests.helpers import recipes_like, run_cli
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def small_config(model, data, out, **kw) -> TuneConfig:
-    base = dict(model=str(model), data=str(data), output=str(out), method="lora", epochs=1, batch_tokens=128,
-                max_seq_len=64, save_every=100, precision="fp32")  # fmt: skip
+    base = dict(
+        model=str(model),
+        data=str(data),
+        output=str(out),
+        method="lora",
+        epochs=1,
+        batch_tokens=128,
+        max_seq_len=64,
+        save_every=100,
+        precision="fp32",
+    )
     return TuneConfig(**{**base, **kw})
 
 
@@ -61,7 +70,9 @@ def test_packed_attention_never_crosses_examples(tiny_model):
     a, b = torch.randint(5, 500, (1, 7)), torch.randint(5, 500, (1, 5))
     with torch.no_grad():
         alone_a, alone_b = model(a, segments=[7]).logits, model(b, segments=[5]).logits
-        packed = model(torch.cat([a, b], 1), position_ids=torch.tensor([[*range(7), *range(5)]]), segments=[7, 5]).logits
+        packed = model(
+            torch.cat([a, b], 1), position_ids=torch.tensor([[*range(7), *range(5)]]), segments=[7, 5]
+        ).logits
     assert torch.allclose(packed[:, :7], alone_a, atol=1e-5)
     assert torch.allclose(packed[:, 7:], alone_b, atol=1e-5)
 
@@ -99,8 +110,25 @@ def test_toml_config_and_flag_precedence(tmp_path):
 def test_tune_cli_lora_llama(tmp_path, tiny_llama):
     data = recipes_like(tmp_path / "train.jsonl")
     evaluation = recipes_like(tmp_path / "eval.jsonl", n=6, seed=1)
-    out = run_cli("tune", "--model", tiny_llama, "--data", data, "--eval-file", evaluation, "--method", "lora",
-                  "--epochs", "2", "--batch-tokens", "128", "--max-seq-len", "64", "--output", "runs/t").output  # fmt: skip
+    out = run_cli(
+        "tune",
+        "--model",
+        tiny_llama,
+        "--data",
+        data,
+        "--eval-file",
+        evaluation,
+        "--method",
+        "lora",
+        "--epochs",
+        "2",
+        "--batch-tokens",
+        "128",
+        "--max-seq-len",
+        "64",
+        "--output",
+        "runs/t",
+    ).output
     assert "Next: edgeft export" in out and "eval loss" in out
     run = Run.open(tmp_path / "runs/t")
     record = run.stage("tune")
@@ -221,7 +249,9 @@ def test_bad_data_is_refused_before_loading_a_model(tmp_path, monkeypatch):
 def test_not_a_causal_lm(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    BertModel(
+        BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path / "bert")
     data = recipes_like(tmp_path / "d.jsonl", n=3)
     with pytest.raises(ModelError, match="not a causal"):
         tuning.tune(small_config(tmp_path / "bert", data, tmp_path / "r"))
@@ -229,7 +259,10 @@ def test_not_a_causal_lm(tmp_path):
 
 def test_every_example_too_long(tmp_path, tiny_llama):
     data = tmp_path / "long.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]})
+        + "\n"
+    )
     with pytest.raises(DataError, match="raise --max-seq-len"):
         tuning.tune(small_config(tiny_llama, data, tmp_path / "r", max_seq_len=32, batch_tokens=64))
 

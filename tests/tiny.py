@@ -1,6 +1,6 @@
 """Tiny random checkpoints (2 layers, hidden 64) for tests and quick experiments.
 
-    python -m tests.tiny OUT_DIR        # writes OUT_DIR/tiny-llama and OUT_DIR/tiny-phi3
+python -m tests.tiny OUT_DIR        # writes OUT_DIR/tiny-llama and OUT_DIR/tiny-phi3
 """
 
 from __future__ import annotations
@@ -57,11 +57,18 @@ def build_tiny_llama(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer(out, CHATML_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>")
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
     return _save(out, config)
 
 
@@ -72,13 +79,20 @@ def build_tiny_phi3(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer(out, PHI3_TEMPLATE, eos="<|endoftext|>", pad="<|endoftext|>")
     config = Phi3Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         # The genai builder needs these equal unless LongRoPE factors are given.
-        max_position_embeddings=4096, original_max_position_embeddings=4096,
-        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
+        max_position_embeddings=4096,
+        original_max_position_embeddings=4096,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     return _save(out, config)
 
 

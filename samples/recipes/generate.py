@@ -93,7 +93,11 @@ CATALOG: dict[str, tuple[list[str], str, str]] = {
     "cheddar": (["sharp cheddar", "cheddar cheese", "cheddar"], "volume", "cheese"),
     "mozzarella": (["fresh mozzarella", "low-moisture mozzarella", "mozzarella"], "weight", "cheese"),
     "feta": (["feta", "feta cheese"], "weight", "crumbled"),
-    "chicken breast": (["boneless skinless chicken breasts", "chicken breasts", "chicken breast"], "weight_meat", "meat"),
+    "chicken breast": (
+        ["boneless skinless chicken breasts", "chicken breasts", "chicken breast"],
+        "weight_meat",
+        "meat",
+    ),
     "chicken thigh": (["boneless chicken thighs", "chicken thighs", "skin-on chicken thighs"], "weight_meat", "meat"),
     "ground beef": (["lean ground beef", "ground beef", "grass-fed ground beef"], "weight_meat", "none"),
     "bacon": (["thick-cut bacon", "bacon", "smoked bacon"], "slices", "bacon"),
@@ -127,26 +131,58 @@ CATALOG: dict[str, tuple[list[str], str, str]] = {
 
 # Preparation notes by group ('' = none): what a real recipe would write after the ingredient.
 PREP = {
-    "veg": ["chopped", "diced", "finely chopped", "sliced", "thinly sliced", "roughly chopped", "peeled and cubed", "cut into wedges"],
-    "halved": ["halved", "quartered"], "leafy": ["roughly chopped", "washed and dried", "stems removed", "shredded"],
-    "florets": ["cut into bite-size pieces", "trimmed"], "thawed": ["thawed", "drained"], "trimmed": ["trimmed", "trimmed and halved"],
-    "avocado": ["pitted and sliced", "diced", "mashed"], "citrus": ["zested and juiced", "juiced", "cut into wedges"],
-    "mashed": ["mashed", "sliced"], "hulled": ["hulled and sliced", "hulled and quartered"],
-    "herb": ["chopped", "finely chopped", "torn", "leaves picked", "plus more for garnish"], "grated": ["grated", "peeled and minced"],
-    "garlic": ["minced", "crushed", "thinly sliced", "finely grated"], "liquid": ["divided", "plus more for drizzling"],
-    "butter": ["melted", "softened", "cold and cubed", "at room temperature"], "dry": ["sifted", "divided"],
-    "egg": ["beaten", "at room temperature", "lightly whisked"], "warm": ["warmed", "at room temperature"],
-    "cheese": ["grated", "shredded", "freshly grated"], "crumbled": ["crumbled"], "meat": ["cut into 1-inch pieces", "patted dry", "thinly sliced"],
-    "bacon": ["chopped", "cooked and crumbled"], "shrimp": ["peeled and deveined", "tails removed"], "fish": ["patted dry", "skin removed"],
-    "tofu": ["pressed and cubed", "drained and crumbled"], "canned": ["rinsed and drained", "drained"], "rinsed": ["rinsed", "rinsed and drained"],
-    "bread": ["torn into pieces", "cubed", "toasted"], "nuts": ["toasted", "roughly chopped"], "none": [],
-}  # fmt: skip
+    "veg": [
+        "chopped",
+        "diced",
+        "finely chopped",
+        "sliced",
+        "thinly sliced",
+        "roughly chopped",
+        "peeled and cubed",
+        "cut into wedges",
+    ],
+    "halved": ["halved", "quartered"],
+    "leafy": ["roughly chopped", "washed and dried", "stems removed", "shredded"],
+    "florets": ["cut into bite-size pieces", "trimmed"],
+    "thawed": ["thawed", "drained"],
+    "trimmed": ["trimmed", "trimmed and halved"],
+    "avocado": ["pitted and sliced", "diced", "mashed"],
+    "citrus": ["zested and juiced", "juiced", "cut into wedges"],
+    "mashed": ["mashed", "sliced"],
+    "hulled": ["hulled and sliced", "hulled and quartered"],
+    "herb": ["chopped", "finely chopped", "torn", "leaves picked", "plus more for garnish"],
+    "grated": ["grated", "peeled and minced"],
+    "garlic": ["minced", "crushed", "thinly sliced", "finely grated"],
+    "liquid": ["divided", "plus more for drizzling"],
+    "butter": ["melted", "softened", "cold and cubed", "at room temperature"],
+    "dry": ["sifted", "divided"],
+    "egg": ["beaten", "at room temperature", "lightly whisked"],
+    "warm": ["warmed", "at room temperature"],
+    "cheese": ["grated", "shredded", "freshly grated"],
+    "crumbled": ["crumbled"],
+    "meat": ["cut into 1-inch pieces", "patted dry", "thinly sliced"],
+    "bacon": ["chopped", "cooked and crumbled"],
+    "shrimp": ["peeled and deveined", "tails removed"],
+    "fish": ["patted dry", "skin removed"],
+    "tofu": ["pressed and cubed", "drained and crumbled"],
+    "canned": ["rinsed and drained", "drained"],
+    "rinsed": ["rinsed", "rinsed and drained"],
+    "bread": ["torn into pieces", "cubed", "toasted"],
+    "nuts": ["toasted", "roughly chopped"],
+    "none": [],
+}
 
 SMALL = ["1", "1/2", "1/4", "3/4", "½", "¼", "one"]
 BIG = ["2", "3", "4", "1 1/2", "1½", "2-3", "two", "6"]
 UNITS = {  # (singular, plural) pairs
     "volume": [("cup", "cups"), ("c.", "c."), ("cup", "cups")],
-    "spoon": [("tablespoon", "tablespoons"), ("tbsp", "tbsp"), ("Tbsp", "Tbsp"), ("teaspoon", "teaspoons"), ("tsp", "tsp")],
+    "spoon": [
+        ("tablespoon", "tablespoons"),
+        ("tbsp", "tbsp"),
+        ("Tbsp", "Tbsp"),
+        ("teaspoon", "teaspoons"),
+        ("tsp", "tsp"),
+    ],
     "spice": [("teaspoon", "teaspoons"), ("tsp", "tsp")],
 }
 WEIGHTS = {
@@ -155,29 +191,96 @@ WEIGHTS = {
     "weight_meat": ["500 g", "1 lb", "1 1/2 lb", "2 pounds", "700 g", "1 kg", "4 (6-oz)", "600 grams"],
 }
 FIXED = {
-    "count": ["1", "2", "3", "4", "one", "two", "1 large", "2 medium", "3 small", "1/2"], "cloves": ["2", "3", "4", "6", "5"],
-    "can": ["1 (15-oz) can", "1 can (400 g)", "2 cans", "1 (14.5-ounce) can", "400 g"], "slices": ["4 slices", "6 slices", "8 slices", "2 thick slices"],
-    "leaves": ["2", "3", "1"], "eggs": ["2", "3", "4", "1", "6"], "bunch": ["1 bunch", "1/2 bunch", "2 cups"], "head": ["1 head", "2 heads", "1/2 head"],
+    "count": ["1", "2", "3", "4", "one", "two", "1 large", "2 medium", "3 small", "1/2"],
+    "cloves": ["2", "3", "4", "6", "5"],
+    "can": ["1 (15-oz) can", "1 can (400 g)", "2 cans", "1 (14.5-ounce) can", "400 g"],
+    "slices": ["4 slices", "6 slices", "8 slices", "2 thick slices"],
+    "leaves": ["2", "3", "1"],
+    "eggs": ["2", "3", "4", "1", "6"],
+    "bunch": ["1 bunch", "1/2 bunch", "2 cups"],
+    "head": ["1 head", "2 heads", "1/2 head"],
     "herb": ["a handful of", "1/4 cup", "2 tablespoons", "1 small bunch", "1/2 cup"],
-}  # fmt: skip
+}
 HEADERS_ING = ["Ingredients:", "INGREDIENTS", "You'll need:", "What you need:", "Ingredients"]
 HEADERS_STEPS = ["Steps:", "Method:", "Directions:", "Instructions:", "How to make it:"]
 BULLETS = ["- ", "* ", "• ", "", "{n}. "]
-DISHES = ["Soup", "Stew", "Salad", "Skillet", "Bake", "Curry", "Stir-Fry", "Pasta", "Bowl", "Tacos", "Casserole",
-          "Frittata", "Muffins", "Bread", "Cookies", "Smoothie", "Roast", "Risotto", "Gratin", "Traybake"]  # fmt: skip
-ADJ = ["Easy", "Weeknight", "Grandma's", "Rustic", "Quick", "Creamy", "Spicy", "Classic", "Cozy", "One-Pan", "Golden",
-       "Summer", "Smoky", "Zesty", "Hearty", "Simple", "Crispy", "Lemony"]  # fmt: skip
+DISHES = [
+    "Soup",
+    "Stew",
+    "Salad",
+    "Skillet",
+    "Bake",
+    "Curry",
+    "Stir-Fry",
+    "Pasta",
+    "Bowl",
+    "Tacos",
+    "Casserole",
+    "Frittata",
+    "Muffins",
+    "Bread",
+    "Cookies",
+    "Smoothie",
+    "Roast",
+    "Risotto",
+    "Gratin",
+    "Traybake",
+]
+ADJ = [
+    "Easy",
+    "Weeknight",
+    "Grandma's",
+    "Rustic",
+    "Quick",
+    "Creamy",
+    "Spicy",
+    "Classic",
+    "Cozy",
+    "One-Pan",
+    "Golden",
+    "Summer",
+    "Smoky",
+    "Zesty",
+    "Hearty",
+    "Simple",
+    "Crispy",
+    "Lemony",
+]
 VERBS = ["Add", "Stir in", "Fold in", "Toss in", "Whisk in", "Scatter", "Combine", "Top with"]
-STEP_OPENERS = ["Preheat the oven to {t}°F ({c}°C).", "Heat a large skillet over medium heat.", "Bring a large pot of salted water to a boil.",
-                "Line a baking sheet with parchment paper.", "Warm a Dutch oven over medium-high heat.", "Set out a large mixing bowl.",
-                "Heat a wok until it just begins to smoke.", "Grease a 9x13-inch baking dish."]  # fmt: skip
-STEP_CLOSERS = ["Cook for {m} minutes, stirring now and then.", "Bake for {m} minutes until golden.", "Simmer for {m} minutes.",
-                "Serve warm.", "Let rest for {m} minutes before serving.", "Chill for {m} minutes, then serve.",
-                "Taste and adjust the seasoning.", "Blend until smooth and serve right away."]  # fmt: skip
+STEP_OPENERS = [
+    "Preheat the oven to {t}°F ({c}°C).",
+    "Heat a large skillet over medium heat.",
+    "Bring a large pot of salted water to a boil.",
+    "Line a baking sheet with parchment paper.",
+    "Warm a Dutch oven over medium-high heat.",
+    "Set out a large mixing bowl.",
+    "Heat a wok until it just begins to smoke.",
+    "Grease a 9x13-inch baking dish.",
+]
+STEP_CLOSERS = [
+    "Cook for {m} minutes, stirring now and then.",
+    "Bake for {m} minutes until golden.",
+    "Simmer for {m} minutes.",
+    "Serve warm.",
+    "Let rest for {m} minutes before serving.",
+    "Chill for {m} minutes, then serve.",
+    "Taste and adjust the seasoning.",
+    "Blend until smooth and serve right away.",
+]
 # Substitution notes name ingredients that are NOT in the list: the model must ignore them.
-NOTE_SWAPS = [("butter", "margarine"), ("heavy cream", "evaporated milk"), ("chicken broth", "water"), ("pasta", "zoodles"),
-              ("sugar", "stevia"), ("yogurt", "sour cream"), ("rice", "cauliflower rice"), ("soy sauce", "coconut aminos"),
-              ("honey", "agave syrup"), ("parmesan", "nutritional yeast"), ("ground beef", "ground turkey")]  # fmt: skip
+NOTE_SWAPS = [
+    ("butter", "margarine"),
+    ("heavy cream", "evaporated milk"),
+    ("chicken broth", "water"),
+    ("pasta", "zoodles"),
+    ("sugar", "stevia"),
+    ("yogurt", "sour cream"),
+    ("rice", "cauliflower rice"),
+    ("soy sauce", "coconut aminos"),
+    ("honey", "agave syrup"),
+    ("parmesan", "nutritional yeast"),
+    ("ground beef", "ground turkey"),
+]
 
 
 def amount(rng: random.Random, kind: str) -> str:
@@ -197,8 +300,13 @@ def ingredient_line(rng: random.Random, generic: str) -> tuple[str, list[str]]:
     """One ingredient line and the generic names it contributes (one, or two for pairs)."""
     if generic == "salt" and rng.random() < 0.5:
         pepper = rng.choice(CATALOG["black pepper"][0])
-        line = rng.choice([f"Salt and {pepper}, to taste", f"{rng.choice(CATALOG['salt'][0]).capitalize()} and {pepper}",
-                           f"salt & {pepper} to taste"])  # fmt: skip
+        line = rng.choice(
+            [
+                f"Salt and {pepper}, to taste",
+                f"{rng.choice(CATALOG['salt'][0]).capitalize()} and {pepper}",
+                f"salt & {pepper} to taste",
+            ]
+        )
         return line, ["salt", "black pepper"]
     surfaces, kind, group = CATALOG[generic]
     name, qty = rng.choice(surfaces), amount(rng, kind)
@@ -228,7 +336,11 @@ def make_recipe(rng: random.Random) -> tuple[str, list[str]]:
         lines.append(line)
         answer += names
     star = rng.choice(generics[:3])
-    title = f"{rng.choice(ADJ)} {star.title()} {rng.choice(DISHES)}" if rng.random() < 0.7 else f"{rng.choice(ADJ)} {rng.choice(DISHES)}"
+    title = (
+        f"{rng.choice(ADJ)} {star.title()} {rng.choice(DISHES)}"
+        if rng.random() < 0.7
+        else f"{rng.choice(ADJ)} {rng.choice(DISHES)}"
+    )
     bullet = rng.choice(BULLETS)
     ing = [bullet.format(n=i + 1) + line for i, line in enumerate(lines)]
     t = rng.choice([350, 375, 400, 425])
@@ -249,8 +361,13 @@ def make_recipe(rng: random.Random) -> tuple[str, list[str]]:
 
 
 def example(text: str, answer: list[str]) -> dict:
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text},
-                         {"role": "assistant", "content": json.dumps(answer, ensure_ascii=False)}]}  # fmt: skip
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": json.dumps(answer, ensure_ascii=False)},
+        ]
+    }
 
 
 def generate(n_train: int = 800, n_eval: int = 200, seed: int = 2026) -> tuple[list[dict], list[dict]]:
@@ -274,8 +391,7 @@ def main() -> None:
     train, evaluation = generate()
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evaluation)):
         with open(here / name, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         print(f"wrote {here / name} ({len(rows)} examples)")
 
 

@@ -15,35 +15,82 @@ import random
 from pathlib import Path
 
 INSTRUCTION = "Reply to the customer as Ava from Brightside Home support. Follow the store policy and keep it short."
-NAMES = ["Maria", "James", "Aiko", "Omar", "Priya", "Lukas", "Chen", "Fatima", "Diego", "Grace", "Noah", "Sofia", "Kwame",
-         "Elena", "Ravi", "Hannah", "Mateo", "Yuki", "Amara", "Jonas"]  # fmt: skip
-PRODUCTS = ["desk lamp", "bookshelf", "office chair", "duvet cover", "coffee table", "floor rug", "bedside table",
-            "wall mirror", "kitchen stool", "curtain set", "storage bench", "ceramic vase"]  # fmt: skip
+NAMES = [
+    "Maria",
+    "James",
+    "Aiko",
+    "Omar",
+    "Priya",
+    "Lukas",
+    "Chen",
+    "Fatima",
+    "Diego",
+    "Grace",
+    "Noah",
+    "Sofia",
+    "Kwame",
+    "Elena",
+    "Ravi",
+    "Hannah",
+    "Mateo",
+    "Yuki",
+    "Amara",
+    "Jonas",
+]
+PRODUCTS = [
+    "desk lamp",
+    "bookshelf",
+    "office chair",
+    "duvet cover",
+    "coffee table",
+    "floor rug",
+    "bedside table",
+    "wall mirror",
+    "kitchen stool",
+    "curtain set",
+    "storage bench",
+    "ceramic vase",
+]
 
 ISSUES = {
     "late": (
-        ["My {p} (order {o}) still hasn't arrived and it's been two weeks.", "Where is my order {o}? The {p} was due last Friday.",
-         "Order {o} for a {p} is late. Can you check what is going on?"],
+        [
+            "My {p} (order {o}) still hasn't arrived and it's been two weeks.",
+            "Where is my order {o}? The {p} was due last Friday.",
+            "Order {o} for a {p} is late. Can you check what is going on?",
+        ],
         "I'm sorry your {p} is running late. I've asked the carrier to trace order {o} and you'll get an update by email within 24 hours.",
     ),
     "damaged": (
-        ["The {p} from order {o} arrived with a cracked corner.", "My {p} came broken (order {o}). Very disappointed.",
-         "Order {o}: the {p} was damaged in the box."],
+        [
+            "The {p} from order {o} arrived with a cracked corner.",
+            "My {p} came broken (order {o}). Very disappointed.",
+            "Order {o}: the {p} was damaged in the box.",
+        ],
         "I'm sorry your {p} arrived damaged. I've arranged a free replacement for order {o}; please keep the damaged item until the courier collects it.",
     ),
     "return": (
-        ["Can I return the {p} from order {o}? It doesn't fit the room.", "I'd like to send back my {p}, order {o}.",
-         "How do I return the {p} I bought (order {o})? Changed my mind."],
+        [
+            "Can I return the {p} from order {o}? It doesn't fit the room.",
+            "I'd like to send back my {p}, order {o}.",
+            "How do I return the {p} I bought (order {o})? Changed my mind.",
+        ],
         "Of course: you can return the {p} within 30 days. I've emailed a prepaid return label for order {o}, and your refund follows once it reaches us.",
     ),
     "wrong": (
-        ["I ordered a {p} but got something else entirely. Order {o}.", "Wrong item in order {o}: no {p} in the box.",
-         "You sent me the wrong product instead of the {p} (order {o})."],
+        [
+            "I ordered a {p} but got something else entirely. Order {o}.",
+            "Wrong item in order {o}: no {p} in the box.",
+            "You sent me the wrong product instead of the {p} (order {o}).",
+        ],
         "I'm sorry we sent the wrong item. I've shipped the correct {p} for order {o} today, and a return label for the wrong one is in your inbox.",
     ),
     "cancel": (
-        ["Please cancel order {o}, I don't need the {p} anymore.", "Can I still cancel my {p}? Order number {o}.",
-         "Cancel order {o} please (the {p})."],
+        [
+            "Please cancel order {o}, I don't need the {p} anymore.",
+            "Can I still cancel my {p}? Order number {o}.",
+            "Cancel order {o} please (the {p}).",
+        ],
         "No problem. Order {o} for the {p} is cancelled, and the full amount will be back on your card within 5 business days.",
     ),
 }
@@ -65,7 +112,13 @@ def generate(n_train: int = 240, n_eval: int = 60, seed: int = 7) -> tuple[list[
             continue
         seen.add(message)
         sign = rng.choice(["", f"\n{name}", f"\nThanks, {name}", f"\n- {name}"])
-        rows.append({"instruction": INSTRUCTION, "input": f"From: {name}\n{message}{sign}", "output": reply(name, answer, product, order)})
+        rows.append(
+            {
+                "instruction": INSTRUCTION,
+                "input": f"From: {name}\n{message}{sign}",
+                "output": reply(name, answer, product, order),
+            }
+        )
     return rows[:n_train], rows[n_train:]
 
 
@@ -74,8 +127,7 @@ def main() -> None:
     train, evaluation = generate()
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evaluation)):
         with open(here / name, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         print(f"wrote {here / name} ({len(rows)} examples)")
 
 
