@@ -18,10 +18,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from edgeft.export.bench import machine
-
 from edgeft import artifacts
 from edgeft.artifacts import Run
+from edgeft.bench import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "recipes"
@@ -33,12 +32,11 @@ def finished(run_dir: Path, stage: str) -> bool:
 
 
 def measure(method: str, run_dir: Path, limit: int | None) -> dict:
+    from edgeft.evaluate import evaluate
     from edgeft.export.onnx import ExportConfig, export
     from edgeft.pipeline.config import TuneConfig
-    from edgeft.pipeline.evaluate import evaluate
     from edgeft.pipeline.merge import merge
     from edgeft.pipeline.tune import tune
-
     from edgeft.quickstart import CPU_PRESET
 
     if not finished(run_dir, "tune"):

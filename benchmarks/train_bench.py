@@ -21,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeft.export.bench import machine
-
 from edgeft.artifacts import peak_rss_mb
+from edgeft.bench import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "samples" / "recipes" / "train.jsonl"
@@ -71,12 +70,12 @@ def run_edgeft(steps: int, method: str, precision: str) -> dict:
 def run_trl(steps: int) -> dict:
     import torch
     from datasets import Dataset
-    from edgeft.pipeline.tune import resolve_precision
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from edgeft.models import resolve_model
+    from edgeft.pipeline.tune import resolve_precision
 
     path = resolve_model("smollm2-135m").path
     rows = [json.loads(line)["messages"] for line in DATA.read_text().splitlines() if line.strip()]

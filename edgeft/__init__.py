@@ -3,8 +3,9 @@
 The library comes first; the `edgeft` command calls the same functions:
 
     from edgeft.runtime import ChatModel          # needs only the base install (no torch)
-    from edgeft.pipeline import tune, merge       # needs edgeft[train]
-    from edgeft.export import export              # needs edgeft[export]
+    from edgeft.pipeline.tune import tune         # needs edgeft[train]; TuneConfig in edgeft.pipeline.config
+    from edgeft.pipeline.merge import merge
+    from edgeft.export import ExportConfig, export   # needs edgeft[export]
 """
 
 __version__ = "0.1.0"

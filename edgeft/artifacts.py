@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,44 @@ def staged_dir(target: Path, *, force: bool = False, what: str = "output") -> It
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class BaseModelRecord:
+    """The manifest's `base_model`: what the run was tuned from."""
+
+    spec: str  # as the user named it: a built-in name, a folder, a .gguf
+    path: Path  # the Hugging Face folder it resolved to
+    kind: str  # builtin | folder | gguf | hub
+
+
+@dataclass(frozen=True)
+class TuneRecord:
+    """The manifest's `tune` stage, as the later stages read it."""
+
+    status: str  # running | interrupted | done
+    config: dict  # the resolved TuneConfig (absolute paths)
+    precision: str | None  # the compute precision that ran (fp32 | bf16 | fp16), recorded when training starts
+    device: str | None
+    metrics: dict
+
+    @property
+    def method(self) -> str:
+        return self.config.get("method", "lora")
+
+    @property
+    def data(self) -> Path | None:
+        """The training data file, when it is still there."""
+        return _existing(self.config.get("data"))
+
+    @property
+    def eval_file(self) -> Path | None:
+        """The held-out data file, when the run has one and it is still there."""
+        return _existing(self.config.get("eval_file"))
+
+
+def _existing(path: str | None) -> Path | None:
+    return Path(path) if path and Path(path).is_file() else None
+
+
 class Run:
     """A run directory: `edgeft.json` plus one folder per stage's output."""
 
@@ -234,6 +273,19 @@ class Run:
 
     def stage(self, name: str) -> dict | None:
         return self.manifest().get("stages", {}).get(name)
+
+    def base_model(self) -> BaseModelRecord:
+        b = self.manifest()["base_model"]
+        return BaseModelRecord(b["spec"], Path(b["path"]), b.get("kind", "folder"))
+
+    def tune_record(self) -> TuneRecord | None:
+        """The tune stage, typed; None before `edgeft tune` recorded it."""
+        r = self.stage("tune")
+        if r is None:
+            return None
+        return TuneRecord(
+            r.get("status", "running"), r.get("config", {}), r.get("precision"), r.get("device"), r.get("metrics", {})
+        )
 
     def record_stage(self, name: str, **entry: Any) -> dict:
         """Merge `entry` into the stage's record and stamp it; returns the whole stage record."""

@@ -15,7 +15,7 @@ import click
 
 from edgeft import __version__
 from edgeft.errors import EdgeftError
-from edgeft.export.onnx import ExportConfig  # light dataclasses: the options are built from them
+from edgeft.export.options import ExportConfig  # light dataclasses: the options are built from them
 from edgeft.pipeline.config import TuneConfig
 
 log = logging.getLogger("edgeft")
@@ -242,8 +242,9 @@ def data_check(file, model, fmt, max_seq_len, train_on_prompt, method, epochs, d
       text        {"text": "..."}
     Exits with status 1 if any example has a problem.
     """
+    from edgeft.chatdata import load_dataset
     from edgeft.models import resolve_model
-    from edgeft.pipeline.data import check_data, load_dataset
+    from edgeft.pipeline.data import check_data
     from edgeft.pipeline.tune import estimate_seconds, load_tokenizer, pick_device_name
 
     dataset = load_dataset(file, fmt)
@@ -303,8 +304,8 @@ def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
       edgeft tune --resume runs/support          # after Ctrl-C: same optimizer, schedule and data order
     Only assistant turns (and the token that ends them) are trained unless --train-on-prompt.
     """
+    from edgeft.config import load_config
     from edgeft.pipeline import tune as tuning
-    from edgeft.pipeline.config import load_config
 
     if resume_dir:
         run_dir = tuning.resume(resume_dir)
@@ -376,10 +377,16 @@ def export(target: str, precision: str, force: bool, **options) -> None:
       edgeft export smollm2-135m --int4 --output smollm2-int4  # the base model, no fine-tuning
     """
     from edgeft import artifacts
+    from edgeft.artifacts import Run
     from edgeft.export.onnx import export as run_export
     from edgeft.fidelity import table
 
     cfg = ExportConfig(precision=precision, **options)
+    if Run.is_run(Path(target)) and not (Run.open(Path(target)).merged_dir / "config.json").is_file():
+        from edgeft.pipeline.merge import merge as merge_run
+
+        log.info(f"{target} has no merged model yet: merging first.")
+        merge_run(target, force=True, allow_drift=cfg.allow_drift)
     out = run_export(target, cfg, force=force)
     info = artifacts.read_json(out / "edgeft-export.json", "export record")
     size, merged = info["size_bytes"], info["merged_size_bytes"]
@@ -434,7 +441,7 @@ def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, out
     Metrics: exact match (JSON compared parsed), token F1, JSON validity, perplexity of the reference,
     answers that stop on their own, latency.
     """
-    from edgeft.pipeline.evaluate import evaluate, table
+    from edgeft.evaluate import evaluate, table
 
     report = evaluate(
         list(models),
@@ -477,8 +484,8 @@ def bench(
       edgeft bench runs/recipes
       edgeft bench runs/recipes --compare      # + PyTorch, Optimum, llama.cpp, as ratios
     """
-    from edgeft.export.bench import Settings, markdown
-    from edgeft.export.bench import bench as run_bench
+    from edgeft.bench import Settings, markdown
+    from edgeft.bench import bench as run_bench
 
     report = run_bench(
         path,
@@ -489,7 +496,7 @@ def bench(
     )
     for line in markdown(report):
         click.echo(line)
-    click.echo(f"Saved: {report['paths']['md']}, {report['paths']['json']}, {report['paths']['png']}")
+    click.echo(f"Saved: {', '.join(report['paths'].values())}")
 
 
 # --- chat & serve -------------------------------------------------------------------------

@@ -63,17 +63,47 @@ class TorchScorer:
         return out.float().numpy()
 
     def greedy(self, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
-        import torch
+        return torch_greedy(self.model, [prompt], max_new, stops, self.pad)[0]
 
-        with torch.no_grad():
-            out = self.model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=max_new,
-                do_sample=False,
-                eos_token_id=sorted(stops),
-                pad_token_id=self.pad,
-            )
-        return out[0, len(prompt) :].tolist()
+
+def torch_greedy(model, prompts: list[list[int]], max_new: int, stops, pad_token_id: int | None) -> list[list[int]]:
+    """PyTorch's greedy continuations of a batch of prompts (left-padded), each cut after its first stop id."""
+    import torch
+
+    width, pad = max(map(len, prompts)), pad_token_id if pad_token_id is not None else 0
+    batch = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=batch,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=sorted(stops),
+            pad_token_id=pad,
+        )
+    rows = []
+    for row in out[:, width:].tolist():
+        stop_at = next((i for i, t in enumerate(row) if t in stops), None)
+        rows.append(row if stop_at is None else row[: stop_at + 1])
+    return rows
+
+
+def og_greedy(og_model, prompt: list[int], max_new: int, stops) -> list[int]:
+    """onnxruntime-genai's greedy continuation of one prompt, ending with the first stop id if it comes."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done() and len(tokens) < max_new:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+        if tokens[-1] in stops:
+            break
+    return tokens
 
 
 class Scorer(Protocol):
@@ -143,6 +173,27 @@ def compare(
     }
     result["ppl_change_pct"] = round(100 * (result["candidate_ppl"] / result["reference_ppl"] - 1), 2)
     return result
+
+
+def teacher_forced_logits(og_model, prompt: list[int], answer: list[int]):
+    """The logits that predict each answer token, as a (len(answer), vocab) float32 array.
+
+    Two forward passes: the prompt (its last position predicts the first answer token), then the
+    answer but its last token in one chunk (every position's logits), not one step per token.
+    """
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + len(answer) + 1)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(prompt)
+    rows = [np.asarray(generator.get_logits(), dtype=np.float32).reshape(1, -1)]
+    if len(answer) > 1:
+        generator.append_tokens(answer[:-1])
+        chunk = np.asarray(generator.get_output("logits"), dtype=np.float32)
+        rows.append(chunk.reshape(len(answer) - 1, -1))
+    return np.concatenate(rows)
 
 
 def negative_log_likelihood(logits, targets: list[int]) -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from edgeft import artifacts
+from edgeft.chatdata import end_of_turn_token
 from edgeft.errors import EdgeftError, ModelError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ GGUF_MAGIC = b"GGUF"
 
 # Tokens that close an assistant turn, by chat format. The first one found in a model's chat
 # template is its end-of-turn token: training teaches the model to emit it, generation stops on it.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
 @dataclass(frozen=True)
@@ -348,14 +348,6 @@ def _chat_template(folder: Path, config: dict) -> str:
         return config["chat_template"]
     jinja = folder / "chat_template.jinja"
     return jinja.read_text() if jinja.is_file() else ""
-
-
-def end_of_turn_token(chat_template: str, vocab: dict) -> str | None:
-    """The token that closes an assistant turn in this chat format."""
-    for token in END_OF_TURN_TOKENS:
-        if token in vocab and token in chat_template:
-            return token
-    return None
 
 
 def repair_tokenizer(folder: Path) -> None:

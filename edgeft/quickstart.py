@@ -107,11 +107,8 @@ def _tune(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
 
     if _done(run_dir, "tune", force):
         return f"reusing the fine-tune in {run_dir} (--force to redo)"
-    interrupted = (
-        not force
-        and Run.is_run(run_dir)
-        and (Run.open(run_dir).stage("tune") or {}).get("status") in ("interrupted", "running")
-    )
+    record = Run.open(run_dir).tune_record() if Run.is_run(run_dir) else None
+    interrupted = not force and record is not None and record.status in ("interrupted", "running")
     if interrupted and tuning.latest_checkpoint(Run.open(run_dir)):
         log.info(f"  resuming the interrupted fine-tune in {run_dir}")
         tuning.resume(run_dir)
@@ -178,7 +175,7 @@ def _export_base(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | Non
 
 
 def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
-    from edgeft.pipeline.evaluate import evaluate, table
+    from edgeft.evaluate import evaluate, table
 
     settings = {"data": str(Path(cfg.eval_file).resolve()), "limit": cfg.limit or None, "shots": cfg.shots}
     if _done(run_dir, "eval", force, settings=settings):
@@ -197,7 +194,7 @@ def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
 
 
 def _bench(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
-    from edgeft.export.bench import Settings, bench, markdown
+    from edgeft.bench import Settings, bench, markdown
 
     if _done(run_dir, "bench", force):
         return "reusing the benchmark"

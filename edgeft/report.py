@@ -14,7 +14,7 @@ from edgeft.artifacts import Run
 
 def write_report(run: Run, bar: tuple[float, float, float]) -> Path:
     """Write RUN/report.md and return its path."""
-    from edgeft.export.bench import machine
+    from edgeft.bench import machine
 
     manifest = run.manifest()
     stages = manifest["stages"]
@@ -106,7 +106,7 @@ def _row(rows: list[dict], match) -> dict | None:
 def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float]) -> list[str]:
     if not evaluation:
         return []
-    from edgeft.pipeline.evaluate import table
+    from edgeft.evaluate import table
 
     report = json.loads(Path(evaluation["report"]).read_text())
     rows = report["rows"]
@@ -224,7 +224,7 @@ def _export(export: dict | None) -> list[str]:
 def _speed(run: Run, bench: dict | None) -> list[str]:
     if not bench:
         return []
-    from edgeft.export.bench import markdown
+    from edgeft.bench import markdown
 
     report = json.loads(Path(bench["report"]).read_text())
     lines = ["## Speed", "", *markdown(report), ""]

@@ -150,7 +150,7 @@ def unpack(packed: np.ndarray, packed_zeros: np.ndarray, scales: np.ndarray) -> 
 
 def calibration_ids(tokenizer, data_file: Path, n: int = CALIBRATION_EXAMPLES) -> list[list[int]]:
     """Token ids of up to n examples of the training data, rendered as training renders them."""
-    from edgeft.pipeline.data import ChatRenderer, end_of_turn_for, load_dataset
+    from edgeft.chatdata import ChatRenderer, end_of_turn_for, load_dataset
 
     examples = load_dataset(data_file).examples
     if not examples:

@@ -20,7 +20,7 @@ def build_optimum(model_dir: Path, out: Path, cfg) -> None:
     if cfg.precision == "fp32":
         _save(_load(raw / "model.onnx"), out / "model.onnx")
     elif cfg.precision == "int4":
-        from edgeft.export.onnx import describe
+        from edgeft.export.options import describe
 
         model_config = json.loads((model_dir / "config.json").read_text())
         log.info(f"Quantizing to int4 (MatMulNBits, {describe(cfg, model_config)})...")
@@ -86,13 +86,14 @@ def _head_node(model) -> str | None:
 
 def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
     """MatMulNBits int4, with the same head and int8 MatMul choices as the builder path."""
-    from edgeft.export.onnx import ATTENTION_MATMULS, int8_layers, int8_matmuls
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         KQuantWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
         RTNWeightOnlyQuantConfig,
     )
+
+    from edgeft.export.options import ATTENTION_MATMULS, int8_layers, int8_matmuls
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per MatMul
     model = _load(src)

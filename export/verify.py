@@ -29,26 +29,13 @@ class OnnxScorer:
     def __init__(self, folder: Path):
         import onnxruntime_genai as og
 
-        self.og, self.model = og, og.Model(str(folder))
+        self.model = og.Model(str(folder))
 
     def logits(self, prompt: list[int], answer: list[int]):
-        from edgeft.runtime.engine import teacher_forced_logits
-
-        return teacher_forced_logits(self.model, prompt, answer)
+        return fidelity.teacher_forced_logits(self.model, prompt, answer)
 
     def greedy(self, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + max_new)
-        generator = self.og.Generator(self.model, params)
-        generator.append_tokens(prompt)
-        tokens = []
-        while not generator.is_done() and len(tokens) < max_new:
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            tokens.append(token)
-            if token in stops:
-                break
-        return tokens
+        return fidelity.og_greedy(self.model, prompt, max_new, stops)
 
 
 def verify(model_dir: Path, onnx_dir: Path, cfg, *, eval_file: Path | None = None, reference=None) -> dict:
@@ -57,8 +44,9 @@ def verify(model_dir: Path, onnx_dir: Path, cfg, *, eval_file: Path | None = Non
     An fp32 export that disagrees raises ExportError; the fidelity gate's verdict is in result["gate"].
     """
     import torch
-    from edgeft.pipeline.data import reference_pairs
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeft.chatdata import reference_pairs
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

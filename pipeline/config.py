@@ -1,36 +1,24 @@
-"""Configuration dataclasses. Each field carries its help text; the CLI options are built from them.
+"""The fine-tune's configuration: each field carries its help text; the CLI options are built from it.
 
-Precedence: defaults < `--config FILE.toml` < command-line flags. The resolved config is saved in
-the run manifest, so a run can always be reproduced or resumed.
+Precedence: defaults < `--config FILE.toml` < command-line flags (edgeft.config.load_config). The
+resolved config is saved in the run manifest, so a run can always be reproduced or resumed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
+from edgeft.config import check_choices, opt
 from edgeft.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-
-def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None, **kw) -> Any:
-    """A dataclass field with CLI metadata: help text, allowed choices, optional flag name."""
-    meta = {"help": help, "choices": choices, "flag": flag}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
 class TuneConfig:
     """Everything `edgeft tune` needs. Defaults suit a ~100M-4B model on one CPU or GPU."""
+
+    TOML_SECTION: ClassVar[str] = "tune"
 
     model: str = opt("smollm2-135m", "Base model: built-in name, HF folder, .gguf file or Hub id.")
     data: str = opt("", "Training data: JSONL or JSON array (chat, alpaca, prompt/completion or text).")
@@ -110,12 +98,7 @@ class TuneConfig:
         for name, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"{name} = {getattr(self, name)!r} is invalid: it must be {allowed}.")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(
-                    f"{f.name} = {getattr(self, f.name)!r} is invalid: choose one of {', '.join(choices)}."
-                )
+        check_choices(self)
         if self.batch_tokens < self.max_seq_len:
             raise ConfigError(
                 f"batch_tokens ({self.batch_tokens}) is smaller than max_seq_len ({self.max_seq_len}): "
@@ -124,40 +107,3 @@ class TuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
-
-
-def load_config(cls, path: str | Path | None, overrides: dict[str, Any]):
-    """Build a config from a TOML file (optional) and explicit overrides (the flags the user gave)."""
-    values: dict[str, Any] = {}
-    if path:
-        path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        values = values.get("tune", values) if cls is TuneConfig else values
-    values.update(overrides)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        import difflib
-
-        hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown]
-        raise ConfigError(f"unknown setting(s) in {path or 'options'}: {', '.join(hints)}.")
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        value, want = values[f.name], _TYPES[f.type]
-        if not isinstance(value, want) or (f.type != "bool" and isinstance(value, bool)):
-            raise ConfigError(f"{f.name} = {value!r} in {path or 'options'} has the wrong type: expected {f.type}.")
-        if f.type == "float":
-            values[f.name] = float(value)
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"bad setting in {path or 'options'}: {e}") from None

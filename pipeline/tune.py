@@ -27,12 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft.pipeline.config import TuneConfig
-from edgeft.pipeline.data import IGNORE, DataReport, Tokenized, check_data, load_dataset, split_validation
-
 from edgeft import artifacts, models
 from edgeft.artifacts import Run
+from edgeft.chatdata import IGNORE, Tokenized, load_dataset
 from edgeft.errors import DataError, DeviceError, EdgeftError, ModelError
+from edgeft.pipeline.config import TuneConfig
+from edgeft.pipeline.data import DataReport, check_data, split_validation
+from edgeft.trained import base_load_kwargs, check_qlora
 
 log = logging.getLogger(__name__)
 
@@ -271,28 +272,6 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def torch_dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def check_qlora(device: str) -> None:
-    """QLoRA needs bitsandbytes 4-bit kernels for this device; say so before loading anything."""
-    import torch
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notice about optional hub kernels is noise
-    try:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to(device)
-        layer(torch.randn(1, 64, device=device))
-    except Exception as e:
-        raise DeviceError(
-            f"--method qlora needs bitsandbytes 4-bit, which does not work on {device} here ({e}). Use --method lora."
-        ) from None
-
-
 def load_model(path: Path, cfg: TuneConfig, device: str, precision: str):
     """The base model (4-bit NF4 for QLoRA) with LoRA/DoRA adapters on every linear layer.
 
@@ -331,26 +310,6 @@ def load_model(path: Path, cfg: TuneConfig, device: str, precision: str):
     except ValueError as e:
         raise ModelError(f"could not attach LoRA to {path}: {e}. Check --target-modules.") from None
     return model, torch.device(device)
-
-
-def base_load_kwargs(method: str, precision: str, device: str) -> dict:
-    """How the frozen base is loaded for training: its storage dtype, and NF4 for QLoRA.
-
-    The merge and the as-trained reference load it the same way, so they see the very weights
-    (NF4 codes, rounding to the storage dtype) that the adapter was trained against.
-    """
-    from transformers import BitsAndBytesConfig
-
-    dtype = torch_dtype(
-        "fp32" if precision == "fp16" else precision
-    )  # fp16 weights would underflow; autocast handles fp16
-    kwargs = {"dtype": dtype}
-    if method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
-        kwargs["device_map"] = {"": device if device == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))}
-    return kwargs
 
 
 def use_gradient_checkpointing(cfg: TuneConfig, device: str, config) -> bool:
@@ -787,7 +746,7 @@ def summary(run_dir: Path) -> list[str]:
     m = rec["metrics"]
     lines = [
         (
-            f"Fine-tuned {run.manifest()['base_model']['spec']} with {rec['config']['method']} on {rec['device']} "
+            f"Fine-tuned {run.base_model().spec} with {rec['config']['method']} on {rec['device']} "
             f"({rec['precision']}) in {m['train_seconds'] / 60:.1f} min: {m['steps']} steps, {m['train_tokens']:,} tokens "
             f"({m['tokens_per_second']} tokens/s)."
         ),

@@ -14,9 +14,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from edgeft.runtime.engine import ChatModel, ChatResult, ChatStream
-
 from edgeft.errors import GenerationError
+from edgeft.runtime.engine import ChatModel, ChatResult, ChatStream
 
 COMMANDS = {"/reset": "forget the conversation (keeps --system)", "/exit": "leave (or Ctrl-D)", "/help": "this list"}
 

@@ -20,10 +20,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from edgeft.runtime.template import ChatTemplate
-
 from edgeft.errors import GenerationError, ModelError
-from edgeft.fidelity import negative_log_likelihood
+from edgeft.fidelity import negative_log_likelihood, teacher_forced_logits
+from edgeft.runtime.template import ChatTemplate
 
 log = logging.getLogger("edgeft")
 
@@ -397,7 +396,7 @@ class ChatModel:
     @property
     def end_of_turn_id(self) -> int:
         """The stop id that closes an assistant turn in this chat format (<|im_end|>, <|end|>, ...)."""
-        from edgeft.models import END_OF_TURN_TOKENS
+        from edgeft.chatdata import END_OF_TURN_TOKENS
 
         for token in END_OF_TURN_TOKENS:
             if token in self.template.source:
@@ -445,27 +444,6 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity call
         return os.cpu_count() or 1
-
-
-def teacher_forced_logits(og_model: Any, prompt: list[int], answer: list[int]):
-    """The logits that predict each answer token, as a (len(answer), vocab) float32 array.
-
-    Two forward passes: the prompt (its last position predicts the first answer token), then the
-    answer but its last token in one chunk (every position's logits), not one step per token.
-    """
-    import numpy as np
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + len(answer) + 1)
-    generator = og.Generator(og_model, params)
-    generator.append_tokens(prompt)
-    rows = [np.asarray(generator.get_logits(), dtype=np.float32).reshape(1, -1)]
-    if len(answer) > 1:
-        generator.append_tokens(answer[:-1])
-        chunk = np.asarray(generator.get_output("logits"), dtype=np.float32)
-        rows.append(chunk.reshape(len(answer) - 1, -1))
-    return np.concatenate(rows)
 
 
 # --- finding and reading an export --------------------------------------------------------

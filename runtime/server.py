@@ -29,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
-from edgeft.runtime.engine import ChatModel, ChatResult, ContextLengthError
-
 from edgeft.errors import ConfigError, EdgeftError, GenerationError
+from edgeft.runtime.engine import ChatModel, ChatResult, ContextLengthError
 
 try:
     from fastapi import APIRouter, Depends, FastAPI, Request

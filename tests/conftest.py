@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeft.chatdata import END_OF_TURN_TOKENS  # the export must stop on them as well as on eos
 from tests.tiny import build_tiny_llama, build_tiny_phi3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,10 +61,6 @@ def tiny_phi3(tmp_path_factory) -> Path:
 def tiny_model(request) -> Path:
     """Both tiny architectures, one after the other."""
     return request.getfixturevalue(f"tiny_{request.param}")
-
-
-# Tokens that end a turn in the chat templates we test; the export must stop on them as well as on eos.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|end|>", "<|eot_id|>")
 
 
 def _build_test_export(hf_dir: Path, out: Path) -> Path:

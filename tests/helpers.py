@@ -55,6 +55,14 @@ def tiny_run(model_dir, root, **overrides):
     return tune(TuneConfig(**{**cfg, **overrides}))
 
 
+def merged(run_dir):
+    """The run with its merged model: the input of the export stage (the CLI merges by itself)."""
+    from edgeft.pipeline.merge import merge
+
+    merge(run_dir)
+    return run_dir
+
+
 def wait_for(condition, timeout: float = 10) -> None:
     """Poll `condition` until it is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -1,9 +1,10 @@
 import json
 
 import pytest
-from edgeft.pipeline.data import IGNORE, ChatRenderer, Example, check_data, end_of_turn_for, load_dataset
 
+from edgeft.chatdata import IGNORE, ChatRenderer, Example, end_of_turn_for, load_dataset
 from edgeft.errors import DataError
+from edgeft.pipeline.data import check_data
 from tests.helpers import run_cli
 
 

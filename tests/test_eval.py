@@ -1,12 +1,12 @@
 import json
 
 import pytest
-from edgeft.export.onnx import ExportConfig, export
-from edgeft.pipeline.evaluate import Sample, evaluate, exact_match, is_json, token_f1, with_shots
 
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, DataError
-from tests.helpers import recipes_like, run_cli
+from edgeft.evaluate import Sample, evaluate, exact_match, is_json, token_f1, with_shots
+from edgeft.export.onnx import ExportConfig, export
+from tests.helpers import merged, recipes_like, run_cli
 
 
 def test_exact_match_compares_json_as_data():
@@ -29,7 +29,7 @@ def test_shots_come_before_the_question_after_the_system_prompt():
 
 
 def test_eval_table_over_every_kind_of_model(tiny_llama_run, tiny_llama, tmp_path):
-    export(tiny_llama_run, ExportConfig(verify=False))
+    export(merged(tiny_llama_run), ExportConfig(verify=False))
     data = recipes_like(tmp_path / "eval.jsonl", n=5, seed=3)
     shots = recipes_like(tmp_path / "shots.jsonl", n=4, seed=4)
     out = run_cli(

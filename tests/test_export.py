@@ -1,13 +1,14 @@
 import json
 
 import pytest
-from edgeft.export import onnx as onnx_export
-from edgeft.export.onnx import ExportConfig, export
-from edgeft.pipeline.merge import merge
 
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, DiskSpaceError, ExportError, RunError
-from tests.helpers import run_cli
+from edgeft.export import onnx as onnx_export
+from edgeft.export import options
+from edgeft.export.onnx import ExportConfig, export
+from edgeft.pipeline.merge import merge
+from tests.helpers import merged, run_cli
 
 # --- merge ---------------------------------------------------------------------------------
 
@@ -78,7 +79,7 @@ def test_genai_export_runs_and_verifies(tiny_run_dir, precision):
 
     # Random tiny models flip greedy tokens easily (int4: 47% token agreement on the tiny Phi-3): the
     # gate would stop them, which test_fidelity covers; here the export itself is under test.
-    out = export(tiny_run_dir, cfg(precision=precision, allow_drift=True))
+    out = export(merged(tiny_run_dir), cfg(precision=precision, allow_drift=True))
     assert out == tiny_run_dir / f"onnx-{precision}"
     record = Run.open(tiny_run_dir).stage("export")
     assert record["backend"] == "genai" and record["precision"] == precision and record["size_bytes"] > 0
@@ -119,7 +120,7 @@ def test_optimum_export_loads_in_ort_model_for_causal_lm(tiny_llama_run, precisi
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
-    out = export(tiny_llama_run, cfg(precision=precision, backend="optimum"))
+    out = export(merged(tiny_llama_run), cfg(precision=precision, backend="optimum"))
     assert Run.open(tiny_llama_run).stage("export")["backend"] == "optimum"
     model = ORTModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
@@ -143,7 +144,9 @@ def _bits_by_kind(folder) -> dict[str, set[int]]:
 @pytest.mark.parametrize("backend", ["genai", "optimum"])
 @pytest.mark.parametrize("mode", ["attention", "none"])
 def test_int8_matmuls_choose_the_bit_width_per_projection(tiny_llama_run, tmp_path, backend, mode):
-    out = export(tiny_llama_run, cfg(backend=backend, int8_matmuls=mode, verify=False, output=str(tmp_path / "x")))
+    out = export(
+        merged(tiny_llama_run), cfg(backend=backend, int8_matmuls=mode, verify=False, output=str(tmp_path / "x"))
+    )
     bits = _bits_by_kind(out)
     attention = {k: v for k, v in bits.items() if k.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))}
     assert attention and set().union(*attention.values()) == ({8} if mode == "attention" else {4})
@@ -158,13 +161,11 @@ def test_auto_int8_matmuls_by_model_size():
         "vocab_size": 49152,
     }  # SmolLM2-135M
     large = {"hidden_size": 3072, "num_hidden_layers": 32, "intermediate_size": 8192, "vocab_size": 32064}  # Phi-3-mini
-    assert (
-        1.2e8 < onnx_export.estimate_parameters(small) < 1.5e8 and 3.5e9 < onnx_export.estimate_parameters(large) < 4e9
-    )
-    assert onnx_export.int8_matmuls(ExportConfig(), small) == "attention"
-    assert onnx_export.int8_matmuls(ExportConfig(), large) == "mixed"
-    assert onnx_export.int8_matmuls(ExportConfig(precision="int8"), small) == "none"
-    assert onnx_export.int8_layers("mixed", 32) == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
+    assert 1.2e8 < options.estimate_parameters(small) < 1.5e8 and 3.5e9 < options.estimate_parameters(large) < 4e9
+    assert options.int8_matmuls(ExportConfig(), small) == "attention"
+    assert options.int8_matmuls(ExportConfig(), large) == "mixed"
+    assert options.int8_matmuls(ExportConfig(precision="int8"), small) == "none"
+    assert options.int8_layers("mixed", 32) == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
 
 
 def test_builder_options_combine():
@@ -185,7 +186,7 @@ def test_builder_unsupported_falls_back_to_optimum(tiny_llama_run, monkeypatch, 
         raise onnx_export.UnsupportedByBuilder("mamba")
 
     monkeypatch.setattr(onnx_export, "build_genai", unsupported)
-    export(tiny_llama_run, cfg(verify=False))
+    export(merged(tiny_llama_run), cfg(verify=False))
     assert Run.open(tiny_llama_run).stage("export")["backend"] == "optimum"
     assert "using the optimum backend instead" in caplog.text
 
@@ -213,8 +214,14 @@ def test_fp32_mismatch_is_an_error_and_int4_advice_lists_the_levers_left():
     assert "--int8 stays closest" in advice(ExportConfig(precision="int4", quant_method="gptq"))
 
 
+def test_the_export_stage_takes_a_merged_run(tiny_llama_run):
+    with pytest.raises(RunError, match=f"no merged model yet. Merge it first: edgeft merge {tiny_llama_run}"):
+        export(tiny_llama_run, cfg())
+    assert not (tiny_llama_run / "onnx-int4").exists()
+
+
 def test_missing_files_are_named(tiny_llama_run):
-    out = export(tiny_llama_run, cfg(verify=False))
+    out = export(merged(tiny_llama_run), cfg(verify=False))
     (out / "model.onnx.data").unlink()
     with pytest.raises(ExportError, match="model.onnx.data is missing"):
         onnx_export.check_export_folder(out)

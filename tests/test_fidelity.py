@@ -6,11 +6,12 @@ import json
 import shutil
 
 import pytest
-from edgeft.pipeline.merge import Trained, as_trained_model, load_base, merge
 
 from edgeft import fidelity
 from edgeft.artifacts import Run
 from edgeft.fidelity import DriftError, Gate, judge
+from edgeft.pipeline.merge import merge
+from edgeft.trained import Trained, as_trained_model, load_base
 from tests.helpers import recipes_like, run_cli, tiny_run
 
 # The merged model computes in fp32 with the very weights the as-trained model dequantizes on the
@@ -127,7 +128,8 @@ def test_export_is_verified_against_the_model_as_trained(qlora_runs, tmp_path, m
         seen["model"] = real(trained)
         return seen["model"]
 
-    monkeypatch.setattr("edgeft.pipeline.merge.as_trained_model", spy)
+    monkeypatch.setattr("edgeft.trained.as_trained_model", spy)
+    merge(run_dir)
     export(run_dir, ExportConfig(precision="fp32", verify_samples=4))
     assert any(type(m).__name__ == "Linear4bit" for m in seen["model"].modules())  # the reference is NF4 + adapter
     check = Run.open(run_dir).stage("export")["verification"]
@@ -218,7 +220,7 @@ def test_exact_match_comes_from_teacher_forced_logits():
 
 
 def test_eval_of_a_run_shows_as_trained_and_merged_rows(qlora_runs, tmp_path):
-    from edgeft.pipeline.evaluate import evaluate
+    from edgeft.evaluate import evaluate
 
     run_dir = shutil.copytree(qlora_runs[("llama", "fp32")], tmp_path / "run")
     data = recipes_like(tmp_path / "eval.jsonl", n=3, seed=3)
@@ -239,9 +241,9 @@ def test_eval_of_a_run_shows_as_trained_and_merged_rows(qlora_runs, tmp_path):
 @pytest.mark.real
 def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp_path):
     """SmolLM2 learns a small task with QLoRA; the merged and int4 models must give its answers."""
+    from edgeft.evaluate import evaluate
     from edgeft.export.onnx import ExportConfig, export
     from edgeft.pipeline.config import TuneConfig
-    from edgeft.pipeline.evaluate import evaluate
     from edgeft.pipeline.tune import tune
 
     train, held_out = recipes_like(tmp_path / "train.jsonl", n=64), recipes_like(tmp_path / "eval.jsonl", n=24, seed=1)

@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from edgeft.export import embeddings, gptq
-from edgeft.export.onnx import ExportConfig, export
 
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError
+from edgeft.export import embeddings, gptq
+from edgeft.export.onnx import ExportConfig, export
+from tests.helpers import merged
 
 
 def _correlated_inputs(n=512, k=64, seed=0):
@@ -84,7 +85,7 @@ def test_default_int4_export_uses_gptq_and_an_int8_table(tiny_llama_run, tmp_pat
     """The tiny Llama ties its embedding to the head, like SmolLM2; its run has training data to calibrate on."""
     import onnx
 
-    out = export(tiny_llama_run, ExportConfig(verify_samples=2, int8_matmuls="none"))
+    out = export(merged(tiny_llama_run), ExportConfig(verify_samples=2, int8_matmuls="none"))
     record = Run.open(tiny_llama_run).stage("export")
     assert record["rounding"] == "gptq" and record["embeddings"] == "int8"
     assert record["gptq"]["matmuls"] == 2 * 5  # per layer: the fused qkv, o, gate, up, down (the head keeps k_quant)
@@ -116,6 +117,7 @@ def test_default_int4_export_uses_gptq_and_an_int8_table(tiny_llama_run, tmp_pat
 
 
 def test_gptq_needs_calibration_data_and_the_builder(tiny_phi3, tiny_llama_run, tmp_path):
+    merged(tiny_llama_run)
     with pytest.raises(ConfigError, match="--calibration"):
         export(tiny_phi3, ExportConfig(quant_method="gptq", output=str(tmp_path / "a")))
     with pytest.raises(ConfigError, match="genai backend"):
@@ -152,7 +154,7 @@ def test_hessians_are_each_layers_own(tiny_llama):
 
 def test_every_int4_projection_is_rounded(tiny_run_dir):
     """Llama stacks q, k, v into the builder's qkv_proj; Phi-3 fuses gate and up in torch, which the builder splits."""
-    export(tiny_run_dir, ExportConfig(verify=False, int8_matmuls="none"))
+    export(merged(tiny_run_dir), ExportConfig(verify=False, int8_matmuls="none"))
     assert (
         Run.open(tiny_run_dir).stage("export")["gptq"]["matmuls"] == 2 * 5
     )  # qkv, o, gate, up, down in each of 2 layers

@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
+
 from edgeft.runtime import ChatModel
 from edgeft.runtime.chat import chat_loop
-
 from tests.helpers import run_cli
 
 

@@ -10,11 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from edgeft.runtime import ChatModel, ChatResult
-from edgeft.runtime.engine import StopStringFilter
 
 from edgeft.artifacts import Run
 from edgeft.errors import EdgeftError, GenerationError, ModelError
+from edgeft.runtime import ChatModel, ChatResult
+from edgeft.runtime.engine import StopStringFilter
 
 HI = [{"role": "user", "content": "hi"}]
 

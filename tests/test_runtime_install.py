@@ -28,7 +28,8 @@ def _run(*cmd, **kwargs) -> subprocess.CompletedProcess:
 def fresh_env(tmp_path_factory) -> Path:
     """A new venv (no system site-packages) with only the edgeft wheel and its base dependencies."""
     root = tmp_path_factory.mktemp("fresh")
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", REPO)
+    build = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", REPO)
+    (root / "build.log").write_text(build.stdout + build.stderr)
     wheel = next((root / "dist").glob("edgeft-*.whl"))
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(root / "venv")
     python = root / "venv" / "bin" / "python"
@@ -52,6 +53,23 @@ def test_base_install_runs_the_runtime_without_torch(fresh_env, tiny_llama_expor
         "print('ok')\n"
     )
     assert _run(fresh_env, "-c", code).stdout.strip() == "ok"
+
+
+def test_the_wheel_builds_quietly_and_carries_the_web_page(fresh_env):
+    import zipfile
+
+    root = fresh_env.parents[2]
+    log = (root / "build.log").read_text()
+    assert "Warning" not in log and "warn" not in log.lower(), log  # a new user's first screen is clean
+    wheel = next((root / "dist").glob("edgeft-*.whl"))
+    assert "edgeft/runtime/web/index.html" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_base_install_benchmarks_without_matplotlib(fresh_env, tiny_llama_export, tmp_path):
+    edgeft = fresh_env.parent / "edgeft"
+    out = _run(edgeft, "bench", tiny_llama_export, "--runs", "1", "--decode-tokens", "4", "--output", tmp_path / "b")
+    assert "bench.md" in out.stdout and "bench.png" not in out.stdout
+    assert (tmp_path / "b" / "bench.json").is_file()
 
 
 def test_base_install_has_the_chat_command_and_explains_serve(fresh_env, tiny_llama_export):

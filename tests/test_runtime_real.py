@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from edgeft.runtime import ChatModel
 
+from edgeft.runtime import ChatModel
 from tests.conftest import _build_test_export
 
 pytestmark = pytest.mark.real

@@ -13,9 +13,9 @@ import sys
 import httpx
 import openai
 import pytest
+
 from edgeft.runtime import ChatModel
 from edgeft.runtime.server import create_app
-
 from tests.helpers import LiveServer, SlowModel, wait_for
 
 HI = [{"role": "user", "content": "hi"}]

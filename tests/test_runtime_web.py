@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from edgeft.runtime import ChatModel
 from edgeft.runtime.server import create_app
-
 from tests.helpers import LiveServer, SlowModel, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -3,12 +3,13 @@ import os
 import signal
 
 import pytest
-from edgeft.pipeline import tune as tuning
-from edgeft.pipeline.config import TuneConfig, load_config
-from edgeft.pipeline.data import IGNORE, Tokenized
 
 from edgeft.artifacts import Run
+from edgeft.chatdata import IGNORE, Tokenized
+from edgeft.config import load_config
 from edgeft.errors import ConfigError, DataError, DeviceError, DiskSpaceError, ModelError, RunError
+from edgeft.pipeline import tune as tuning
+from edgeft.pipeline.config import TuneConfig
 from tests.helpers import recipes_like, run_cli
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -19,11 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeft.runtime.engine import default_threads, og_config
-
 from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.errors import EdgeftError, ExportError
+from edgeft.runtime.engine import default_threads, og_config
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +344,9 @@ def _optimum_export(folder: Path, source: Path, run: Run | None) -> Path | None:
 def _base_gguf(run: Run | None) -> Path | None:
     from edgeft.models import builtin_path
 
-    spec = run.manifest()["base_model"]["spec"] if run else "smollm2-135m"
+    spec = run.base_model().spec if run else "smollm2-135m"
     for candidate in (
-        Path(run.manifest()["base_model"]["path"]) / "source.gguf" if run else None,
+        run.base_model().path / "source.gguf" if run else None,
         builtin_path(spec) / "source.gguf",
     ):
         if candidate is not None and candidate.is_file():
@@ -399,8 +398,8 @@ def bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     artifacts.write_json_atomic(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text("\n".join(markdown(report)) + "\n")
-    chart(report, out_dir / "bench.png")
-    report["paths"] = {k: str(out_dir / f"bench.{k}") for k in ("json", "md", "png")}
+    kinds = ("md", "json", "png") if chart(report, out_dir / "bench.png") else ("md", "json")
+    report["paths"] = {k: str(out_dir / f"bench.{k}") for k in kinds}
     if run:
         run.record_stage(
             "bench", status="done", report=str(out_dir / "bench.json"), results=results, finished_at=artifacts.now()
@@ -461,7 +460,13 @@ def markdown(report: dict) -> list[str]:
     return lines
 
 
-def chart(report: dict, path: Path) -> None:
+def chart(report: dict, path: Path) -> bool:
+    """bench.png, where matplotlib is installed (the train extra has it; the base install does not)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        log.info("No bench.png: matplotlib is not installed (pip install 'edgeft[train]' adds it).")
+        return False
     from edgeft.plots import bar_chart
 
     ok = [r for r in report["results"] if "error" not in r]
@@ -473,3 +478,4 @@ def chart(report: dict, path: Path) -> None:
             title=f"Decode speed, {report['threads']} threads ({report['machine'].split(',')[0]})",
             ylabel="tokens / s",
         )
+    return bool(ok)

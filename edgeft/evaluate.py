@@ -120,6 +120,8 @@ def _fine_tuned_export(folder: Path) -> bool:
 
 
 def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
+    from edgeft.chatdata import prompt_and_reference
+
     dataset = load_dataset_checked(path)
     rows = []
     for ex in dataset.examples:
@@ -127,18 +129,15 @@ def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
             raise DataError(
                 f"{path} is plain text; evaluation needs chat data whose last message is the assistant's answer."
             )
-        if ex.messages[-1]["role"] != "assistant":
-            continue
-        rows.append(
-            Sample([{"role": m["role"], "content": m["content"]} for m in ex.messages[:-1]], ex.messages[-1]["content"])
-        )
+        if (pair := prompt_and_reference(ex)) is not None:
+            rows.append(Sample(*pair))
     if not rows:
         raise DataError(f"{path} has no example that ends with an assistant answer to compare against.")
     return rows[:limit] if limit else rows
 
 
 def load_dataset_checked(path: str | Path):
-    from edgeft.pipeline.data import load_dataset
+    from edgeft.chatdata import load_dataset
 
     dataset = load_dataset(path)
     if dataset.problems:
@@ -204,47 +203,34 @@ class TorchBackend:
 
     def __init__(self, candidate: Candidate):
         import torch
-        from edgeft.pipeline.data import end_of_turn_for
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from edgeft.chatdata import stop_ids
 
         torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(candidate.path)
         self.tokenizer.padding_side = "left"
         if candidate.kind == "as-trained":
-            from edgeft.pipeline.merge import Trained, as_trained_model
+            from edgeft.trained import Trained, as_trained_model
 
             self.model = as_trained_model(Trained.of(candidate.run))
         else:
             self.model = AutoModelForCausalLM.from_pretrained(candidate.path, dtype=torch.float32).eval()
-        eot = self.tokenizer.convert_tokens_to_ids(end_of_turn_for(self.tokenizer))
-        self.stops = sorted({i for i in (eot, self.tokenizer.eos_token_id) if i is not None})
+        self.stops = stop_ids(self.tokenizer)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
     def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int]]:
-        torch = self.torch
+        from edgeft.fidelity import torch_greedy
+
         ids = [self.prompt_ids(m) for m in prompts]
-        width = max(map(len, ids))
-        pad = self.tokenizer.pad_token_id
-        batch = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=batch,
-                attention_mask=mask,
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                eos_token_id=self.stops,
-                pad_token_id=pad,
-            )
         results = []
-        for row in out[:, width:].tolist():
-            stop_at = next((i for i, t in enumerate(row) if t in self.stops), None)
-            tokens = row[:stop_at] if stop_at is not None else row
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            results.append((text, "stop" if stop_at is not None else "length", len(tokens) + (stop_at is not None)))
+        for row in torch_greedy(self.model, ids, max_tokens, set(self.stops), self.tokenizer.pad_token_id):
+            stopped = bool(row) and row[-1] in self.stops
+            text = self.tokenizer.decode(row[:-1] if stopped else row, skip_special_tokens=True)
+            results.append((text, "stop" if stopped else "length", len(row)))
         return results
 
     def nll(self, messages: list[dict], reference: str) -> tuple[float, int]:
@@ -332,7 +318,8 @@ def _shot_pool(todo: list[Candidate], shots: int, shots_file, data) -> list[Samp
     source = shots_file
     if source is None:
         run = next((c.run for c in todo if c.run), None)
-        source = (run.stage("tune") or {}).get("config", {}).get("data") if run else None
+        record = run.tune_record() if run else None
+        source = record.data if record else None
     if source is None:
         raise ConfigError("--shots needs solved examples: pass --shots-file TRAIN.jsonl (never the evaluation file).")
     if Path(source).resolve() == Path(data).resolve():
