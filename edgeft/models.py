@@ -445,8 +445,14 @@ def _cached(name: str, path: Path, builtin: bool, description: str, download: in
 
 
 def remove_model(name: str) -> Path:
+    """Delete one entry of the cache, by name: never a path, never anything outside the cache."""
+    if not name or name != Path(name).name or name.startswith("."):
+        raise ModelError(
+            f"{name!r} is not a model name. `edgeft models rm` removes an entry of the cache by its name (see "
+            "`edgeft models list`), never a path."
+        )
     path = models_dir() / name
-    if not path.is_dir() or name.startswith("."):
+    if not path.is_dir() or path.is_symlink():
         raise ModelError(f"no cached model named {name!r} in {models_dir()}. See `edgeft models list`.")
     shutil.rmtree(path)
     return path

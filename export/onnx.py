@@ -54,6 +54,12 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
     )
     if out.exists() and not force:
         raise ExportError(f"{out} already exists. Pass --force to export again.")
+    if out.exists() and not (out / "edgeft-export.json").is_file():
+        # --force replaces an earlier export, never a run directory or a folder of someone else's.
+        raise ExportError(
+            f"{out} exists and is not an edgeft export (no edgeft-export.json in it); refusing to replace "
+            "it. Choose another --output."
+        )
     merged_size = artifacts.dir_size(source.model_dir)
     artifacts.check_free_space(out.parent if out.parent.exists() else Path("."), merged_size * 3, "exporting")
     calibration = _calibration_file(cfg, source.run)

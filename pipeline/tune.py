@@ -343,7 +343,9 @@ def save_checkpoint(run: Run, accelerator, model, optimizer, scheduler, state: d
 
     target = run.checkpoints_dir / f"step-{state['step']:06d}"
     artifacts.check_free_space(run.path, _adapter_bytes(model) * 4 + 50_000_000, "writing a checkpoint")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+    rng = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     with artifacts.staged_dir(target, force=True, what="checkpoint") as tmp:
@@ -358,11 +360,21 @@ def save_checkpoint(run: Run, accelerator, model, optimizer, scheduler, state: d
     return target
 
 
+CHECKPOINT_NAME = re.compile(r"step-\d{6,}")
+
+
 def latest_checkpoint(run: Run) -> Path | None:
+    """The checkpoint `latest.json` points at: only ever a step-NNNNNN folder of this run's checkpoints."""
     pointer = run.checkpoints_dir / "latest.json"
     if not pointer.is_file():
         return None
-    path = run.checkpoints_dir / artifacts.read_json(pointer, "checkpoint pointer")["checkpoint"]
+    name = artifacts.read_json(pointer, "checkpoint pointer").get("checkpoint")
+    if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+        raise artifacts.RunError(
+            f"{pointer} does not name a checkpoint of this run (found {name!r}, expected step-NNNNNN). "
+            f"Delete {run.checkpoints_dir} and start over with --force."
+        )
+    path = run.checkpoints_dir / name
     return path if (path / "state.json").is_file() else None
 
 
@@ -374,11 +386,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
     weights = load_file(path / "adapter" / "adapter_model.safetensors")
     set_peft_model_state_dict(model, weights)
-    saved = torch.load(path / "trainer.pt", weights_only=False)
+    # Tensors, numbers, strings and containers only: a checkpoint from a shared folder cannot run code.
+    # On the CPU first, so a checkpoint written on a GPU resumes anywhere; the optimizer moves its state.
+    try:
+        saved = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise artifacts.RunError(
+            f"{path / 'trainer.pt'} cannot be loaded as plain tensors and numbers ({str(e).splitlines()[0][:200]}). "
+            "It is corrupt, or was written by an older edgeft. Start the run over with --force."
+        ) from None
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    random.setstate(saved["rng"]["python"])
-    np.random.set_state(saved["rng"]["numpy"])
+    python_state = saved["rng"]["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    n = saved["rng"]["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(saved["rng"]["torch"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
@@ -676,14 +698,24 @@ def _append(path: Path, entry: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines for steps after the checkpoint: the resumed run writes them again."""
+    """Drop log lines for steps after the checkpoint (the resumed run writes them again), and a line
+    torn by a kill or a full disk; the file is replaced in one rename, never left half-written."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [json.dumps(row) + "\n" for row in read_metrics(path) if row["step"] <= step]
+        artifacts.write_text_atomic(path, "".join(kept))
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    """The metrics log; a line that is not a whole JSON object (torn by a kill) is skipped."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def _metrics(state: dict, metrics_path: Path) -> dict:

@@ -1,0 +1,102 @@
+"""Nothing deleted, replaced or executed that should not be, and nothing lost to a torn write."""
+
+import json
+import os
+import pickle
+import signal
+import stat
+
+import pytest
+
+from edgeft import artifacts
+from edgeft.artifacts import Run
+from edgeft.errors import ExportError, ModelError, RunError
+from edgeft.pipeline import tune as tuning
+from tests.helpers import merged, recipes_like, run_cli
+from tests.test_tune import small_config
+
+
+def test_models_rm_takes_a_cache_name_never_a_path(tmp_path):
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "data.txt").write_text("keep me")
+    for name in (str(victim), "../precious", "..", ".", "a/b", ""):
+        result = run_cli("models", "rm", name, ok=False)
+        assert result.exit_code == 1 and "Traceback" not in result.output, name
+    assert (victim / "data.txt").read_text() == "keep me"
+    from edgeft.models import remove_model
+
+    with pytest.raises(ModelError, match="never a path"):
+        remove_model(str(victim))
+
+
+def test_export_force_replaces_only_an_export(tiny_llama_run, tmp_path):
+    from edgeft.export.onnx import ExportConfig, export
+
+    merged(tiny_llama_run)
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("keep me")
+    for target in (unrelated, tiny_llama_run):
+        with pytest.raises(ExportError, match="is not an edgeft export"):
+            export(tiny_llama_run, ExportConfig(verify=False, output=str(target)), force=True)
+    assert (unrelated / "notes.txt").read_text() == "keep me" and Run.is_run(tiny_llama_run)
+    out = export(tiny_llama_run, ExportConfig(verify=False, output=str(tmp_path / "x")))
+    assert export(tiny_llama_run, ExportConfig(verify=False, output=str(out)), force=True) == out  # an export: yes
+
+
+@pytest.fixture
+def interrupted_run(tmp_path, tiny_llama):
+    """A run stopped by Ctrl-C at step 3, with a checkpoint."""
+    data = recipes_like(tmp_path / "train.jsonl", n=24)
+
+    def interrupt(entry):
+        if entry["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(tuning.TrainingInterrupted):
+        tuning.tune(small_config(tiny_llama, data, tmp_path / "run", epochs=2, save_every=2), on_step=interrupt)
+    return Run.open(tmp_path / "run")
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_cannot_run_code(interrupted_run, tmp_path):
+    checkpoint = tuning.latest_checkpoint(interrupted_run)
+    (checkpoint / "trainer.pt").write_bytes(pickle.dumps({"optimizer": Boom()}))
+    with pytest.raises(RunError, match="cannot be loaded as plain tensors"):
+        tuning.resume(interrupted_run.path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_checkpoint_pointer_stays_inside_the_run(interrupted_run):
+    pointer = interrupted_run.checkpoints_dir / "latest.json"
+    for bad in ({"checkpoint": "../../elsewhere"}, {"checkpoint": "/tmp/x"}, {"step": 3}, {"checkpoint": 7}):
+        pointer.write_text(json.dumps(bad))
+        result = run_cli("tune", "--resume", interrupted_run.path, ok=False)
+        assert result.exit_code == 1 and "does not name a checkpoint of this run" in result.output, bad
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(interrupted_run):
+    metrics = interrupted_run.logs_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"type": "train", "step": 4, "lo')  # killed mid-write
+    assert all(isinstance(r["step"], int) for r in tuning.read_metrics(metrics))
+    assert "Fine-tuned" in run_cli("tune", "--resume", interrupted_run.path).output
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        artifacts.write_json_atomic(tmp_path / "m.json", {"a": 1})
+        with artifacts.staged_dir(tmp_path / "out") as staged:
+            (staged / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # not mkdtemp's 0700
