@@ -547,6 +547,12 @@ def chat(path: Path, system: str | None, prompt: str | None, threads: int | None
 @click.option("--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 503.")
 @click.option("--max-body", default=1_000_000, show_default=True, help="Largest request body accepted, in bytes.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime per answer.  [default: all cores]")
+@click.option(
+    "--cors-origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable). Others are refused.",
+)
 def serve(
     path: Path,
     host: str,
@@ -556,6 +562,7 @@ def serve(
     queue_size: int,
     max_body: int,
     threads: int | None,
+    cors_origins: tuple[str, ...],
 ) -> None:
     """Serve an exported model: OpenAI-compatible API at /v1 and a web chat page at /.
 
@@ -564,6 +571,8 @@ def serve(
       curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "edgeft", "messages": [{"role": "user", "content": "Hi!"}]}'
     or open http://127.0.0.1:8000/ in a browser.
+    Without --api-key on 127.0.0.1 it answers only to localhost names and JSON bodies, and no web
+    page of another origin may call it (unless --cors-origins): a site you visit cannot use it.
     """
     from edgeft.errors import ConfigError
 
@@ -581,6 +590,7 @@ def serve(
         parallel=parallel,
         max_queue=queue_size,
         max_body=max_body,
+        cors_origins=cors_origins,
     )
 
 

@@ -31,6 +31,7 @@ EXPORT_FOLDERS = ("onnx-int4", "onnx-int8", "onnx-fp32")  # preference order ins
 REQUIRED_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json")
 MAX_STOP_STRINGS = 4  # as in OpenAI's API; each one costs a scan per token
 MAX_SEED = 2**31 - 1  # onnxruntime-genai's random_seed is a C++ int
+MAX_TOP_K = 2**31 - 1  # a C++ int too; above the vocabulary it means "no limit"
 
 
 class ContextLengthError(GenerationError):
@@ -58,7 +59,7 @@ class GenerationOptions:
         self.top_p = _check_float("top_p", self.top_p, low=0.0, high=1.0, allowed="greater than 0, at most 1")
         if self.top_p == 0.0:
             raise GenerationError("top_p must be greater than 0 and at most 1, got 0.")
-        self.top_k = _check_int("top_k", self.top_k, low=0)
+        self.top_k = _check_int("top_k", self.top_k, low=0, high=MAX_TOP_K)
         self.repetition_penalty = _check_float(
             "repetition_penalty", self.repetition_penalty, low=0.0, high=10.0, allowed="greater than 0, at most 10"
         )
@@ -416,7 +417,9 @@ class ChatModel:
         if temperature > 0:
             search["temperature"] = temperature
             search["top_p"] = opts.top_p if opts.top_p is not None else float(defaults.get("top_p", 1.0))
-            search["top_k"] = opts.top_k if opts.top_k is not None else int(defaults.get("top_k", 50))
+            top_k = opts.top_k if opts.top_k is not None else int(defaults.get("top_k", 50))
+            # onnxruntime-genai sorts top_k candidates: more than the vocabulary is "no limit" (and crashed it).
+            search["top_k"] = min(top_k, int(self.genai_config["model"].get("vocab_size", top_k)))
         if opts.repetition_penalty is not None:
             search["repetition_penalty"] = opts.repetition_penalty
         if opts.seed is not None:

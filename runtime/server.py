@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
@@ -200,8 +200,16 @@ async def read_json(request: Request, max_body: int) -> dict:
             )
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to be a chat request.") from None
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also a number of thousands of digits
         raise ApiError(400, f"the request body is not valid JSON ({e}).") from None
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800" parses as JSON, but no tokenizer or reply can carry it
+        raise ApiError(
+            400, "the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text."
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}.")
     return data
@@ -278,8 +286,15 @@ def create_app(
     max_queue: int = 8,
     max_body: int = DEFAULT_MAX_BODY,
     parallel: int = 1,
+    local_only: bool = False,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
-    """The ASGI app serving `model`; `api_key` (if set) is required as `Authorization: Bearer KEY` on /v1."""
+    """The ASGI app serving `model`; `api_key` (if set) is required as `Authorization: Bearer KEY` on /v1.
+
+    `local_only` (a loopback server with no API key, as `serve` sets it) also refuses a Host that is
+    not this machine (DNS rebinding) and POST bodies that are not JSON (a cross-site form). In every
+    mode a browser request from another origin is refused unless it is in `cors_origins`.
+    """
     if parallel < 1 or max_queue < 0 or max_body < 1:
         raise ConfigError(
             f"parallel must be at least 1, max_queue at least 0 and max_body at least 1; "
@@ -295,6 +310,22 @@ def create_app(
 
     app = FastAPI(title="edgeft", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.scheduler, app.state.model = scheduler, model
+    allowed_origins = {o.rstrip("/") for o in cors_origins}
+
+    @app.middleware("http")
+    async def browser_guard(request: Request, call_next):
+        error = _browser_check(request, local_only=local_only, allowed_origins=allowed_origins)
+        return error.response() if error else await call_next(request)
+
+    if allowed_origins:  # added last, so it runs first: it answers the browser's preflight itself
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=sorted(allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
     page = resources.files("edgeft.runtime").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(ApiError)
@@ -331,7 +362,9 @@ def create_app(
             "status": "ok",
             "model": model.name,
             "running": scheduler.running,
-            "waiting": scheduler.admitted - scheduler.running,
+            # A streaming response gives its ticket back when the client is gone, maybe a token
+            # before its worker thread stops: never report that moment as -1 waiting.
+            "waiting": max(0, scheduler.admitted - scheduler.running),
         }
 
     @v1.get("/models")
@@ -353,25 +386,31 @@ def create_app(
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         messages, options, stream_it, include_usage = parse_chat_request(await read_json(request, max_body))
-        try:
-            # Renders and tokenizes (off the event loop: a long prompt takes a moment) and checks
-            # every option and the context length, all before the request takes a place in the queue.
-            stream = await run_in_threadpool(model.stream, messages, **options)
-        except ContextLengthError as e:
-            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
-        except GenerationError as e:
-            raise ApiError(400, str(e)) from None
+        # A place in the queue first: rendering and tokenizing cost CPU, which a full server must not spend.
         ticket = scheduler.admit()
         if ticket is None:
             raise ApiError(
                 503,
                 f"the server is busy: {scheduler.running} answers running and "
-                f"{scheduler.admitted - scheduler.running} waiting (the most is {parallel} + {max_queue}). "
+                f"{max(0, scheduler.admitted - scheduler.running)} waiting (the most is {parallel} + {max_queue}). "
                 f"Retry in a few seconds.",
                 type="server_error",
                 code="server_busy",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
+        try:
+            # Renders and tokenizes (off the event loop: a long prompt takes a moment) and checks
+            # every option and the context length before any generation.
+            stream = await run_in_threadpool(model.stream, messages, **options)
+        except ContextLengthError as e:
+            ticket.release()
+            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+        except GenerationError as e:
+            ticket.release()
+            raise ApiError(400, str(e)) from None
+        except BaseException:
+            ticket.release()
+            raise
         completion_id, started = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream_it:
             events = _sse(scheduler.run(stream, ticket), completion_id, started, model.name, include_usage)
@@ -385,6 +424,44 @@ def create_app(
 
     app.include_router(v1)
     return app
+
+
+def _browser_check(request: Request, *, local_only: bool, allowed_origins: set[str]) -> ApiError | None:
+    """What a web page the user happens to visit must not be able to do with this server."""
+    host = request.headers.get("host", "")
+    if local_only and not _is_loopback(_hostname(host)):
+        return ApiError(
+            403,
+            f"Host {host!r} is not this machine: a server without an API key answers only to localhost names "
+            "(DNS rebinding guard). Set --api-key to serve other names.",
+            type="permission_error",
+            code="forbidden_host",
+        )
+    origin = (request.headers.get("origin") or "").rstrip("/")
+    same_origin = origin.split("://", 1)[-1] == host
+    if origin and not same_origin and origin not in allowed_origins:
+        return ApiError(
+            403,
+            f"requests from the web page at {origin} are not allowed. Start the server with --cors-origins {origin} "
+            "to allow them.",
+            type="permission_error",
+            code="forbidden_origin",
+        )
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if local_only and request.method == "POST" and content_type != "application/json":
+        return ApiError(
+            415,
+            f"send the request as JSON with the header 'Content-Type: application/json' (got {content_type or 'none'!r}).",
+            code="unsupported_media_type",
+        )
+    return None
+
+
+def _hostname(host: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1', 'localhost' -> 'localhost'."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _check_key(header: str | None, api_key: str) -> None:
@@ -511,6 +588,7 @@ def serve(
     max_queue: int = 8,
     max_body: int = DEFAULT_MAX_BODY,
     log_level: str = "info",
+    cors_origins: Sequence[str] = (),
 ) -> None:
     """Load the model at `path` and serve it until Ctrl-C."""
     import uvicorn
@@ -524,7 +602,15 @@ def serve(
             API_KEY_ENV,
         )
     model = ChatModel.load(path, threads=threads)
-    app = create_app(model, api_key=api_key, max_queue=max_queue, max_body=max_body, parallel=parallel)
+    app = create_app(
+        model,
+        api_key=api_key,
+        max_queue=max_queue,
+        max_body=max_body,
+        parallel=parallel,
+        local_only=_is_loopback(host) and not api_key,
+        cors_origins=cors_origins,
+    )
     shown = f"[{host}]" if ":" in host else host
     log.info(
         "Serving %s on http://%s:%d  (web chat at /, OpenAI API at /v1%s). Ctrl-C stops.",

@@ -219,6 +219,12 @@ BAD_REQUESTS = [
     ({"messages": HI, "model": 5}, "model must be a string"),
     ({"messages": HI, "temprature": 0.5}, "unrecognized request argument: temprature"),
     ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
+    ({"messages": HI, "top_k": 2**31}, "top_k must be 0 to"),
+    ({"messages": HI, "top_k": 10**20}, "top_k must be 0 to"),
+    (b"[" * 100_000, "nested too deeply"),
+    (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "lone UTF-16 surrogate"),
+    (b'{"\\udc00": 1}', "lone UTF-16 surrogate"),
 ]
 
 
@@ -233,6 +239,55 @@ def test_bad_requests_get_400_in_openai_shape(server, body, message):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_top_k_beyond_the_vocabulary_means_no_limit(client):
+    reply = client.chat.completions.create(
+        model="edgeft", messages=HI, max_tokens=3, temperature=1.0, extra_body={"top_k": 10**6}
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_loopback_server_without_key_answers_only_this_machine(model):
+    live = LiveServer(create_app(model, local_only=True))
+    try:
+        ok = {"messages": HI, "max_tokens": 2}
+        assert live.post(ok).status_code == 200
+        for host in ("evil.example", "evil.example:80", "192.168.1.5:8000"):  # DNS rebinding: the name is not ours
+            r = live.post(ok, headers={"Host": host})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_host", host
+        assert httpx.get(f"{live.url}/health", headers={"Host": "localhost:8000"}).status_code == 200
+        form = httpx.post(
+            f"{live.url}/v1/chat/completions", content=json.dumps(ok), headers={"Content-Type": "text/plain"}
+        )
+        assert form.status_code == 415 and "application/json" in form.json()["error"]["message"]
+        r = live.post(ok, headers={"Origin": "https://evil.example"})  # a page on another site
+        assert r.status_code == 403 and "--cors-origins https://evil.example" in r.json()["error"]["message"]
+        assert live.post(ok, headers={"Origin": live.url}).status_code == 200  # the server's own web page
+    finally:
+        live.stop()
+
+
+def test_named_origins_may_call_the_api(model):
+    live = LiveServer(create_app(model, local_only=True, cors_origins=["http://localhost:3000"]))
+    try:
+        preflight = httpx.options(
+            f"{live.url}/v1/chat/completions",
+            headers={
+                "Origin": "http://localhost:3000",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = live.post({"messages": HI, "max_tokens": 2}, headers={"Origin": "http://localhost:3000"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert (
+            live.post({"messages": HI, "max_tokens": 2}, headers={"Origin": "http://localhost:3001"}).status_code == 403
+        )
+    finally:
+        live.stop()
+
+
 def test_prompt_over_the_context_is_400_context_length_exceeded(client, stream):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
