@@ -250,9 +250,14 @@ class Run:
         """Start a new run directory; an existing run is replaced only with `force`."""
         path = Path(path)
         cls.check_new(path, force=force)
-        if path.exists() and any(path.iterdir()):
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            if path.exists() and any(path.iterdir()):
+                shutil.rmtree(path)
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(
+                f"cannot create the run directory {path}: {e.strerror or e}. Choose another --output."
+            ) from None
         run = cls(path)
         write_json_atomic(
             run.manifest_path,
@@ -274,9 +279,16 @@ class Run:
         if not cls.is_run(path):
             raise RunError(f"{path} is not an edgeft run (no {MANIFEST} in it). Create one with `edgeft tune`.")
         run = cls(path)
-        version = run.manifest().get("schema_version")
+        manifest = run.manifest()
+        version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise RunError(f"{run.manifest_path} has schema version {version!r}; this edgeft reads {SCHEMA_VERSION}.")
+        stages = manifest.get("stages", {})
+        if not isinstance(stages, dict) or not all(isinstance(s, dict) for s in stages.values()):
+            raise RunError(
+                f"{run.manifest_path} is damaged: 'stages' must map stage names to objects. "
+                "Restore it from a backup or start the run over."
+            )
         return run
 
     # --- manifest -----------------------------------------------------------------------

@@ -113,6 +113,8 @@ def _parse(raw: bytes, path: Path) -> tuple[list[tuple[str, Any]], list[Problem]
             ]
         except json.JSONDecodeError as e:
             return [], [Problem(f"line {e.lineno}", f"invalid JSON: {e.msg} (column {e.colno})")]
+        except (RecursionError, ValueError) as e:  # nested thousands deep; a number of thousands of digits
+            return [], [Problem("item 1", f"unusable JSON: {_json_trouble(e)}")]
         if isinstance(data, list):
             return [(f"item {i + 1}", obj) for i, obj in enumerate(data)], []
         return [("item 1", data)], []
@@ -144,7 +146,15 @@ def _parse(raw: bytes, path: Path) -> tuple[list[tuple[str, Any]], list[Problem]
             records.append((where, json.loads(text)))
         except json.JSONDecodeError as e:
             problems.append(Problem(where, f"invalid JSON: {e.msg} (column {e.colno})"))
+        except (RecursionError, ValueError) as e:
+            problems.append(Problem(where, f"unusable JSON: {_json_trouble(e)}"))
     return records, problems
+
+
+def _json_trouble(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply to be an example"
+    return str(e).split(";")[0]  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
 
 
 def _line_of(raw: bytes, offset: int) -> str:

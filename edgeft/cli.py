@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers, onnxruntime) are imported inside the libra
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -595,4 +596,12 @@ def serve(
 
 
 def main() -> None:
+    # SIGTERM (kill, docker stop, a CI timeout) unwinds like Ctrl-C: staged folders are removed and a
+    # running builder or pip subprocess is killed, instead of hidden temp folders left forever.
+    # (Training and the server install their own handlers while they run.)
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="edgeft")
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -48,6 +48,8 @@ def load_config(cls, path: str | Path | None, overrides: dict[str, Any]):
             values = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
+            raise ConfigError(f"config file {path} is not a readable TOML text file ({e}).") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         section = getattr(cls, "TOML_SECTION", None)  # e.g. a [tune] table; a flat file works too

@@ -200,7 +200,9 @@ def cache_entry_problem(path: Path) -> str | None:
         return "it was never completed (no marker file)"
     try:
         files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
+        if not isinstance(files, dict) or not all(isinstance(m, dict) and "size" in m for m in files.values()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, OSError):
         return "its marker file is corrupt"
     for rel, meta in files.items():
         f = path / rel
@@ -430,7 +432,7 @@ def list_models() -> list[CachedModel]:
         for path in sorted(models_dir().iterdir()):
             if path.is_dir() and not path.name.startswith(".") and path.name not in BUILTINS:
                 source = ""
-                if (path / MARKER).is_file():
+                if (path / MARKER).is_file() and cache_entry_problem(path) is None:  # a corrupt marker: shown as broken
                     source = json.loads((path / MARKER).read_text()).get("source", "")
                 rows.append(_cached(path.name, path, False, f"converted from {source}" if source else "", 0))
     return rows

@@ -30,7 +30,8 @@ from pathlib import Path
 from edgeft import artifacts, models
 from edgeft.artifacts import Run
 from edgeft.chatdata import IGNORE, Tokenized, load_dataset
-from edgeft.errors import DataError, DeviceError, EdgeftError, ModelError
+from edgeft.config import load_config
+from edgeft.errors import ConfigError, DataError, DeviceError, EdgeftError, ModelError
 from edgeft.pipeline.config import TuneConfig
 from edgeft.pipeline.data import DataReport, check_data, split_validation
 from edgeft.trained import base_load_kwargs, check_qlora
@@ -479,7 +480,12 @@ def resume(run_dir: str | Path, *, on_step: Callable[[dict], None] | None = None
         raise artifacts.RunError(f"{run.path} has no tune stage to resume.")
     if record.get("status") == "done":
         raise artifacts.RunError(f"run {run.path} already finished training. Next: edgeft export {run.path} --int4")
-    cfg = TuneConfig(**record["config"])
+    try:
+        cfg = load_config(TuneConfig, None, dict(record.get("config") or {}))
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"the saved config in {run.manifest_path} cannot be used ({e}). Start the run over with --force."
+        ) from None
     checkpoint = latest_checkpoint(run)
     if checkpoint is None:
         raise artifacts.RunError(f"run {run.path} has no checkpoint to resume from. Start it over with --force.")

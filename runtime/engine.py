@@ -499,7 +499,14 @@ def check_export(folder: Path) -> Path:
                 "Pass runs/NAME or runs/NAME/onnx-int4 after `edgeft export runs/NAME --int4`."
             )
     genai_config = _read_json(folder / "genai_config.json")
-    model_file = genai_config.get("model", {}).get("decoder", {}).get("filename", "model.onnx")
+    decoder = genai_config.get("model")
+    decoder = decoder.get("decoder") if isinstance(decoder, dict) else None
+    if not isinstance(decoder, dict) or not isinstance(decoder.get("filename", "model.onnx"), str):
+        raise ModelError(
+            f"{folder / 'genai_config.json'} has no model.decoder section, so it does not describe a model. "
+            "Export the model again."
+        )
+    model_file = decoder.get("filename", "model.onnx")
     if not (folder / model_file).is_file():
         raise ModelError(
             f"{folder} is an incomplete export: {model_file} (named in genai_config.json) is missing. "

@@ -5,6 +5,7 @@ import os
 import pickle
 import signal
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,91 @@ def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644  # not mkstemp's 0600
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # not mkdtemp's 0700
+
+
+# --- bad input ends in a message, never a traceback ----------------------------------------------
+
+
+def _no_traceback(*args, code: int = 1) -> str:
+    result = run_cli(*args, ok=False)
+    assert result.exit_code == code and "Traceback" not in result.output, result.output
+    return result.output
+
+
+def test_hostile_data_files_are_reported_by_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    data.write_text(good + "\n" + "[" * 50_000 + "\n" + '{"n": ' + "9" * 5000 + "}\n")
+    out = _no_traceback("data", "check", data)
+    assert "line 2: unusable JSON: nested too deeply" in out and "line 3: unusable JSON: Exceeds the limit" in out
+
+
+def test_a_binary_config_file(tmp_path, tiny_llama):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    assert "not a readable TOML text file" in _no_traceback("tune", "--config", config, "--data", "x.jsonl")
+
+
+def test_damaged_manifests_and_saved_configs(interrupted_run):
+    manifest = json.loads(interrupted_run.manifest_path.read_text())
+    manifest["stages"]["tune"]["config"]["lerning_rate"] = 0.1
+    interrupted_run.manifest_path.write_text(json.dumps(manifest))
+    assert "cannot be used" in _no_traceback("tune", "--resume", interrupted_run.path)
+    manifest["stages"] = ["tune"]
+    interrupted_run.manifest_path.write_text(json.dumps(manifest))
+    assert "'stages' must map stage names to objects" in _no_traceback("merge", interrupted_run.path)
+
+
+def test_an_export_whose_config_names_no_model(tiny_llama_export, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_llama_export, tmp_path / "x"))
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"] = "llama"
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    assert "no model.decoder section" in _no_traceback("chat", folder, "--prompt", "hi")
+
+
+def test_an_output_that_cannot_be_created(tmp_path, tiny_llama):
+    data = recipes_like(tmp_path / "train.jsonl", n=6)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = _no_traceback("tune", "--model", tiny_llama, "--data", data, "--output", blocker / "run", "--method", "lora")
+    assert "cannot create the run directory" in out
+
+
+def test_a_corrupt_cache_marker_is_listed_as_broken():
+    from edgeft.models import MARKER, models_dir
+
+    entry = models_dir() / "mine"
+    entry.mkdir(parents=True)
+    (entry / MARKER).write_text("{not json")
+    out = run_cli("models", "list").output
+    assert "mine" in out and "broken: its marker file is corrupt" in out
+
+
+# --- SIGTERM leaves the old state or the new one --------------------------------------------------
+
+
+def test_sigterm_during_export_leaves_no_temp_folder_and_no_builder(tiny_llama_run):
+    import subprocess
+    import sys
+    import time
+
+    merged(tiny_llama_run)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeft", "export", str(tiny_llama_run), "--int4", "--no-verify"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tiny_llama_run.glob(".onnx-int4.*")):  # staging has begun
+        assert proc.poll() is None and time.monotonic() < deadline, "the export ended before it could be stopped"
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the builder subprocess
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert not list(tiny_llama_run.glob(".*tmp*")) and not (tiny_llama_run / "onnx-int4").exists()
+    builders = subprocess.run(["pgrep", "-f", f"genai_builder.*{tiny_llama_run}"], capture_output=True, check=False)
+    assert builders.stdout == b"", "the model builder was left running"
+    run_cli("export", tiny_llama_run, "--int4", "--no-verify")  # and a re-run recovers
