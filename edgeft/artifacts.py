@@ -317,6 +317,30 @@ class Run:
             r.get("status", "running"), r.get("config", {}), r.get("precision"), r.get("device"), r.get("metrics", {})
         )
 
+    @contextlib.contextmanager
+    def lock(self, what: str) -> Iterator[None]:
+        """Hold the run for one command (tune, merge, export): a second command on the same run is
+        refused at once, instead of both racing on the manifest and on merged/ or an export."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks here
+            yield
+            return
+        fd = os.open(self.path / ".edgeft.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another edgeft command"
+                raise RunError(
+                    f"{self.path} is busy: {holder} is working on it. Wait for it to finish, then run this again."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"edgeft {what} (pid {os.getpid()})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock, also when the process dies
+
     def record_stage(self, name: str, **entry: Any) -> dict:
         """Merge `entry` into the stage's record and stamp it; returns the whole stage record."""
         data = self.manifest()

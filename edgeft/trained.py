@@ -48,9 +48,8 @@ def base_load_kwargs(method: str, precision: str, device: str) -> dict:
     """
     from transformers import BitsAndBytesConfig
 
-    dtype = torch_dtype(
-        "fp32" if precision == "fp16" else precision
-    )  # fp16 weights would underflow; autocast handles fp16
+    # fp16 weights would underflow; fp16 runs keep an fp32 base and let autocast handle the rest.
+    dtype = torch_dtype("fp32" if precision == "fp16" else precision)
     kwargs = {"dtype": dtype}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -10,6 +10,7 @@ A model the builder does not support falls back to optimum with a message.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -47,6 +48,11 @@ class Source:
 def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Path:
     """Export a merged run or a bare model; returns the ONNX folder."""
     source = _source(target)
+    with source.run.lock(f"export --{cfg.precision}") if source.run else contextlib.nullcontext():
+        return _export(source, cfg, force=force)
+
+
+def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
     out = (
         Path(cfg.output)
         if cfg.output

@@ -50,6 +50,11 @@ def merge(
     if base_weights not in BASE_WEIGHTS:
         raise ConfigError(f"base_weights = {base_weights!r} is invalid: choose one of {', '.join(BASE_WEIGHTS)}.")
     run = open_tuned_run(path)
+    with run.lock("merge"):
+        return _merge(run, force=force, base_weights=base_weights, allow_drift=allow_drift)
+
+
+def _merge(run: Run, *, force: bool, base_weights: str, allow_drift: bool) -> Path:
     target = run.merged_dir
     if target.exists() and not force:
         raise RunError(f"{target} already exists. Pass --force to merge again.")

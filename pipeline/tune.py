@@ -469,7 +469,8 @@ def tune(cfg: TuneConfig, *, force: bool = False, on_step: Callable[[dict], None
     cfg.data = str(Path(cfg.data).resolve())
     cfg.eval_file = str(Path(cfg.eval_file).resolve()) if cfg.eval_file else ""
     run.record_stage("tune", status="running", config=cfg.to_dict(), data=_data_record(prepared))
-    return _train(run, cfg, prepared, device, resume_from=None, on_step=on_step)
+    with run.lock("tune"):
+        return _train(run, cfg, prepared, device, resume_from=None, on_step=on_step)
 
 
 def resume(run_dir: str | Path, *, on_step: Callable[[dict], None] | None = None) -> Path:
@@ -498,7 +499,8 @@ def resume(run_dir: str | Path, *, on_step: Callable[[dict], None] | None = None
     if cfg.method == "qlora":
         check_qlora(device)
     run.record_stage("tune", status="running")
-    return _train(run, cfg, prepared, device, resume_from=checkpoint, on_step=on_step)
+    with run.lock("tune --resume"):
+        return _train(run, cfg, prepared, device, resume_from=checkpoint, on_step=on_step)
 
 
 def _data_record(p: Prepared) -> dict:

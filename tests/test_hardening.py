@@ -189,3 +189,19 @@ def test_sigterm_during_export_leaves_no_temp_folder_and_no_builder(tiny_llama_r
     builders = subprocess.run(["pgrep", "-f", f"genai_builder.*{tiny_llama_run}"], capture_output=True, check=False)
     assert builders.stdout == b"", "the model builder was left running"
     run_cli("export", tiny_llama_run, "--int4", "--no-verify")  # and a re-run recovers
+
+
+def test_one_command_at_a_time_on_a_run(tiny_llama_run):
+    from edgeft.export.onnx import ExportConfig, export
+    from edgeft.pipeline.merge import merge
+
+    run = Run.open(tiny_llama_run)
+    with run.lock("tune"):  # another command holds the run
+        with pytest.raises(RunError, match=r"is busy: edgeft tune \(pid \d+\) is working on it"):
+            merge(tiny_llama_run)
+        assert not run.merged_dir.exists()
+    merge(tiny_llama_run)  # free again
+    with run.lock("merge"):
+        with pytest.raises(RunError, match="is busy"):
+            export(tiny_llama_run, ExportConfig(verify=False))
+    assert not (tiny_llama_run / "onnx-int4").exists()
