@@ -46,6 +46,8 @@ log = logging.getLogger("edgeft")
 API_KEY_ENV = "EDGEFT_API_KEY"
 DEFAULT_MAX_BODY = 1_000_000  # bytes; a long conversation is a few hundred KB at most
 RETRY_AFTER_S = 2
+BODY_TIMEOUT_S = 30.0  # a request body must arrive within this; a trickling client is cut off with 408
+SPARE_CONNECTIONS = 32  # connections beyond parallel + queue (health checks, the page, clients in line)
 
 # OpenAI fields we accept and ignore when they ask for nothing we would do differently.
 IGNORED_FIELDS = {
@@ -180,8 +182,9 @@ def _pump(stream: Any, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -
 # --- request parsing ----------------------------------------------------------------------
 
 
-async def read_json(request: Request, max_body: int) -> dict:
-    """The request body as a JSON object, refusing bodies over `max_body` bytes before reading them."""
+async def read_json(request: Request, max_body: int, timeout: float = 30.0) -> dict:
+    """The request body as a JSON object, refusing bodies over `max_body` bytes before reading them,
+    and bodies that trickle in slower than `timeout` seconds in all (a slow client holds a connection)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_body:
         raise ApiError(
@@ -189,8 +192,18 @@ async def read_json(request: Request, max_body: int) -> dict:
             f"the request body is {declared} bytes; this server accepts at most {max_body}.",
             code="request_too_large",
         )
-    body = bytearray()
-    async for chunk in request.stream():
+    body, chunks = bytearray(), request.stream().__aiter__()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            left = max(0.01, deadline - asyncio.get_running_loop().time())
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout=left)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408, f"the request body did not arrive within {timeout:g} s.", code="request_timeout"
+            ) from None
         body += chunk
         if len(body) > max_body:
             raise ApiError(
@@ -288,6 +301,7 @@ def create_app(
     parallel: int = 1,
     local_only: bool = False,
     cors_origins: Sequence[str] = (),
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The ASGI app serving `model`; `api_key` (if set) is required as `Authorization: Bearer KEY` on /v1.
 
@@ -385,7 +399,9 @@ def create_app(
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        messages, options, stream_it, include_usage = parse_chat_request(await read_json(request, max_body))
+        messages, options, stream_it, include_usage = parse_chat_request(
+            await read_json(request, max_body, body_timeout)
+        )
         # A place in the queue first: rendering and tokenizing cost CPU, which a full server must not spend.
         ticket = scheduler.admit()
         if ticket is None:
@@ -619,7 +635,17 @@ def serve(
         port,
         ", API key required" if api_key else "",
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    # Bounded connections (a flood of half-open ones gets 503, not the machine's file descriptors) and
+    # idle keep-alive connections closed after 5 s.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+        limit_concurrency=parallel + max_queue + SPARE_CONNECTIONS,
+    )
 
 
 def _is_loopback(host: str) -> bool:

@@ -239,6 +239,22 @@ def test_bad_requests_get_400_in_openai_shape(server, body, message):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_body_that_trickles_in_is_cut_off(model):
+    live = LiveServer(create_app(model, body_timeout=1.0))
+    try:
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"messages"'
+            )
+            reply = s.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply
+        assert live.post({"messages": HI, "max_tokens": 2}).status_code == 200  # and it serves the next one
+    finally:
+        live.stop()
+
+
 def test_a_top_k_beyond_the_vocabulary_means_no_limit(client):
     reply = client.chat.completions.create(
         model="edgeft", messages=HI, max_tokens=3, temperature=1.0, extra_body={"top_k": 10**6}
