@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -347,6 +349,58 @@ def test_server_keeps_serving_after_a_burst_of_bad_requests(server, client):
     assert server.post({"messages": [{"role": "user", "content": "x" * 300_000}]}).status_code == 413
     response = client.chat.completions.create(model="m", messages=HI, max_tokens=3)
     assert response.usage.completion_tokens == 3
+
+
+def test_robustness_under_mixed_abuse(model):
+    """In the spirit of vLLM's and llama.cpp's server tests, bounded in count and time, loopback only:
+    concurrent streams, a burst of clients that time out and leave, malformed, oversized and slow
+    bodies, all at once; afterwards a fresh request completes quickly and no slot is stuck."""
+    live = LiveServer(
+        create_app(SlowModel(model, delay=0.01), parallel=2, max_queue=8, max_body=50_000, body_timeout=1.0)
+    )
+    url = f"{live.url}/v1/chat/completions"
+    stream_body = {"messages": HI, "max_tokens": 30, "temperature": 0, "stream": True}
+
+    def stream_one(_):
+        with httpx.stream("POST", url, json=stream_body, timeout=60) as r:
+            return r.status_code, sum(1 for line in r.iter_lines() if line.startswith("data: "))
+
+    def leave_early(_):
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(url, json={"messages": HI, "max_tokens": 500, "temperature": 0}, timeout=0.05)
+
+    def malformed(i):
+        bodies = [b"{", b"[]", b"\x00\xff", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", b"x" * 60_000]
+        return live.post(bodies[i % len(bodies)]).status_code
+
+    def slow_body(_):
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+            return s.recv(64)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            streams = [pool.submit(stream_one, i) for i in range(6)]
+            gone = [pool.submit(leave_early, i) for i in range(10)]
+            bad = [pool.submit(malformed, i) for i in range(10)]
+            slow = [pool.submit(slow_body, i) for i in range(3)]
+            results = [f.result(timeout=120) for f in streams]
+            for f in gone:
+                f.result(timeout=60)
+            assert {f.result(timeout=60) for f in bad} <= {400, 413}
+            assert all(f.result(timeout=60).startswith(b"HTTP/1.1 408") for f in slow)
+        # A stream is turned away only when the queue is full (503); the others run to the end.
+        assert all(code == 200 and events > 1 or code == 503 for code, events in results)
+        assert sum(code == 200 for code, _ in results) >= 2
+        wait_for(lambda: httpx.get(f"{live.url}/health").json()["running"] == 0, timeout=30)
+        health = httpx.get(f"{live.url}/health").json()
+        assert (health["running"], health["waiting"]) == (0, 0)  # no stuck slot
+        start = time.monotonic()
+        assert live.post({"messages": HI, "max_tokens": 3}).status_code == 200
+        assert time.monotonic() - start < 5
+    finally:
+        live.stop()
 
 
 # --- API key ------------------------------------------------------------------------------
