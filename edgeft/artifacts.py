@@ -137,8 +137,11 @@ def staged_dir(target: Path, *, force: bool = False, what: str = "output") -> It
     target = Path(target)
     if target.exists() and not force:
         raise RunError(f"{what} already exists: {target}. Pass --force to replace it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:
+        raise RunError(f"cannot write the {what} to {target}: {e.strerror or e}. Choose another place.") from None
     os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would make it, not mkdtemp's 0700
     try:
         yield tmp

