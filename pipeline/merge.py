@@ -62,10 +62,11 @@ def _merge(run: Run, *, force: bool, base_weights: str, allow_drift: bool) -> Pa
     artifacts.check_free_space(run.path, artifacts.dir_size(trained.base) * 2, "merging")
     start = time.perf_counter()
     merged, tokenizer = merged_model(trained, base_weights=base_weights)
+    # Checked before it is written, so merged/ never holds a model the manifest has no verdict on.
+    check = check_merged(run, trained, merged, tokenizer, allow_drift=allow_drift)
     with artifacts.staged_dir(target, force=True, what="merged model") as tmp:
         save_merged(merged, tokenizer, tmp)
     log.info(f"Merged {run.adapter_dir} into {trained.base.name} ({base_weights} base weights) -> {target}")
-    check = check_merged(run, trained, merged, tokenizer, allow_drift=allow_drift)
     seconds = time.perf_counter() - start
     run.record_stage(
         "merge",

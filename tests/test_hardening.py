@@ -232,9 +232,9 @@ def test_sigterm_during_merge_leaves_the_old_state_or_the_new_one(tiny_llama_run
     record = Run.open(tiny_llama_run).stage("merge")
     if code == 0:
         assert record["status"] == "done" and (tiny_llama_run / "merged" / "model.safetensors").is_file()
-    else:
+    else:  # stopped: no merged model, or one the manifest already vouches for (killed in the last instant)
         assert code == 130
-        assert record is None or record["status"] != "done" or (tiny_llama_run / "merged" / "config.json").is_file()
+        assert not (tiny_llama_run / "merged").exists() or (record and record["status"] == "done")
     run_cli("merge", tiny_llama_run, "--force")  # a re-run recovers
 
 
