@@ -367,7 +367,7 @@ def bench(
     engines: tuple[str, ...] = ("pytorch", "optimum", "llamacpp"),
 ) -> dict:
     """Benchmark an export (and, with compare, the alternatives); write JSON, Markdown and a PNG."""
-    from tqdm.auto import tqdm
+    from edgeft.progress import progress
 
     settings = settings or Settings()
     if settings.runs < 1 or settings.threads < 0 or settings.decode_tokens < 1:
@@ -375,7 +375,7 @@ def bench(
     targets, folder, run = plan(Path(path), compare, gguf, engines)
     threads = settings.threads or default_threads()
     results = []
-    for target in tqdm(targets, desc="benchmark", unit="engine", disable=None):
+    for target in progress(targets, desc="benchmark", unit="engine"):
         log.info(f"Measuring {target.name}...")
         result = run_engine(target.engine, target.path, settings)
         result.update(

@@ -337,15 +337,14 @@ def _default_max_tokens(samples: list[Sample]) -> int:
 def evaluate_one(
     candidate: Candidate, samples: list[Sample], shots: list[Sample], max_tokens: int, batch_size: int
 ) -> Row:
-    from tqdm.auto import tqdm
+    from edgeft.progress import progress
 
     log.info(f"Evaluating {candidate.label} on {len(samples)} examples...")
     backend = OnnxBackend(candidate) if candidate.backend == "onnx" else TorchBackend(candidate)
     prompts = [with_shots(s, shots) if shots else s.messages for s in samples]
     step = batch_size if candidate.backend == "pytorch" else 1
     predictions, seconds, generated = [], 0.0, 0
-    bar = tqdm(total=len(samples), desc=candidate.label, unit="ex", disable=None)
-    for i in range(0, len(samples), step):
+    for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
         start = time.perf_counter()
         results = backend.generate(prompts[i : i + step], max_tokens)
         seconds += time.perf_counter() - start
@@ -360,10 +359,8 @@ def evaluate_one(
                     "token_f1": token_f1(text, sample.reference),
                 }
             )
-        bar.update(len(results))
-    bar.close()
     nll, count = 0.0, 0
-    for sample, prompt in zip(samples, prompts):
+    for sample, prompt in progress(list(zip(samples, prompts)), desc=f"{candidate.label} perplexity", unit="example"):
         value, n = backend.nll(prompt, sample.reference)
         nll, count = nll + value, count + n
     json_refs = [p for p in predictions if is_json(p["reference"])]

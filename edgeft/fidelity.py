@@ -127,14 +127,15 @@ def compare(
     decode loop per token, where the teacher-forced measures cost one forward pass per answer.
     """
     import numpy as np
-    from tqdm.auto import tqdm
+
+    from edgeft.progress import progress as shown
 
     agree, identical, greedy_runs = [], 0, 0
     ref_nll = cand_nll = 0.0
     positions = same_argmax = 0
     ref_exact = cand_exact = with_reference = 0
     max_diff = 0.0
-    for i, (prompt, answer) in enumerate(tqdm(pairs, desc=progress, unit="prompt", disable=None if progress else True)):
+    for i, (prompt, answer) in enumerate(shown(pairs, desc=progress, unit="prompt") if progress else pairs):
         generate = i < greedy_samples
         if generate or answer is None:
             ref_tokens = reference.greedy(prompt, GENERATED, stops)

@@ -163,7 +163,8 @@ def calibration_ids(tokenizer, data_file: Path, n: int = CALIBRATION_EXAMPLES) -
 def hessians(model, modules: list[str], batches: list[list[int]]) -> dict:
     """H = sum of x x^T over every calibration token, for the input of each named Linear."""
     import torch
-    from tqdm.auto import tqdm
+
+    from edgeft.progress import progress
 
     sums, last = {}, {}
 
@@ -182,7 +183,7 @@ def hessians(model, modules: list[str], batches: list[list[int]]) -> dict:
     handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in modules]
     try:
         with torch.no_grad():
-            for ids in tqdm(batches, desc="GPTQ calibration", unit="example", disable=None):
+            for ids in progress(batches, desc="GPTQ calibration", unit="example"):
                 model(torch.tensor([ids]))
     finally:
         for handle in handles:
@@ -260,8 +261,9 @@ def apply(model_dir: Path, onnx_dir: Path, data_file: Path) -> dict:
     """Re-round the export's int4 weights with GPTQ; returns what was done, for the export record."""
     import onnx
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeft.progress import progress
 
     start = time.perf_counter()
     model_file = onnx_dir / "model.onnx"
@@ -273,7 +275,7 @@ def apply(model_dir: Path, onnx_dir: Path, data_file: Path) -> dict:
     batches = calibration_ids(AutoTokenizer.from_pretrained(model_dir), data_file)
     H = hessians(torch_model, sorted({t.modules[0] for t in found}), batches)
     writer = _TensorWriter(proto, onnx_dir)
-    for target in tqdm(found, desc="GPTQ", unit="matmul", disable=None):
+    for target in progress(found, desc="GPTQ", unit="matmul"):
         weight = torch.cat([torch_model.get_submodule(m).weight for m in target.modules])
         if target.rows:
             weight = weight[target.rows[0] : target.rows[1]]

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ from edgeft.export.options import (
     int8_matmuls,
     lm_head_precision,
 )
+from edgeft.progress import run_with_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def build_genai(model_dir: Path, out: Path, cfg: ExportConfig) -> None:
         *builder_options(cfg, model_config),
     ]
     log.info(f"Exporting with the onnxruntime-genai model builder ({describe(cfg, model_config)})...")
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    proc = run_with_heartbeat(cmd, desc="the onnxruntime-genai model builder")
     shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0:
         text = proc.stdout + proc.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 FOLDERS = {"edgeft": "edgeft", "pipeline": "edgeft.pipeline", "export": "edgeft.export", "runtime": "edgeft.runtime"}
-GROUND = {"errors", "artifacts", "config", "models", "chatdata", "trained", "fidelity", "plots"}
+GROUND = {"errors", "artifacts", "config", "models", "chatdata", "trained", "fidelity", "plots", "progress"}
 ORCHESTRATION = {"cli", "quickstart", "report", "evaluate", "bench", "doctor", "__main__"}
 STAGES = ("edgeft.pipeline", "edgeft.export", "edgeft.runtime")
 ALLOWED_ACROSS = {("edgeft.export.onnx", "edgeft.runtime.engine")}  # the runtime's own check of an export folder
