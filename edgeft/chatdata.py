@@ -410,6 +410,5 @@ def prompt_and_reference(example: Example) -> tuple[list[dict], str] | None:
     does not end with an assistant answer (or is plain text)."""
     if example.text is not None or example.messages[-1]["role"] != "assistant":
         return None
-    return [{"role": m["role"], "content": m["content"]} for m in example.messages[:-1]], example.messages[-1][
-        "content"
-    ]
+    *prompt, answer = example.messages
+    return [{"role": m["role"], "content": m["content"]} for m in prompt], answer["content"]
