@@ -9,7 +9,7 @@ import pytest
 
 from edgeft import fidelity
 from edgeft.artifacts import Run
-from edgeft.fidelity import DriftError, Gate, judge
+from edgeft.fidelity import Gate, judge
 from edgeft.pipeline.merge import merge
 from edgeft.trained import Trained, as_trained_model, load_base
 from tests.helpers import recipes_like, run_cli, tiny_run
@@ -260,11 +260,14 @@ def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp
             learning_rate=1e-3,
         )
     )
-    # The old merge (adapter + the unquantized base) is another model, and the gate says so.
-    with pytest.raises(DriftError, match="does not behave like the model you trained"):
-        merge(run_dir, base_weights="original")
+    # The old merge (adapter + the unquantized base) is another model (measured: largest logit difference
+    # 15.5, though this easy task's answers survive it); the as-trained merge is the same one (1.1e-4).
+    merge(run_dir, base_weights="original", allow_drift=True)
+    original = Run.open(run_dir).stage("merge")["fidelity"]
     merge(run_dir, force=True)
-    assert Run.open(run_dir).stage("merge")["fidelity"]["gate"]["passed"]
+    check = Run.open(run_dir).stage("merge")["fidelity"]
+    assert check["gate"]["passed"] and check["argmax_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-3
+    assert original["max_abs_logit_diff"] > 100 * max(check["max_abs_logit_diff"], 1e-5)
     export(run_dir, ExportConfig(verify_samples=24))
     assert Run.open(run_dir).stage("export")["verification"]["gate"]["passed"]
     report = evaluate([str(run_dir), str(run_dir / "onnx-int4")], held_out, output=tmp_path / "eval.json")
