@@ -236,7 +236,7 @@ def test_no_disk_leaves_nothing(tiny_llama_run, monkeypatch):
     with pytest.raises(DiskSpaceError):
         export(tiny_llama_run, cfg())
     assert not (tiny_llama_run / "onnx-int4").exists()
-    assert not [p for p in tiny_llama_run.iterdir() if p.name.startswith(".")]
+    assert not [p for p in tiny_llama_run.iterdir() if p.name.startswith(".") and p.name != ".edgeft.lock"]
 
 
 def test_export_of_a_bare_model(tiny_phi3, tmp_path):
@@ -274,7 +274,11 @@ def test_real_smollm2_int4_is_small_and_faithful(smollm2, tmp_path):
 def test_real_smollm2_optimum_backend(smollm2, tmp_path):
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    out = export("smollm2-135m", ExportConfig(backend="optimum", output=str(tmp_path / "opt"), verify_samples=4))
+    # A base model against its own greedy answers: a baseline whose drift is recorded, not gated here.
+    out = export(
+        "smollm2-135m",
+        ExportConfig(backend="optimum", output=str(tmp_path / "opt"), verify_samples=4, allow_drift=True),
+    )
     record = json.loads((out / "edgeft-export.json").read_text())
     assert record["verification"]["candidate_ppl"] <= 1.10 * record["verification"]["reference_ppl"]
     ORTModelForCausalLM.from_pretrained(out)
