@@ -76,7 +76,14 @@ def cli(verbose: bool) -> None:
 @click.option("--shots", default=3, show_default=True, help="Examples in the prompt for the few-shot baseline.")
 @click.option("--bench-runs", default=3, show_default=True, help="Repetitions of the speed benchmark.")
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones.")
-def quickstart(output: str, max_steps: int, limit: int, shots: int, bench_runs: int, force: bool) -> None:
+@click.option(
+    "--allow-drift",
+    is_flag=True,
+    help="Go on when the merged or int4 model fails the fidelity gate (a few-step fine-tune does); the report says so.",
+)
+def quickstart(
+    output: str, max_steps: int, limit: int, shots: int, bench_runs: int, force: bool, allow_drift: bool
+) -> None:
     """The whole path on the built-in model and the recipe sample, with a report (about 27 min on 2 CPU cores).
 
     \b
@@ -89,7 +96,14 @@ def quickstart(output: str, max_steps: int, limit: int, shots: int, bench_runs: 
     from edgeft.quickstart import quickstart as run_quickstart
 
     report = run_quickstart(
-        QuickstartConfig(output=output, max_steps=max_steps, limit=limit, shots=shots, bench_runs=bench_runs),
+        QuickstartConfig(
+            output=output,
+            max_steps=max_steps,
+            limit=limit,
+            shots=shots,
+            bench_runs=bench_runs,
+            allow_drift=allow_drift,
+        ),
         force=force,
     )
     click.echo(f"\nReport: {report}")

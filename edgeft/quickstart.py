@@ -47,6 +47,7 @@ class QuickstartConfig:
     limit: int = 0  # evaluation examples; 0 = all
     shots: int = 3
     bench_runs: int = 3
+    allow_drift: bool = False  # keep a merge or export outside the fidelity gate (a few-step fine-tune is one)
 
 
 def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
@@ -133,7 +134,7 @@ def _merge(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
 
     if _done(run_dir, "merge", force) and (Run.open(run_dir).merged_dir / "config.json").is_file():
         return "reusing the merged model"
-    merge(run_dir, force=True)
+    merge(run_dir, force=True, allow_drift=cfg.allow_drift)
     log.info("  checked against the model as trained:")
     for line in table(Run.open(run_dir).stage("merge")["fidelity"]):
         log.info(line)
@@ -144,10 +145,13 @@ def _export(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
     from edgeft.export.onnx import ExportConfig, export
     from edgeft.fidelity import table
 
-    options = ExportConfig(precision="int4").recorded()
-    if _done(run_dir, "export", force, options=options) and (run_dir / "onnx-int4" / "genai_config.json").is_file():
+    export_cfg = ExportConfig(precision="int4", allow_drift=cfg.allow_drift)
+    if (
+        _done(run_dir, "export", force, options=export_cfg.recorded())
+        and (run_dir / "onnx-int4" / "genai_config.json").is_file()
+    ):
         return "reusing the int4 export"
-    out = export(run_dir, ExportConfig(precision="int4"), force=True)
+    out = export(run_dir, export_cfg, force=True)
     record = Run.open(run_dir).stage("export")
     log.info(
         f"  {out}: {artifacts.human_size(record['size_bytes'])} "

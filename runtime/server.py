@@ -326,10 +326,7 @@ def create_app(
     app.state.scheduler, app.state.model = scheduler, model
     allowed_origins = {o.rstrip("/") for o in cors_origins}
 
-    @app.middleware("http")
-    async def browser_guard(request: Request, call_next):
-        error = _browser_check(request, local_only=local_only, allowed_origins=allowed_origins)
-        return error.response() if error else await call_next(request)
+    app.add_middleware(BrowserGuard, local_only=local_only, allowed_origins=allowed_origins)
 
     if allowed_origins:  # added last, so it runs first: it answers the browser's preflight itself
         from starlette.middleware.cors import CORSMiddleware
@@ -440,6 +437,22 @@ def create_app(
 
     app.include_router(v1)
     return app
+
+
+class BrowserGuard:
+    """Plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide a client's disconnect from
+    the endpoint, and a non-streaming generation would then run on for nobody)."""
+
+    def __init__(self, app, *, local_only: bool, allowed_origins: set[str]):
+        self.app, self.local_only, self.allowed_origins = app, local_only, allowed_origins
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            error = _browser_check(Request(scope), local_only=self.local_only, allowed_origins=self.allowed_origins)
+            if error:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _browser_check(request: Request, *, local_only: bool, allowed_origins: set[str]) -> ApiError | None:

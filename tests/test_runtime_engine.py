@@ -337,7 +337,7 @@ def test_max_tokens_past_the_context_is_a_clear_error(llama):
         ({"temperature": "hot"}, "temperature must be a number"),
         ({"top_p": 0}, "top_p must be greater than 0"),
         ({"top_p": 1.5}, "top_p must be greater than 0, at most 1"),
-        ({"top_k": -1}, "top_k must be at least 0"),
+        ({"top_k": -1}, "top_k must be 0 to 2147483647"),
         ({"max_tokens": 0}, "max_tokens must be at least 1"),
         ({"max_tokens": -5}, "max_tokens must be at least 1"),
         ({"max_tokens": 2.5}, "max_tokens must be an integer"),
