@@ -160,7 +160,7 @@ def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float])
                 ),
             )
         lines += [
-            "Quality bar (the model as trained is the NF4 base + adapter through bitsandbytes and peft, for QLoRA):",
+            "Quality bar: against the model as trained (for QLoRA, the NF4 base + adapter through bitsandbytes and peft).",
             "",
         ]
         lines += [f"- {'PASS' if ok else 'NOT MET'}: {text}" for ok, text in checks]
