@@ -233,7 +233,7 @@ def test_sigterm_during_merge_leaves_the_old_state_or_the_new_one(tiny_llama_run
     if code == 0:
         assert record["status"] == "done" and (tiny_llama_run / "merged" / "model.safetensors").is_file()
     else:  # stopped: no merged model, or one the manifest already vouches for (killed in the last instant)
-        assert code == 130
+        assert code in (130, -signal.SIGTERM)  # -SIGTERM: it was still starting Python, before edgeft's handler
         assert not (tiny_llama_run / "merged").exists() or (record and record["status"] == "done")
     run_cli("merge", tiny_llama_run, "--force")  # a re-run recovers
 
