@@ -327,8 +327,9 @@ def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
     else:
         cfg = load_config(TuneConfig, config_file, explicit(ctx, options))
         run_dir = tuning.tune(cfg, force=force)
-    for line in tuning.summary(run_dir):
-        click.echo(line)
+    if tuning.launcher_rank() == 0:  # under accelerate launch / torchrun the main process reports
+        for line in tuning.summary(run_dir):
+            click.echo(line)
 
 
 # --- merge & export -----------------------------------------------------------------------

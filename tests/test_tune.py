@@ -4,6 +4,7 @@ import signal
 
 import pytest
 
+from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.chatdata import IGNORE, Tokenized
 from edgeft.config import load_config
@@ -215,7 +216,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_llama):
 
 def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(tmp_path, tiny_llama, monkeypatch):
     data = recipes_like(tmp_path / "train.jsonl", n=24)
-    real_check = tuning.artifacts.check_free_space
+    real_check = artifacts.check_free_space
     calls = []
 
     def fail_second_checkpoint(path, need, what):
@@ -224,7 +225,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(tmp_path, tiny_llama,
             raise DiskSpaceError("writing a checkpoint needs about 50 MB of free disk ...")
         return real_check(path, need, what)
 
-    monkeypatch.setattr(tuning.artifacts, "check_free_space", fail_second_checkpoint)
+    monkeypatch.setattr(artifacts, "check_free_space", fail_second_checkpoint)
     with pytest.raises(DiskSpaceError):
         tuning.tune(small_config(tiny_llama, data, tmp_path / "r", epochs=2, save_every=2))
     checkpoints = tmp_path / "r" / "checkpoints"
@@ -236,7 +237,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(tmp_path, tiny_llama,
 
 
 def test_bad_data_is_refused_before_loading_a_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(tuning, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(tuning.loop, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\nnot json\n')
     result = run_cli("tune", "--model", "no-such-model", "--data", bad, ok=False)
