@@ -160,11 +160,40 @@ def calibration_ids(tokenizer, data_file: Path, n: int = CALIBRATION_EXAMPLES) -
     return [renderer.tokenize(e).input_ids for e in examples[::step][:n]]
 
 
-def hessians(model, modules: list[str], batches: list[list[int]]) -> dict:
-    """H = sum of x x^T over every calibration token, for the input of each named Linear."""
+class _Stop(Exception):
+    pass
+
+
+def layer_hessians(model, modules: list[str], batches: list[list[int]]):
+    """H = sum of x x^T over every calibration token, for the input of each named Linear, one
+    decoder layer at a time: yields {name: H} for each layer's modules, then frees them.
+
+    The calibration inputs are carried through the model layer by layer (each layer's outputs are
+    the next one's inputs, kept for every example), so memory holds one layer's statistics and the
+    hidden states, never every layer's H at once (32 layers of Phi-3-mini: 24 GB in float64).
+    """
     import torch
 
     from edgeft.progress import progress
+
+    layers = model.get_decoder().layers
+    prefix = {i: f"{name}." for name, layer in model.named_modules() for i, x in enumerate(layers) if x is layer}
+    stored = []  # per example: the first layer's positional and keyword inputs
+
+    def catch(_module, args, kwargs):
+        stored.append([list(args), dict(kwargs)])
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    model(torch.tensor([ids]), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
 
     sums, last = {}, {}
 
@@ -180,16 +209,27 @@ def hessians(model, modules: list[str], batches: list[list[int]]) -> dict:
 
         return accumulate
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in modules]
-    try:
-        with torch.no_grad():
-            for ids in progress(batches, desc="GPTQ calibration", unit="example"):
-                model(torch.tensor([ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
-        last.clear()
-    return sums
+    for index in progress(range(len(layers)), desc="GPTQ", unit="layer"):
+        mine = [m for m in modules if m.startswith(prefix[index])]
+        handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in mine]
+        try:
+            with torch.no_grad():
+                for example in stored:
+                    out = layers[index](*example[0], **example[1])
+                    example[0][0] = out[0] if isinstance(out, tuple) else out
+        finally:
+            for h in handles:
+                h.remove()
+            last.clear()
+        yield {name: sums.pop(name) for name in mine if name in sums}
+
+
+def hessians(model, modules: list[str], batches: list[list[int]]) -> dict:
+    """Every named Linear's H at once (small models and checks; `apply` goes layer by layer)."""
+    found = {}
+    for layer in layer_hessians(model, modules, batches):
+        found.update(layer)
+    return found
 
 
 # --- applying it to an export -------------------------------------------------------------
@@ -263,7 +303,6 @@ def apply(model_dir: Path, onnx_dir: Path, data_file: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgeft.progress import progress
 
     start = time.perf_counter()
     model_file = onnx_dir / "model.onnx"
@@ -273,17 +312,25 @@ def apply(model_dir: Path, onnx_dir: Path, data_file: Path) -> dict:
     if not found:
         return {"method": "gptq", "matmuls": 0, "seconds": 0.0}
     batches = calibration_ids(AutoTokenizer.from_pretrained(model_dir), data_file)
-    H = hessians(torch_model, sorted({t.modules[0] for t in found}), batches)
     writer = _TensorWriter(proto, onnx_dir)
-    for target in progress(found, desc="GPTQ", unit="matmul"):
-        weight = torch.cat([torch_model.get_submodule(m).weight for m in target.modules])
-        if target.rows:
-            weight = weight[target.rows[0] : target.rows[1]]
-        codes, scales, zeros = quantize(weight, H[target.modules[0]], target.block_size)
-        packed, packed_zeros = pack(codes.numpy(), zeros.numpy(), target.block_size)
-        writer.replace(target.weight, packed)
-        writer.replace(target.scales, scales.numpy())
-        writer.replace(target.zero_points, packed_zeros)
+    by_module = {}
+    for target in found:
+        by_module.setdefault(target.modules[0], []).append(target)
+    done = 0
+    for H in layer_hessians(torch_model, sorted(by_module), batches):
+        for name, hessian in H.items():
+            for target in by_module[name]:
+                weight = torch.cat([torch_model.get_submodule(m).weight for m in target.modules])
+                if target.rows:
+                    weight = weight[target.rows[0] : target.rows[1]]
+                codes, scales, zeros = quantize(weight, hessian, target.block_size)
+                packed, packed_zeros = pack(codes.numpy(), zeros.numpy(), target.block_size)
+                writer.replace(target.weight, packed)
+                writer.replace(target.scales, scales.numpy())
+                writer.replace(target.zero_points, packed_zeros)
+                done += 1
+    if done != len(found):
+        raise ExportError(f"GPTQ rounded {done} of {len(found)} int4 MatMuls: some sit outside the decoder layers.")
     writer.save(model_file)
     return {
         "method": "gptq",
