@@ -116,7 +116,7 @@ def main() -> None:
         elif stage == "tune":
             cmd = [*edgeft, "tune", "--model", str(model_dir), "--data", str(samples / "train.jsonl")]
             cmd += ["--eval-file", str(eval_file), "--method", "qlora", "--max-steps", str(args.steps)]
-            cmd += ["--batch-tokens", "256", "--max-seq-len", "256", "--output", str(run_dir), "--force"]
+            cmd += ["--batch-tokens", "512", "--max-seq-len", "512", "--output", str(run_dir), "--force"]
         elif stage == "merge":
             cmd = [*edgeft, "merge", str(run_dir), "--force"]
         elif stage == "export":

@@ -61,9 +61,17 @@ def _merge(run: Run, *, force: bool, base_weights: str, allow_drift: bool) -> Pa
     trained = Trained.of(run)
     artifacts.check_free_space(run.path, artifacts.dir_size(trained.base) * 2, "merging")
     start = time.perf_counter()
-    merged, tokenizer = merged_model(trained, base_weights=base_weights)
+    tokenizer = _tokenizer(trained)
+    # The model as trained is scored first and then becomes the merged model: the base loads once,
+    # and only one full-size model is ever in memory.
+    as_trained = as_trained_model(trained)
+    reference = reference_answers(run, as_trained, tokenizer)
+    if base_weights == "original":  # another base: free this one before it loads
+        as_trained = None
+    merged = merged_model(trained, base_weights=base_weights, as_trained=as_trained)
+    as_trained = None
     # Checked before it is written, so merged/ never holds a model the manifest has no verdict on.
-    check = check_merged(run, trained, merged, tokenizer, allow_drift=allow_drift)
+    check = check_merged(reference, merged, tokenizer, allow_drift=allow_drift)
     with artifacts.staged_dir(target, force=True, what="merged model") as tmp:
         save_merged(merged, tokenizer, tmp)
     log.info(f"Merged {run.adapter_dir} into {trained.base.name} ({base_weights} base weights) -> {target}")
@@ -92,34 +100,57 @@ def _merge(run: Run, *, force: bool, base_weights: str, allow_drift: bool) -> Pa
     return target
 
 
-def check_merged(run: Run, trained: Trained, merged, tokenizer, *, allow_drift: bool) -> dict:
-    """The merged model against the model as trained, on the run's held-out data (teacher-forced)."""
+def _pairs(run: Run, tokenizer):
     from edgeft.chatdata import reference_pairs, stop_ids
 
-    pairs = reference_pairs(tokenizer, run.tune_record().eval_file, MERGE_CHECK_SAMPLES)
-    stops = set(stop_ids(tokenizer))
+    return reference_pairs(tokenizer, run.tune_record().eval_file, MERGE_CHECK_SAMPLES), set(stop_ids(tokenizer))
+
+
+def reference_answers(run: Run, as_trained, tokenizer) -> fidelity.Recorded:
+    """What the model as trained answers on the run's held-out data (teacher-forced), kept for the check."""
+    pairs, stops = _pairs(run, tokenizer)
+    scorer = fidelity.TorchScorer(as_trained, tokenizer.pad_token_id)
+    return fidelity.Recorded(scorer, pairs, stops, progress="scoring the model as trained")
+
+
+def check_merged(reference: fidelity.Recorded, merged, tokenizer, *, allow_drift: bool) -> dict:
+    """The merged model against the model as trained's recorded answers."""
     start = time.perf_counter()
-    reference = fidelity.TorchScorer(as_trained_model(trained), tokenizer.pad_token_id)
     candidate = fidelity.TorchScorer(merged, tokenizer.pad_token_id)
-    result = fidelity.compare(reference, candidate, pairs, stops, progress="checking the merge")
+    result = fidelity.compare(reference, candidate, reference.pairs, reference.stops, progress="checking the merge")
     result["gate"] = fidelity.gate_record(result, fidelity.MERGE_GATE, allow_drift=allow_drift)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
 
-def merged_model(trained: Trained, *, base_weights: str = "as-trained"):
-    """The adapter folded into the base (as trained, or the original fp32 weights). Mismatches and corrupt files become clear errors."""
-    import torch
+def _tokenizer(trained: Trained):
     from transformers import AutoTokenizer
+
+    adapter = trained.adapter
+    return AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else trained.base)
+
+
+def merged_model(trained: Trained, *, base_weights: str = "as-trained", as_trained=None):
+    """The adapter folded into the base as trained (or the original fp32 weights), in fp32.
+
+    `as_trained` (the model as trained, already loaded) is consumed: for QLoRA its NF4 layers are
+    dequantized in place (NF4 codes x block scales in fp32, as `load_base` does) and the adapter is
+    folded in there; peft's own merge on a 4-bit base would quantize the sum again.
+    """
+    import torch
 
     if base_weights == "original":
         base = load_base(replace(trained, method="lora", precision="fp32"))
+        model = with_adapter(base, trained).merge_and_unload()
     else:
-        base = load_base(trained)
-    model = with_adapter(base, trained).merge_and_unload()
-    adapter = trained.adapter
-    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else trained.base)
-    return model.to(torch.float32).eval(), tokenizer
+        as_trained = as_trained if as_trained is not None else as_trained_model(trained)
+        if trained.method == "qlora":
+            base = as_trained.unload()
+            logging.getLogger("transformers.integrations.bitsandbytes").setLevel(logging.ERROR)
+            model = with_adapter(base.dequantize(), trained).merge_and_unload()
+        else:
+            model = as_trained.merge_and_unload()
+    return model.to(torch.float32).eval()
 
 
 def save_merged(model, tokenizer, out: Path) -> None:

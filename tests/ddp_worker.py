@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from edgeft.errors import EdgeftError
 from edgeft.pipeline.config import TuneConfig
 from edgeft.pipeline.tune import TrainingInterrupted, loop, resume, tune
 
@@ -24,6 +25,10 @@ def main() -> int:
     report_dir, config, mode = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "tune"
     rank = int(os.environ["RANK"])
     interrupt_at = config.pop("interrupt_at", None)
+    if config.pop("private_storage", False) and rank == 1:  # as if --output were a local disk of another machine
+        private = Path(f"private-{rank}")
+        private.mkdir(exist_ok=True)
+        os.chdir(private)
     cfg = TuneConfig(**config)
     run_dir = str(Path(cfg.output).resolve())
     writes, spreads, seen = [], [], {}
@@ -53,12 +58,14 @@ def main() -> int:
 
     loop.train_step = spying_step
     sys.addaudithook(audit)
-    status = 0
+    status, error = 0, None
     try:
         resume(cfg.output, on_step=on_step) if mode == "resume" else tune(cfg, on_step=on_step)
     except TrainingInterrupted:
         status = 130
-    report = {"rank": rank, "writes": writes, "spreads": spreads, "status": status}
+    except EdgeftError as e:
+        status, error = e.exit_code, str(e)
+    report = {"rank": rank, "writes": writes, "spreads": spreads, "status": status, "error": error}
     (report_dir / f"{mode}-{rank}.json").write_text(json.dumps(report))
     return status
 

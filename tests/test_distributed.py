@@ -137,6 +137,19 @@ def test_accelerate_launch_with_the_shipped_cpu_config_trains_the_same_adapter(r
 # --- launches refused before any weights load ----------------------------------------------------
 
 
+def test_a_run_directory_the_other_process_cannot_see(root):
+    """--output on a disk only the main process has: both stop, and the half-made run is removed."""
+    cfg = config(root, "unshared", private_storage=True)
+    cfg["output"] = "unshared"  # relative: resolves elsewhere on rank 1, which works in another folder
+    reports = torchrun(root, cfg)
+    assert [r["status"] for r in reports] == [1, 1]
+    assert "process 1 cannot see the run directory" in reports[1]["error"]
+    assert "other process(es) stopped" in reports[0]["error"]
+    assert not (root / "unshared").exists()
+
+
+
+
 def fake_world(size: int, engine: str = "MULTI_CPU", zero_stage: int = 2) -> World:
     state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage))
     accelerator = SimpleNamespace(
