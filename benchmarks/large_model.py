@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-STAGES = ("build", "tune", "merge", "export", "chat")
+STAGES = ("build", "tune", "merge", "export", "export-gptq", "chat")
 
 PHI3_MINI = dict(  # microsoft/Phi-3-mini-4k-instruct config.json
     hidden_size=3072,
@@ -88,7 +88,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/edgeft-phi3", help="Where the 3.8B model and run go (~35 GB).")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--steps", type=int, default=3, help="QLoRA optimizer steps.")
-    parser.add_argument("--eval-examples", type=int, default=4, help="Held-out examples for the merge/export checks.")
+    parser.add_argument("--calibration-examples", type=int, default=16, help="GPTQ calibration examples.")
+    parser.add_argument("--eval-examples", type=int, default=24, help="Held-out examples for the merge/export checks.")
     args = parser.parse_args()
 
     from edgeft.bench import machine
@@ -120,7 +121,13 @@ def main() -> None:
         elif stage == "merge":
             cmd = [*edgeft, "merge", str(run_dir), "--force"]
         elif stage == "export":
-            cmd = [*edgeft, "export", str(run_dir), "--int4", "--force", "--allow-drift"]
+            cmd = [*edgeft, "export", str(run_dir), "--int4", "--quant-method", "k_quant", "--force", "--allow-drift"]
+        elif stage == "export-gptq":  # calibrated on a few examples: each is a forward pass of 3.8B params
+            calibration = work / "calibration.jsonl"
+            lines = (samples / "train.jsonl").read_text().splitlines(True)[: args.calibration_examples]
+            calibration.write_text("".join(lines))
+            cmd = [*edgeft, "export", str(run_dir), "--int4", "--quant-method", "gptq", "--calibration"]
+            cmd += [str(calibration), "--output", str(run_dir / "onnx-int4-gptq"), "--force", "--allow-drift"]
         else:  # chat: decode speed of the int4 export on this machine's cores
             cmd = [*edgeft, "bench", str(run_dir / "onnx-int4"), "--runs", "1", "--decode-tokens", "64"]
         results["stages"][stage] = {**timed(stage, cmd, log), "command": " ".join(cmd[2:])}

@@ -303,7 +303,6 @@ def apply(model_dir: Path, onnx_dir: Path, data_file: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     start = time.perf_counter()
     model_file = onnx_dir / "model.onnx"
     proto = onnx.load(str(model_file), load_external_data=False)

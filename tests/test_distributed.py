@@ -148,8 +148,6 @@ def test_a_run_directory_the_other_process_cannot_see(root):
     assert not (root / "unshared").exists()
 
 
-
-
 def fake_world(size: int, engine: str = "MULTI_CPU", zero_stage: int = 2) -> World:
     state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage))
     accelerator = SimpleNamespace(

@@ -168,6 +168,32 @@ def test_auto_int8_matmuls_by_model_size():
     assert options.int8_layers("mixed", 32) == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
 
 
+@pytest.mark.parametrize("int8_matmuls", ["attention", "mixed"])
+def test_quantizing_one_weight_at_a_time_gives_the_builders_bytes(tiny_run_dir, tmp_path, monkeypatch, int8_matmuls):
+    """The streamed quantization (bounded memory) against the builder's whole-graph pass."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeft.export.onnx import build_genai
+
+    cfg = ExportConfig(int8_matmuls=int8_matmuls, lm_head="int8")
+    merged_dir = Run.open(merged(tiny_run_dir)).merged_dir
+    build_genai(merged_dir, tmp_path / "streamed", cfg)
+    monkeypatch.setenv("EDGEFT_BUILDER_WHOLE_GRAPH", "1")
+    build_genai(merged_dir, tmp_path / "whole", cfg)
+    a, b = (onnx.load(str(tmp_path / name / "model.onnx")) for name in ("streamed", "whole"))
+
+    def nodes(model):  # the same graph; a topological order is not unique
+        return sorted((n.op_type, n.name, list(n.input), str(n.attribute)) for n in model.graph.node)
+
+    assert nodes(a) == nodes(b)
+    weights = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert sorted(t.name for t in a.graph.initializer) == sorted(weights)
+    for t in a.graph.initializer:
+        assert numpy_helper.to_array(t).tobytes() == weights[t.name].tobytes(), t.name
+    assert {n.op_type for n in a.graph.node} >= {"MatMulNBits"}
+
+
 def test_builder_options_combine():
     tied = {"tie_word_embeddings": True, "hidden_size": 64, "num_hidden_layers": 2}
     untied = {**tied, "tie_word_embeddings": False}
