@@ -147,7 +147,11 @@ def merged_model(trained: Trained, *, base_weights: str = "as-trained", as_train
         if trained.method == "qlora":
             base = as_trained.unload()
             logging.getLogger("transformers.integrations.bitsandbytes").setLevel(logging.ERROR)
-            model = with_adapter(base.dequantize(), trained).merge_and_unload()
+            base = base.dequantize()
+            # The 4-bit load's device map would make peft re-dispatch the now 8x larger model, and
+            # plan to offload layers to disk when it is near the RAM size: it is on the CPU already.
+            base.__dict__.pop("hf_device_map", None)
+            model = with_adapter(base, trained).merge_and_unload()
         else:
             model = as_trained.merge_and_unload()
     return model.to(torch.float32).eval()
@@ -161,7 +165,8 @@ def save_merged(model, tokenizer, out: Path) -> None:
     model.generation_config.eos_token_id = stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = stops
-    model.save_pretrained(out, safe_serialization=True)
+    # Shards of 2 GB: safetensors copies a shard into memory while writing it.
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
     tokenizer.save_pretrained(out)
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text())

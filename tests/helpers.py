@@ -139,3 +139,21 @@ class SlowStream:
     @property
     def result(self):
         return self.inner.result
+
+
+def small_config(model, data, out, **kw):
+    """A fine-tune of a few seconds on a tiny model: LoRA, fp32, 128-token rows."""
+    from edgeft.pipeline.config import TuneConfig
+
+    base = dict(
+        model=str(model),
+        data=str(data),
+        output=str(out),
+        method="lora",
+        epochs=1,
+        batch_tokens=128,
+        max_seq_len=64,
+        save_every=100,
+        precision="fp32",
+    )
+    return TuneConfig(**{**base, **kw})

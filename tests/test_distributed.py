@@ -21,25 +21,16 @@ from edgeft.pipeline.config import TuneConfig
 from edgeft.pipeline.tune import distributed, resume, start, tune
 from edgeft.pipeline.tune.distributed import LaunchError, World
 from tests.conftest import REPO
-from tests.helpers import recipes_like
+from tests.helpers import recipes_like, small_config
 
 SAMPLES = REPO / "samples" / "accelerate"
 TOLERANCE = 1e-6  # measured: 0.0 (the same sums in the same order); Adam amplifies any real mismatch far past this
 
 
 def config(root, output, **kw) -> dict:
-    base = dict(
-        model=str(root / "model"),
-        data=str(root / "train.jsonl"),
-        output=str(root / output),
-        method="lora",
-        epochs=2,
-        batch_tokens=128,
-        max_seq_len=64,
-        save_every=3,
-        precision="fp32",
-    )
-    return {**base, **kw}
+    extra = {k: kw.pop(k) for k in ("interrupt_at", "private_storage") if k in kw}  # for the worker, not TuneConfig
+    cfg = small_config(root / "model", root / "train.jsonl", root / output, epochs=2, save_every=3, **kw)
+    return {**cfg.to_dict(), **extra}
 
 
 def torchrun(root, cfg: dict, mode: str = "tune", *, accelerate_config: str | None = None) -> list[dict]:

@@ -13,8 +13,7 @@ from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.errors import ExportError, ModelError, RunError
 from edgeft.pipeline import tune as tuning
-from tests.helpers import merged, recipes_like, run_cli
-from tests.test_tune import small_config
+from tests.helpers import merged, recipes_like, run_cli, small_config
 
 
 def test_models_rm_takes_a_cache_name_never_a_path(tmp_path):

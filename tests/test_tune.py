@@ -11,24 +11,9 @@ from edgeft.config import load_config
 from edgeft.errors import ConfigError, DataError, DeviceError, DiskSpaceError, ModelError, RunError
 from edgeft.pipeline import tune as tuning
 from edgeft.pipeline.config import TuneConfig
-from tests.helpers import recipes_like, run_cli
+from tests.helpers import recipes_like, run_cli, small_config
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-def small_config(model, data, out, **kw) -> TuneConfig:
-    base = dict(
-        model=str(model),
-        data=str(data),
-        output=str(out),
-        method="lora",
-        epochs=1,
-        batch_tokens=128,
-        max_seq_len=64,
-        save_every=100,
-        precision="fp32",
-    )
-    return TuneConfig(**{**base, **kw})
 
 
 # --- packing -------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
     accelerator = world.accelerator
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
     random.seed(cfg.seed)
-    model = load_model(prepared.model.path, cfg, device, precision, quant_storage=world.sharded)
+    model = load_model(prepared.model.path, cfg, device, precision, sharded=world.sharded)
     head = loss_head(model)
     saved = None
     if resume_from:

@@ -99,19 +99,20 @@ def resolve_precision(precision: str, device: str) -> str:
 # --- the model -------------------------------------------------------------------------------
 
 
-def load_model(path: Path, cfg: TuneConfig, device: str, precision: str, *, quant_storage: str | None = None):
+def load_model(path: Path, cfg: TuneConfig, device: str, precision: str, *, sharded: bool = False):
     """The base model (4-bit NF4 for QLoRA) with LoRA/DoRA adapters on every linear layer.
 
     Adapter weights stay fp32 (peft's default); the frozen base is stored in the compute precision.
-    `quant_storage` packs the 4-bit codes in that dtype, which FSDP and ZeRO-3 need to shard them
-    alongside the rest (the codes, and so the weights, are the same).
+    `sharded` (FSDP, ZeRO-3): the 4-bit codes are packed in the compute dtype, so they shard
+    alongside the rest (the codes, and so the weights, are the same), and the frozen norms and
+    embeddings are not upcast to fp32 (one dtype per sharded unit).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     register_packed_attention()
     kwargs = {**base_load_kwargs(cfg.method, precision, device), "attn_implementation": PACKED_ATTENTION}
-    if quant_storage and cfg.method == "qlora":
+    if sharded and cfg.method == "qlora":
         kwargs["quantization_config"].bnb_4bit_quant_storage = kwargs["dtype"]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -120,9 +121,8 @@ def load_model(path: Path, cfg: TuneConfig, device: str, precision: str, *, quan
     checkpointing = use_gradient_checkpointing(cfg, device, model.config)
     # Non-reentrant checkpointing on every method: it works with frozen inputs, DDP and FSDP alike.
     reentrant_off = {"use_reentrant": False}
-    if cfg.method == "qlora":
-        # Upcasting the frozen base to fp32 would undo the 4-bit saving for non-quantized layers
-        # (norms, embeddings) under FSDP; peft only does it when asked.
+    if cfg.method == "qlora" and not sharded:
+        # fp32 norms and embeddings around the 4-bit layers: peft's recipe for stable QLoRA on one device
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=reentrant_off
         )
