@@ -78,7 +78,12 @@ def _streamed_nbits(builder, out_dir: Path):
     staging.mkdir(parents=True, exist_ok=True)
     print("Writing the fp32 graph to disk to quantize it one weight at a time", flush=True)
     ir.save(builder.model, staging / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=0)
-    builder.model = builder.weights = None  # the torch model and the graph that points into it
+    # Let the torch weights go: the graph's values point into them (through builder.values too),
+    # and the model keeps the safetensors files mapped.
+    for value in builder.model.graph.initializers.values():
+        value.const_value = None
+    builder.model = builder.graph = builder.weights = None
+    builder.values = {}
     gc.collect()
     proto = onnx.load(str(staging / "model.onnx"), load_external_data=False)
     initializers = {t.name: t for t in proto.graph.initializer}
