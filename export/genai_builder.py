@@ -125,8 +125,9 @@ def _streamed_nbits(builder, out_dir: Path):
         )
         quantizer.process()
         result = quantizer.model.model
-        nodes.extend(result.graph.node)
-        added.extend(result.graph.initializer)
+        # Copies: a message taken out of `result` would keep all of it alive, fp32 weight included.
+        nodes.extend(_copy(onnx.NodeProto, n) for n in result.graph.node)
+        added.extend(_copy(onnx.TensorProto, t) for t in result.graph.initializer)
         dropped.add(weight.name)
         del array, copy, single, quantizer, result
         if done % 16 == 0:
@@ -140,6 +141,12 @@ def _streamed_nbits(builder, out_dir: Path):
     shutil.rmtree(staging)
     builder.prepack_matmulnbits_weights(proto)
     return ir.from_proto(proto)
+
+
+def _copy(kind, message):
+    fresh = kind()
+    fresh.CopyFrom(message)
+    return fresh
 
 
 if __name__ == "__main__":
