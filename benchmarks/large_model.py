@@ -137,7 +137,21 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=2))
     results["env"] = env_note
     results_path.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results["stages"], indent=2))
+    (RESULTS / "large_model.md").write_text("\n".join(markdown(results)) + "\n")
+    print("\n".join(markdown(results)))
+
+
+def markdown(results: dict) -> list[str]:
+    lines = [
+        f"Machine: {results['machine']}",
+        "",
+        "| stage | command | time | peak RSS | exit |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for stage, r in results["stages"].items():
+        minutes = f"{r['seconds'] / 60:.1f} min"
+        lines.append(f"| {stage} | `{r['command']}` | {minutes} | {r['peak_rss_gb']:.1f} GiB | {r['exit']} |")
+    return lines
 
 
 if __name__ == "__main__":
