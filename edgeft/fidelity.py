@@ -119,14 +119,14 @@ class Recorded:
     exists: one model in memory at a time (a 3.8B model is 15 GB in fp32).
     """
 
-    def __init__(self, scorer, pairs, stops: set[int], *, greedy_samples: int = 0, progress: str | None = None):
+    def __init__(self, scorer, pairs, stops: set[int], *, progress: str | None = None):
         from edgeft.progress import progress as shown
 
         self.pairs, self.stops = pairs, stops
         self._greedy, self._logits = {}, {}
-        for i, (prompt, answer) in enumerate(shown(pairs, desc=progress, unit="prompt") if progress else pairs):
+        for prompt, answer in shown(pairs, desc=progress, unit="prompt") if progress else pairs:
             key = tuple(prompt)
-            if i < greedy_samples or answer is None:
+            if answer is None:  # compare's greedy_samples=0 calls: a reference's own answer only
                 self._greedy[key] = scorer.greedy(prompt, GENERATED, stops)
             target = answer or self._greedy[key]
             self._logits[(key, tuple(target))] = scorer.logits(prompt, target)

@@ -112,11 +112,19 @@ def load_base(trained: Trained, *, keep_4bit: bool = False):
             # block scales to bf16 (AVX512-BF16 CPUs): the function as trained, not an approximation.
             module.compute_dtype, module.compute_type_is_set = torch.float32, True
             module.support_avx512bf16_for_cpu = False
-    if keep_4bit:
-        return model
+    return model if keep_4bit else dequantized(model)
+
+
+def dequantized(model):
+    """A base loaded by `load_base(keep_4bit=True)` with its NF4 layers replaced, in place, by fp32
+    Linears holding NF4 codes x block scales: the weights training saw, in full precision."""
     # transformers warns that it dequantizes into model.dtype: fp32 now, which is the point.
     logging.getLogger("transformers.integrations.bitsandbytes").setLevel(logging.ERROR)
-    return model.dequantize()
+    model = model.dequantize()
+    # The 4-bit load's device map would make peft re-dispatch the now 8x larger model, and plan to
+    # offload layers to disk when it is near the RAM size: it is on the CPU already.
+    model.__dict__.pop("hf_device_map", None)
+    return model
 
 
 def as_trained_model(trained: Trained):

@@ -20,7 +20,7 @@ from pathlib import Path
 from edgeft import artifacts, fidelity
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, RunError
-from edgeft.trained import Trained, as_trained_model, load_base, with_adapter
+from edgeft.trained import Trained, as_trained_model, dequantized, load_base, with_adapter
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +100,12 @@ def _merge(run: Run, *, force: bool, base_weights: str, allow_drift: bool) -> Pa
     return target
 
 
-def _pairs(run: Run, tokenizer):
-    from edgeft.chatdata import reference_pairs, stop_ids
-
-    return reference_pairs(tokenizer, run.tune_record().eval_file, MERGE_CHECK_SAMPLES), set(stop_ids(tokenizer))
-
-
 def reference_answers(run: Run, as_trained, tokenizer) -> fidelity.Recorded:
     """What the model as trained answers on the run's held-out data (teacher-forced), kept for the check."""
-    pairs, stops = _pairs(run, tokenizer)
+    from edgeft.chatdata import reference_pairs, stop_ids
+
+    pairs = reference_pairs(tokenizer, run.tune_record().eval_file, MERGE_CHECK_SAMPLES)
+    stops = set(stop_ids(tokenizer))
     scorer = fidelity.TorchScorer(as_trained, tokenizer.pad_token_id)
     return fidelity.Recorded(scorer, pairs, stops, progress="scoring the model as trained")
 
@@ -145,13 +142,7 @@ def merged_model(trained: Trained, *, base_weights: str = "as-trained", as_train
     else:
         as_trained = as_trained if as_trained is not None else as_trained_model(trained)
         if trained.method == "qlora":
-            base = as_trained.unload()
-            logging.getLogger("transformers.integrations.bitsandbytes").setLevel(logging.ERROR)
-            base = base.dequantize()
-            # The 4-bit load's device map would make peft re-dispatch the now 8x larger model, and
-            # plan to offload layers to disk when it is near the RAM size: it is on the CPU already.
-            base.__dict__.pop("hf_device_map", None)
-            model = with_adapter(base, trained).merge_and_unload()
+            model = with_adapter(dequantized(as_trained.unload()), trained).merge_and_unload()
         else:
             model = as_trained.merge_and_unload()
     return model.to(torch.float32).eval()
