@@ -62,7 +62,10 @@ def build(model_dir: Path) -> dict:
     )
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    ):  # random init: seconds on a GPU, minutes on a CPU
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
     model.save_pretrained(model_dir, max_shard_size="2GB")
     return {"parameters": sum(p.numel() for p in model.parameters())}

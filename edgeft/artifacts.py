@@ -175,6 +175,7 @@ class TuneRecord:
     precision: str | None  # the compute precision that ran (fp32 | bf16 | fp16), recorded when training starts
     device: str | None
     metrics: dict
+    nf4_double_quant: bool = True  # QLoRA's block scales quantized again (not recorded before it became a choice)
 
     @property
     def method(self) -> str:
@@ -316,9 +317,8 @@ class Run:
         r = self.stage("tune")
         if r is None:
             return None
-        return TuneRecord(
-            r.get("status", "running"), r.get("config", {}), r.get("precision"), r.get("device"), r.get("metrics", {})
-        )
+        fields = (r.get(k, default) for k, default in (("status", "running"), ("config", {}), ("precision", None)))
+        return TuneRecord(*fields, r.get("device"), r.get("metrics", {}), r.get("nf4_double_quant", True))
 
     @contextlib.contextmanager
     def lock(self, what: str) -> Iterator[None]:

@@ -16,6 +16,13 @@ from edgeft import models
 from edgeft.artifacts import Run
 from edgeft.errors import DeviceError, ExportError
 
+# NF4 block scales kept in fp32, not quantized again to 8 bits ("double quantization"): bitsandbytes'
+# CUDA and CPU kernels make the same 4-bit codes but round the 8-bit scales differently (measured on
+# an H100: 0.05% of Phi-3-mini's weights off by up to 1e-3), so a base quantized on a GPU could not
+# be rebuilt exactly on a CPU. fp32 scales are the same everywhere; they cost 0.37 bits a weight
+# (~180 MB at 3.8B parameters). Runs recorded before this was a choice used double quantization.
+NF4_DOUBLE_QUANT = False
+
 
 @dataclass
 class Trained:
@@ -25,13 +32,21 @@ class Trained:
     adapter: Path
     method: str  # qlora | lora | dora
     precision: str  # the training's compute precision: fp32 | bf16 | fp16
+    double_quant: bool = NF4_DOUBLE_QUANT  # QLoRA: were the NF4 block scales quantized again
 
     @classmethod
     def of(cls, run: Run) -> Trained:
         record, base = run.tune_record(), run.base_model()
         path = base.path if base.path.exists() else models.resolve_model(base.spec).path  # a cleared cache: fetch again
         # Runs from before precision was recorded at the start trained in fp32 unless they finished (then it is there).
-        return cls(path, run.adapter_dir, record.method if record else "lora", (record and record.precision) or "fp32")
+        precision = (record and record.precision) or "fp32"
+        return cls(
+            path,
+            run.adapter_dir,
+            record.method if record else "lora",
+            precision,
+            record.nf4_double_quant if record else NF4_DOUBLE_QUANT,
+        )
 
 
 def torch_dtype(precision: str):
@@ -40,11 +55,11 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def base_load_kwargs(method: str, precision: str, device: str) -> dict:
+def base_load_kwargs(method: str, precision: str, device: str, *, double_quant: bool = NF4_DOUBLE_QUANT) -> dict:
     """How the frozen base is loaded for training: its storage dtype, and NF4 for QLoRA.
 
     The merge and the as-trained reference load it the same way, so they see the very weights
-    (NF4 codes, rounding to the storage dtype) that the adapter was trained against.
+    (NF4 codes and scales, rounding to the storage dtype) that the adapter was trained against.
     """
     from transformers import BitsAndBytesConfig
 
@@ -53,7 +68,10 @@ def base_load_kwargs(method: str, precision: str, device: str) -> dict:
     kwargs = {"dtype": dtype}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device if device == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))}
     return kwargs
@@ -94,10 +112,13 @@ def load_base(trained: Trained, *, keep_4bit: bool = False):
                 "rebuilds it, does not work on this machine. Merge, export and evaluate this run where it does "
                 "(`edgeft doctor` checks it)."
             ) from None
-    kwargs = base_load_kwargs(trained.method, trained.precision, "cpu")
+    kwargs = base_load_kwargs(trained.method, trained.precision, "cpu", double_quant=trained.double_quant)
     model = _load(lambda: AutoModelForCausalLM.from_pretrained(trained.base, **kwargs), trained.base)
     if trained.method != "qlora":
         return model.to(torch.float32)
+    # The 4-bit load records a device map of "cpu"; peft reads that as offloading and re-dispatches
+    # the model when the adapter is attached: onto a GPU if there is one, onto disk if RAM is short.
+    model.__dict__.pop("hf_device_map", None)
     import bitsandbytes as bnb
 
     for param in model.parameters():
@@ -120,11 +141,7 @@ def dequantized(model):
     Linears holding NF4 codes x block scales: the weights training saw, in full precision."""
     # transformers warns that it dequantizes into model.dtype: fp32 now, which is the point.
     logging.getLogger("transformers.integrations.bitsandbytes").setLevel(logging.ERROR)
-    model = model.dequantize()
-    # The 4-bit load's device map would make peft re-dispatch the now 8x larger model, and plan to
-    # offload layers to disk when it is near the RAM size: it is on the CPU already.
-    model.__dict__.pop("hf_device_map", None)
-    return model
+    return model.dequantize()
 
 
 def as_trained_model(trained: Trained):

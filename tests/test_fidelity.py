@@ -100,7 +100,8 @@ def test_the_base_as_trained_keeps_bf16_rounding(qlora_runs):
 
 
 def test_merge_onto_the_original_weights_is_refused_unless_accepted(qlora_runs, tmp_path):
-    run_dir = shutil.copytree(qlora_runs[("llama", "fp32")], tmp_path / "run")
+    # Phi-3: its NF4 rounding moves 11% of next-token choices (Llama's, with fp32 block scales, ~1%)
+    run_dir = shutil.copytree(qlora_runs[("phi3", "fp32")], tmp_path / "run")
     result = run_cli("merge", run_dir, "--base-weights", "original", ok=False)
     assert result.exit_code == 3
     assert "does not behave like the model you trained" in result.output and "--allow-drift" in result.output

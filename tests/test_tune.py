@@ -274,3 +274,28 @@ def test_cuda_asked_for_without_a_gpu(tmp_path, tiny_llama, monkeypatch):
     data = recipes_like(tmp_path / "d.jsonl", n=3)
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         tuning.tune(small_config(tiny_llama, data, tmp_path / "r", device="cuda"))
+
+
+def test_the_adapter_picked_by_name_is_the_adapter_peft_saves(tmp_path, tiny_phi3):
+    """Under FSDP the adapter is picked from the gathered state dict by name (peft finds no weights
+    behind FSDP's wrappers): the files must be the ones peft itself writes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.pipeline.tune.checkpoints import write_adapter
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_phi3), LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_()  # peft starts B at zero: make every tensor distinct
+    write_adapter(model, tmp_path / "peft", None)
+    write_adapter(model, tmp_path / "by-name", model.state_dict(), by_name=True)
+    ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("by-name", "peft"))
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("by-name", "peft")]
+    assert configs[0] == configs[1]

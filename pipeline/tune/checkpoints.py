@@ -40,12 +40,36 @@ def full_state(world: World, model) -> dict | None:
     return world.accelerator.get_state_dict(model) if world.sharded else None
 
 
+def write_adapter(peft_model, folder: Path, state: dict | None, *, by_name: bool = False) -> None:
+    """The adapter in peft's format. `by_name` (FSDP): its tensors picked from the gathered state by
+    name, since peft (0.21) finds them by module names, which FSDP's wrappers change: it saved none
+    (seen on an H100)."""
+    if not by_name:
+        peft_model.save_pretrained(folder, state_dict=state)
+        return
+    import copy
+
+    from safetensors.torch import save_file
+
+    name = peft_model.active_adapter
+    tensors = {k.replace(f".{name}.", "."): v.contiguous() for k, v in state.items() if ".lora_" in k}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config[name])
+    config.inference_mode = True  # as peft saves it
+    config.save_pretrained(folder)
+
+
+def _write_adapter(world: World, model, folder: Path, state: dict | None) -> None:
+    write_adapter(world.accelerator.unwrap_model(model), folder, state, by_name=world.engine == "fsdp")
+
+
 def save_adapter(target: Path, world: World, model, tokenizer=None, *, what: str = "adapter") -> None:
     state = full_state(world, model)
 
     def write():
         with artifacts.staged_dir(target, force=True, what=what) as tmp:
-            world.accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state)
+            _write_adapter(world, model, tmp, state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
 
@@ -71,7 +95,7 @@ def save_checkpoint(run: Run, world: World, model, optimizer, scheduler, state: 
     def write():
         artifacts.check_free_space(run.path, _adapter_bytes(model) * 4 + 50_000_000, "writing a checkpoint")
         with artifacts.staged_dir(target, force=True, what="checkpoint") as tmp:
-            world.accelerator.unwrap_model(model).save_pretrained(tmp / "adapter", state_dict=adapter)
+            _write_adapter(world, model, tmp / "adapter", adapter)
             torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "trainer.pt")
             artifacts.write_json_atomic(tmp / "state.json", state.to_dict())
         artifacts.write_json_atomic(

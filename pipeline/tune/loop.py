@@ -59,9 +59,17 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     if world.engine == "deepspeed":  # DeepSpeed builds its engine from all three at once
+        # It sizes its batches from a dataloader, which the loop does not use: one packed row per micro-step.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         optimizer = adamw([p for p in model.parameters() if p.requires_grad])
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, schedule(optimizer))
     else:  # FSDP needs the optimizer made over the wrapped model's parameters
+        if world.engine == "fsdp":
+            # Each LoRA layer its own unit beside each decoder layer: FSDP cannot flatten trainable
+            # and frozen weights together without use_orig_params, which 4-bit weights break.
+            from peft.utils.other import fsdp_auto_wrap_policy
+
+            accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
         model = accelerator.prepare(model)
         optimizer = adamw([p for p in model.parameters() if p.requires_grad])
         scheduler = schedule(optimizer)

@@ -3,6 +3,7 @@ attention inside each packed example, and a loss that never holds the whole voca
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -109,18 +110,23 @@ def load_model(path: Path, cfg: TuneConfig, device: str, precision: str, *, shar
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     register_packed_attention()
     kwargs = {**base_load_kwargs(cfg.method, precision, device), "attn_implementation": PACKED_ATTENTION}
+    zero3 = sharded and is_deepspeed_zero3_enabled()
     if sharded and cfg.method == "qlora":
         kwargs["quantization_config"].bnb_4bit_quant_storage = kwargs["dtype"]
+        if zero3:  # ZeRO-3 places the weights itself and refuses a device map
+            kwargs.pop("device_map", None)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:
         raise ModelError(f"could not load the model in {path}: {e}") from None
     checkpointing = use_gradient_checkpointing(cfg, device, model.config)
-    # Non-reentrant checkpointing on every method: it works with frozen inputs, DDP and FSDP alike.
-    reentrant_off = {"use_reentrant": False}
+    # Non-reentrant checkpointing (it works with frozen inputs, DDP and FSDP alike), except under
+    # ZeRO-3, whose parameters are released between forward and the recompute (measured: it fails).
+    reentrant_off = {"use_reentrant": zero3}
     if cfg.method == "qlora" and not sharded:
         # fp32 norms and embeddings around the 4-bit layers: peft's recipe for stable QLoRA on one device
         model = prepare_model_for_kbit_training(
@@ -142,7 +148,9 @@ def load_model(path: Path, cfg: TuneConfig, device: str, precision: str, *, shar
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, lora)
+        # Sharded: the adapter in the base's dtype, since FSDP flattens one dtype per unit (fp32
+        # adapters beside bf16 weights fail); single device and DDP: fp32 adapters (peft's default).
+        model = get_peft_model(model, lora, autocast_adapter_dtype=not sharded)
     except ValueError as e:
         raise ModelError(f"could not attach LoRA to {path}: {e}. Check --target-modules.") from None
     base = model.get_base_model()
@@ -194,6 +202,11 @@ class ChunkedLoss(torch.nn.Module):
         super().__init__()
         self.head, self.chunked, self.targets = head, chunked, None
 
+    @property
+    def weight(self):
+        """The head's weight, where tied-weight bookkeeping (FSDP's re-tying) looks for it."""
+        return self.head.weight
+
     def _slice_loss(self, hidden, targets):
         return F.cross_entropy(self.head(hidden).float(), targets, reduction="sum")
 
@@ -242,8 +255,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     """
     segments = segments or [query.shape[2]]
     dropout = dropout if module.training else 0.0
-    if query.is_cuda and len(segments) > 1 and (varlen := _varlen_kernel(query.dtype, dropout)) is not None:
-        return varlen(query, key, value, segments, scaling, dropout), None
+    if query.is_cuda and len(segments) > 1:
+        # QLoRA's fp32 norms make q/k/v fp32 under autocast; SDPA would cast them down, so may we.
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+        if (varlen := _varlen_kernel(dtype, dropout)) is not None:
+            q, k, v = (t.to(dtype) for t in (query, key, value))
+            return varlen(q, k, v, segments, scaling, dropout), None
     outputs, start = [], 0
     for n in segments:
         q, k, v = (t[:, :, start : start + n] for t in (query, key, value))
@@ -272,10 +289,15 @@ def _varlen_kernel(dtype, dropout: float):
             return None
         if dropout or dtype not in (torch.float16, torch.bfloat16):
             return None
+        params = inspect.signature(varlen_attn).parameters
+        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # torch < 2.10
 
         def kernel(q, k, v, cu, n, scale):
-            gqa = q.shape[1] != k.shape[1]
-            return varlen_attn(q, k, v, cu, cu, n, n, scale=scale, window_size=(-1, 0), enable_gqa=gqa)
+            if q.shape[1] != k.shape[1]:  # grouped-query attention
+                if "enable_gqa" in params:
+                    return varlen_attn(q, k, v, cu, cu, n, n, scale=scale, enable_gqa=True, **causal)
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))  # torch < 2.13
+            return varlen_attn(q, k, v, cu, cu, n, n, scale=scale, **causal)
 
     def run(query, key, value, segments, scale, _dropout):
         cu = torch.tensor([0, *segments], device=query.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)

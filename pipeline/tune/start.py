@@ -26,7 +26,7 @@ from edgeft.pipeline.tune.model import check_causal_lm, load_tokenizer, pick_dev
 from edgeft.pipeline.tune.packing import Plan
 from edgeft.pipeline.tune.progress import record_throughput
 from edgeft.pipeline.tune.state import TrainState, read_metrics, summarise
-from edgeft.trained import check_qlora
+from edgeft.trained import NF4_DOUBLE_QUANT, check_qlora
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def _create_run(output: Path, force: bool, cfg: TuneConfig, prepared: Prepared, 
             precision=at.precision,
             processes=world.size,
             engine=world.engine,
+            nf4_double_quant=NF4_DOUBLE_QUANT,
         )
     world.barrier()
     try:
