@@ -43,7 +43,9 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
     accelerator = world.accelerator
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
     random.seed(cfg.seed)
-    model = load_model(prepared.model.path, cfg, device, precision, sharded=world.sharded)
+    # a run resumed from before NF4 scales were kept in fp32 goes on as it started
+    double_quant = run.tune_record().nf4_double_quant
+    model = load_model(prepared.model.path, cfg, device, precision, sharded=world.sharded, double_quant=double_quant)
     head = loss_head(model)
     saved = None
     if resume_from:

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from edgeft.errors import DeviceError, ModelError
 from edgeft.pipeline.config import TuneConfig
-from edgeft.trained import base_load_kwargs
+from edgeft.trained import NF4_DOUBLE_QUANT, base_load_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,15 @@ def resolve_precision(precision: str, device: str) -> str:
 # --- the model -------------------------------------------------------------------------------
 
 
-def load_model(path: Path, cfg: TuneConfig, device: str, precision: str, *, sharded: bool = False):
+def load_model(
+    path: Path,
+    cfg: TuneConfig,
+    device: str,
+    precision: str,
+    *,
+    sharded: bool = False,
+    double_quant: bool = NF4_DOUBLE_QUANT,
+):
     """The base model (4-bit NF4 for QLoRA) with LoRA/DoRA adapters on every linear layer.
 
     Adapter weights stay fp32 (peft's default); the frozen base is stored in the compute precision.
@@ -113,7 +121,10 @@ def load_model(path: Path, cfg: TuneConfig, device: str, precision: str, *, shar
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     register_packed_attention()
-    kwargs = {**base_load_kwargs(cfg.method, precision, device), "attn_implementation": PACKED_ATTENTION}
+    kwargs = {
+        **base_load_kwargs(cfg.method, precision, device, double_quant=double_quant),
+        "attn_implementation": PACKED_ATTENTION,
+    }
     zero3 = sharded and is_deepspeed_zero3_enabled()
     if sharded and cfg.method == "qlora":
         kwargs["quantization_config"].bnb_4bit_quant_storage = kwargs["dtype"]
