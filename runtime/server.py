@@ -47,7 +47,6 @@ API_KEY_ENV = "EDGEFT_API_KEY"
 DEFAULT_MAX_BODY = 1_000_000  # bytes; a long conversation is a few hundred KB at most
 RETRY_AFTER_S = 2
 BODY_TIMEOUT_S = 30.0  # a request body must arrive within this; a trickling client is cut off with 408
-SPARE_CONNECTIONS = 32  # connections beyond parallel + queue (health checks, the page, clients in line)
 
 # OpenAI fields we accept and ignore when they ask for nothing we would do differently.
 IGNORED_FIELDS = {
@@ -648,16 +647,15 @@ def serve(
         port,
         ", API key required" if api_key else "",
     )
-    # Bounded connections (a flood of half-open ones gets 503, not the machine's file descriptors) and
-    # idle keep-alive connections closed after 5 s.
+    from edgeft.runtime.connections import server_options
+
     uvicorn.run(
         app,
         host=host,
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=5,
-        timeout_keep_alive=5,
-        limit_concurrency=parallel + max_queue + SPARE_CONNECTIONS,
+        **server_options(parallel, max_queue),
     )
 
 

@@ -74,13 +74,13 @@ def wait_for(condition, timeout: float = 10) -> None:
 class LiveServer:
     """A uvicorn server on a free loopback port, in a background thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, **options):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20

@@ -240,6 +240,38 @@ def test_bad_requests_get_400_in_openai_shape(server, body, message):
     assert set(error) == {"message", "type", "param", "code"}
 
 
+def test_headers_that_never_end_are_cut_off_first_request_or_next(model, monkeypatch):
+    """slowloris: a connection must finish each request's headers in time, also on keep-alive;
+    a long answer is not cut off (the deadline covers the headers only)."""
+    from edgeft.runtime import connections
+
+    monkeypatch.setattr(connections, "HEADER_TIMEOUT_S", 1.0)
+    slow = SlowModel(model, delay=0.1)
+    live = LiveServer(create_app(slow), **connections.server_options(parallel=1, max_queue=2))
+    host, port = live.url.removeprefix("http://").split(":")
+
+    def closed_after(first: bytes, then: bytes) -> float:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(first)
+            if first:  # a whole request: read its answer, then start the next one and stall
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            start = time.monotonic()
+            s.sendall(then)
+            while s.recv(4096):
+                pass
+            return time.monotonic() - start
+
+    try:
+        stalled = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: applic"
+        assert closed_after(b"", stalled) < 5
+        assert closed_after(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", stalled) < 5
+        started = time.monotonic()  # ~2.5 s of trickling answer, longer than the header deadline
+        answer = live.post({"messages": HI, "max_tokens": 25, "stream": True})
+        assert answer.status_code == 200 and "[DONE]" in answer.text and time.monotonic() - started > 1.5
+    finally:
+        live.stop()
+
+
 def test_a_body_that_trickles_in_is_cut_off(model):
     live = LiveServer(create_app(model, body_timeout=1.0))
     try:
