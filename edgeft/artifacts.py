@@ -250,8 +250,9 @@ class Run:
                 )
 
     @classmethod
-    def create(cls, path: Path, *, force: bool = False, **fields: Any) -> Run:
-        """Start a new run directory; an existing run is replaced only with `force`."""
+    def create(cls, path: Path, *, force: bool = False, stages: dict | None = None, **fields: Any) -> Run:
+        """Start a new run directory; an existing run is replaced only with `force`. `stages` are
+        written with the manifest, in the same atomic write: a run is never seen without them."""
         path = Path(path)
         cls.check_new(path, force=force)
         try:
@@ -270,7 +271,7 @@ class Run:
                 "edgeft_version": __version__,
                 "created_at": now(),
                 **fields,
-                "stages": {},
+                "stages": {name: {**record, "updated_at": now()} for name, record in (stages or {}).items()},
             },
         )
         return run

@@ -190,6 +190,52 @@ def test_sigterm_during_export_leaves_no_temp_folder_and_no_builder(tiny_llama_r
     run_cli("export", tiny_llama_run, "--int4", "--no-verify")  # and a re-run recovers
 
 
+@pytest.mark.parametrize("moment", ["loading", "training", "checkpointing"])
+def test_sigterm_during_tune_leaves_a_resumable_run(tmp_path, tiny_llama, moment):
+    """SIGTERM (what `docker stop`, systemd and schedulers send) while the model loads, between
+    steps, and while a checkpoint is being written: the run is left resumable, no hidden temporary
+    folder stays behind, and `--resume` finishes it."""
+    import subprocess
+    import sys
+    import time
+
+    data = recipes_like(tmp_path / "train.jsonl", n=48)
+    run_dir = tmp_path / "run"
+    args = ["--model", tiny_llama, "--data", data, "--output", run_dir, "--method", "lora", "--epochs", "4"]
+    args += ["--batch-tokens", "128", "--max-seq-len", "64", "--save-every", "1", "--precision", "fp32"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeft", "tune", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    checkpoints, deadline = run_dir / "checkpoints", time.monotonic() + 120
+
+    def reached() -> bool:
+        if moment == "loading":
+            return (run_dir / "edgeft.json").exists()
+        if moment == "training":
+            return (checkpoints / "latest.json").exists()
+        return any(p.name.startswith(".") for p in checkpoints.glob("*")) if checkpoints.exists() else False
+
+    while not reached():
+        assert proc.poll() is None and time.monotonic() < deadline, f"tune ended before {moment}"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    assert code in (0, 130), proc.stdout.read().decode()[-3000:]
+    leftovers = [p for p in run_dir.rglob(".*") if p.name != ".edgeft.lock"]
+    assert not leftovers, leftovers
+    record = Run.open(run_dir).stage("tune")
+    if code == 0:
+        assert record["status"] == "done"
+        return
+    assert record["status"] == "interrupted"
+    pointer = checkpoints / "latest.json"
+    if pointer.exists():  # the checkpoint it points at is whole
+        latest = checkpoints / json.loads(pointer.read_text())["checkpoint"]
+        assert (latest / "state.json").is_file() and (latest / "trainer.pt").is_file()
+    assert "Fine-tuned" in run_cli("tune", "--resume", run_dir).output
+    assert Run.open(run_dir).stage("tune")["status"] == "done"
+
+
 def test_one_command_at_a_time_on_a_run(tiny_llama_run):
     from edgeft.export.onnx import ExportConfig, export
     from edgeft.pipeline.merge import merge

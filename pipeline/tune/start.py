@@ -21,7 +21,7 @@ from edgeft.pipeline.data import DataReport, check_data, split_validation
 from edgeft.pipeline.tune import distributed
 from edgeft.pipeline.tune.checkpoints import latest_checkpoint
 from edgeft.pipeline.tune.distributed import LaunchError, World
-from edgeft.pipeline.tune.loop import train
+from edgeft.pipeline.tune.loop import TrainingInterrupted, train
 from edgeft.pipeline.tune.model import check_causal_lm, load_tokenizer, pick_device, resolve_precision
 from edgeft.pipeline.tune.packing import Plan
 from edgeft.pipeline.tune.progress import record_throughput
@@ -116,18 +116,8 @@ def _create_run(output: Path, force: bool, cfg: TuneConfig, prepared: Prepared, 
     world = at.world
     world.barrier()  # every process has checked `output` before the main one replaces it
     if world.is_main:
-        run = Run.create(
-            output,
-            force=force,
-            base_model={
-                "spec": prepared.model.spec,
-                "path": str(prepared.model.path.resolve()),
-                "kind": prepared.model.kind,
-            },
-        )
         # device and precision: merge needs them to rebuild the base exactly as training loaded it.
-        run.record_stage(
-            "tune",
+        tune_record = dict(
             status="running",
             config=cfg.to_dict(),
             data=_data_record(prepared),
@@ -137,6 +127,12 @@ def _create_run(output: Path, force: bool, cfg: TuneConfig, prepared: Prepared, 
             engine=world.engine,
             nf4_double_quant=NF4_DOUBLE_QUANT,
         )
+        base_model = {
+            "spec": prepared.model.spec,
+            "path": str(prepared.model.path.resolve()),
+            "kind": prepared.model.kind,
+        }
+        Run.create(output, force=force, base_model=base_model, stages={"tune": tune_record})
     world.barrier()
     try:
         world.agree(_visibility_problem(output, world))
@@ -175,9 +171,9 @@ def tune(cfg: TuneConfig, *, force: bool = False, on_step: Callable[[dict], None
     cfg.data = str(Path(cfg.data).resolve())
     cfg.eval_file = str(Path(cfg.eval_file).resolve()) if cfg.eval_file else ""
     run = _create_run(output, force, cfg, prepared, at)
-    with _held(run, at.world, "tune"):
+    with _held(run, at.world, "tune"), _resumable_if_stopped(run, at.world):
         state = train(run, at.world, cfg, prepared, at.device, at.precision, resume_from=None, on_step=on_step)
-        return _finish(run, at, cfg, prepared, state)
+    return _finish(run, at, cfg, prepared, state)
 
 
 def resume(run_dir: str | Path, *, on_step: Callable[[dict], None] | None = None) -> Path:
@@ -195,9 +191,7 @@ def resume(run_dir: str | Path, *, on_step: Callable[[dict], None] | None = None
         raise ConfigError(
             f"the saved config in {run.manifest_path} cannot be used ({e}). Start the run over with --force."
         ) from None
-    checkpoint = latest_checkpoint(run)
-    if checkpoint is None:
-        raise artifacts.RunError(f"run {run.path} has no checkpoint to resume from. Start it over with --force.")
+    checkpoint = latest_checkpoint(run)  # None: stopped before its first checkpoint, so from step 0
     prepared = prepare_data(cfg)
     if prepared.report.dataset.sha256 != record["data"]["sha256"]:
         raise DataError(
@@ -208,9 +202,23 @@ def resume(run_dir: str | Path, *, on_step: Callable[[dict], None] | None = None
     at.world.barrier()
     if at.world.is_main:
         run.record_stage("tune", status="running")
-    with _held(run, at.world, "tune --resume"):
+    if checkpoint is None:
+        log.info(f"{run.path} stopped before its first checkpoint: training it from the start.")
+    with _held(run, at.world, "tune --resume"), _resumable_if_stopped(run, at.world):
         state = train(run, at.world, cfg, prepared, at.device, at.precision, resume_from=checkpoint, on_step=on_step)
-        return _finish(run, at, cfg, prepared, state)
+    return _finish(run, at, cfg, prepared, state)
+
+
+@contextlib.contextmanager
+def _resumable_if_stopped(run: Run, world: World):
+    """Ctrl-C or SIGTERM outside the training loop (loading the model, say; the loop handles its
+    own): the run is recorded as interrupted, so `--resume` picks it up."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if world.is_main:
+            run.record_stage("tune", status="interrupted")
+        raise TrainingInterrupted(f"training was stopped. Resume with: edgeft tune --resume {run.path}") from None
 
 
 def _check_same_launch(run: Run, record: dict, world: World) -> None:
