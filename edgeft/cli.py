@@ -443,11 +443,17 @@ def export(target: str, precision: str, force: bool, **options) -> None:
 @click.option("--max-tokens", type=int, help="New tokens per answer.  [default: fits the longest reference]")
 @click.option("--batch-size", default=8, show_default=True, help="Prompts per batch for PyTorch models.")
 @click.option(
+    "--json-schema",
+    metavar="FILE|auto",
+    help="Also evaluate each fine-tuned ONNX export with its answers constrained to this JSON Schema "
+    "(auto: inferred from the references).",
+)
+@click.option(
     "--output",
     type=click.Path(dir_okay=False),
     help="JSON report path.  [default: RUN/logs/eval.json or ./edgeft-eval.json]",
 )
-def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, output) -> None:
+def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, json_schema, output) -> None:
     """Compare models on held-out data: base, base with examples in the prompt, fine-tuned, exported.
 
     \b
@@ -468,6 +474,7 @@ def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, out
         max_tokens=max_tokens,
         batch_size=batch_size,
         output=output,
+        json_schema=json_schema,
     )
     click.echo(f"{report['samples']} examples from {data}, greedy, up to {report['max_tokens']} new tokens:")
     for line in table(report):
@@ -529,19 +536,38 @@ def bench(
 @click.option("--repetition-penalty", type=float, help="> 1 discourages repetition; 1 = off.")
 @click.option("--stop", multiple=True, help="A string that ends the answer (repeatable, up to 4).")
 @click.option("--seed", type=int, help="Makes sampled answers repeatable.")
+@click.option("--json", "json_object", is_flag=True, help="Answer with a JSON object (every token constrained).")
+@click.option(
+    "--json-schema",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Answer with JSON that fits this JSON Schema file (every token constrained).",
+)
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime.  [default: all cores]")
 @click.option("--stats", is_flag=True, help="After each answer, print tokens/s and time to first token.")
-def chat(path: Path, system: str | None, prompt: str | None, threads: int | None, stats: bool, **generation) -> None:
+def chat(
+    path: Path,
+    system: str | None,
+    prompt: str | None,
+    threads: int | None,
+    stats: bool,
+    json_object: bool,
+    json_schema: Path | None,
+    **generation,
+) -> None:
     """Chat with an exported model in the terminal: PATH is runs/NAME or runs/NAME/onnx-int4.
 
     \b
     In the chat: Ctrl-C stops the answer, /reset starts over, /exit or Ctrl-D leaves.
     For scripts: edgeft chat runs/NAME --prompt "..."   or   echo "..." | edgeft chat runs/NAME
     """
-    from edgeft.runtime import ChatModel, GenerationOptions
+    from edgeft.runtime import ChatModel, GenerationOptions, json_schema_format
     from edgeft.runtime.chat import answer_once, chat_loop
 
     options = {k: (list(v) if k == "stop" else v) for k, v in generation.items() if v not in (None, ())}
+    if json_schema is not None:
+        options["response_format"] = json_schema_format(json_schema)
+    elif json_object:
+        options["response_format"] = {"type": "json_object"}
     GenerationOptions(**options)  # bad options fail before the model loads
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()

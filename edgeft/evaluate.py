@@ -20,7 +20,7 @@ import re
 import string
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgeft import artifacts, models
@@ -40,6 +40,7 @@ class Candidate:
     )
     shots: int = 0
     run: Run | None = None
+    response_format: dict | None = None  # ONNX rows: answers constrained to this (see --json-schema)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Row:
     latency_s: float
     tokens_per_second: float
     samples: int
+    constrained: bool = False  # answers constrained to a JSON schema (--json-schema)
     predictions: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -250,11 +252,14 @@ class OnnxBackend:
         from edgeft.runtime import ChatModel
 
         self.model = ChatModel.load(candidate.path)
+        self.response_format = candidate.response_format
 
     def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int]]:
         results = []
         for messages in prompts:
-            reply = self.model.chat(messages, max_tokens=max_tokens, temperature=0.0)
+            reply = self.model.chat(
+                messages, max_tokens=max_tokens, temperature=0.0, response_format=self.response_format
+            )
             results.append((reply.text, reply.finish_reason, reply.usage["completion_tokens"]))
         return results
 
@@ -275,8 +280,13 @@ def evaluate(
     max_tokens: int | None = None,
     batch_size: int = 8,
     output: str | Path | None = None,
+    json_schema: str | Path | None = None,
 ) -> dict:
-    """Evaluate every candidate on `data`; write a JSON report and record it in the runs involved."""
+    """Evaluate every candidate on `data`; write a JSON report and record it in the runs involved.
+
+    `json_schema` (a schema file, or "auto" to infer one from the references): each fine-tuned ONNX
+    export gets a second row whose answers are constrained to the schema.
+    """
     if not specs:
         raise ConfigError(
             "name at least one model to evaluate (a built-in name, a run, a merged folder or an ONNX export)."
@@ -285,6 +295,8 @@ def evaluate(
         raise ConfigError("--shots must be 0 or more, --limit and --batch-size at least 1.")
     samples = load_samples(data, limit)
     todo = candidates(specs, shots)
+    if json_schema is not None:
+        todo = with_constrained_rows(todo, load_json_schema(json_schema, samples))
     shot_pool = _shot_pool(todo, shots, shots_file, data) if shots else []
     if max_tokens is None:
         max_tokens = _default_max_tokens(samples)
@@ -312,6 +324,50 @@ def evaluate(
             "eval", status="done", report=str(target.resolve()), rows=report["rows"], finished_at=artifacts.now()
         )
     return report
+
+
+def with_constrained_rows(todo: list[Candidate], schema: dict) -> list[Candidate]:
+    """Each fine-tuned ONNX export again, its answers constrained to `schema`."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "reference", "schema": schema}}
+    out = []
+    for c in todo:
+        out.append(c)
+        if c.backend == "onnx" and c.kind == "fine-tuned":
+            label = c.label.replace(" (ONNX)", ", constrained (ONNX)")
+            out.append(replace(c, label=label, response_format=fmt))
+    return out
+
+
+def load_json_schema(source: str | Path, samples: list[Sample]) -> dict:
+    """A JSON Schema from a file, or ("auto") inferred from the references when they are all JSON."""
+    if str(source) == "auto":
+        if not all(is_json(s.reference) for s in samples):
+            raise ConfigError("--json-schema auto needs references that are all JSON; pass a schema file instead.")
+        return infer_json_schema([json.loads(s.reference) for s in samples])
+    from edgeft.runtime.engine import json_schema_format
+
+    return json_schema_format(source)["json_schema"]["schema"]
+
+
+def infer_json_schema(values: list) -> dict:
+    """The narrowest plain schema every value fits: types, object keys (required where always
+    present), array items; differing types become anyOf."""
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}
+    kinds = {type(v) for v in values}
+    if kinds == {dict}:
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        properties = {k: infer_json_schema([v[k] for v in values if k in v]) for k in keys}
+        required = [k for k in keys if all(k in v for v in values)]
+        return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+    if kinds == {list}:
+        items = [item for v in values for item in v]
+        return {"type": "array", "items": infer_json_schema(items) if items else {}}
+    if kinds == {int, float}:
+        return {"type": "number"}
+    if len(kinds) == 1 and (kind := kinds.pop()) in names:
+        return {"type": names[kind]}
+    groups = [[v for v in values if type(v) is k] for k in dict.fromkeys(type(v) for v in values)]
+    return {"anyOf": [infer_json_schema(g) for g in groups]} if groups else {}
 
 
 def _shot_pool(todo: list[Candidate], shots: int, shots_file, data) -> list[Sample]:
@@ -360,7 +416,9 @@ def evaluate_one(
                 }
             )
     nll, count = 0.0, 0
-    for sample, prompt in progress(list(zip(samples, prompts)), desc=f"{candidate.label} perplexity", unit="example"):
+    # a constrained row's model is the unconstrained row's: its perplexity is that row's
+    scored = [] if candidate.response_format else list(zip(samples, prompts))
+    for sample, prompt in progress(scored, desc=f"{candidate.label} perplexity", unit="example"):
         value, n = backend.nll(prompt, sample.reference)
         nll, count = nll + value, count + n
     json_refs = [p for p in predictions if is_json(p["reference"])]
@@ -380,6 +438,7 @@ def evaluate_one(
         latency_s=round(seconds / n, 3),
         tokens_per_second=round(generated / seconds, 1) if seconds else 0.0,
         samples=n,
+        constrained=candidate.response_format is not None,
         predictions=predictions,
     )
     log.info(f"  {row.label}: exact match {row.exact_match}%, {row.stop_rate}% stopped, {seconds:.0f} s")

@@ -179,9 +179,16 @@ def _export_base(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | Non
 
 
 def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
-    from edgeft.evaluate import evaluate, table
+    from edgeft.evaluate import evaluate, is_json, load_samples, table
 
-    settings = {"data": str(Path(cfg.eval_file).resolve()), "limit": cfg.limit or None, "shots": cfg.shots}
+    # JSON answers: a row for the fine-tuned export constrained to the references' schema
+    json_schema = "auto" if all(is_json(s.reference) for s in load_samples(cfg.eval_file, cfg.limit or None)) else None
+    settings = {
+        "data": str(Path(cfg.eval_file).resolve()),
+        "limit": cfg.limit or None,
+        "shots": cfg.shots,
+        "json_schema": json_schema,
+    }
     if _done(run_dir, "eval", force, settings=settings):
         return "reusing the evaluation"
     report = evaluate(
@@ -190,6 +197,7 @@ def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
         shots=cfg.shots,
         shots_file=cfg.data,
         limit=cfg.limit or None,
+        json_schema=json_schema,
     )
     Run.open(run_dir).record_stage("eval", settings=settings)
     for line in table(report):

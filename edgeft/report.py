@@ -125,7 +125,7 @@ def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float])
     few = _row(rows, lambda r: r["kind"] == "base" and r["shots"] > 0)
     trained = _row(rows, lambda r: r["kind"] == "as-trained")
     merged = _row(rows, lambda r: r["kind"] == "merged")
-    onnx_ft = _row(rows, lambda r: r["kind"] == "fine-tuned" and r["backend"] == "onnx")
+    onnx_ft = _row(rows, lambda r: r["kind"] == "fine-tuned" and r["backend"] == "onnx" and not r.get("constrained"))
     if zero and few and trained and onnx_ft:
         gain, drop, stops = bar
         checks = [

@@ -11,10 +11,21 @@
         print(piece, end="", flush=True)
     print(stream.result.usage)
 
+    # answers that fit a JSON Schema (OpenAI's response_format shapes; every token is constrained)
+    model.chat(messages, response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": {...}}})
+    model.chat(messages, response_format=json_schema_format("schema.json"))
+
 The terminal chat (`edgeft.runtime.chat`) and the server (`edgeft.runtime.server`, needs
 edgeft[serve]) are built on the same ChatModel.
 """
 
-from edgeft.runtime.engine import ChatModel, ChatResult, ChatStream, ContextLengthError, GenerationOptions
+from edgeft.runtime.engine import (
+    ChatModel,
+    ChatResult,
+    ChatStream,
+    ContextLengthError,
+    GenerationOptions,
+    json_schema_format,
+)
 
-__all__ = ["ChatModel", "ChatResult", "ChatStream", "ContextLengthError", "GenerationOptions"]
+__all__ = ["ChatModel", "ChatResult", "ChatStream", "ContextLengthError", "GenerationOptions", "json_schema_format"]

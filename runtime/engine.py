@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from edgeft.errors import GenerationError, ModelError
+from edgeft.errors import ConfigError, GenerationError, ModelError
 from edgeft.fidelity import negative_log_likelihood, teacher_forced_logits
 from edgeft.runtime.template import ChatTemplate
 
@@ -52,6 +52,10 @@ class GenerationOptions:
     repetition_penalty: float | None = None  # > 1 discourages repeating tokens; 1 = off
     stop: str | Sequence[str] | None = None  # up to 4 strings that end the answer (not included in it)
     seed: int | None = None  # makes sampling repeatable; None = a random seed
+    # OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}},
+    # or edgeft's {"type": "regex", "regex": ...} / {"type": "lark_grammar", "grammar": ...}: every
+    # token is constrained to fit (llguidance, inside onnxruntime-genai).
+    response_format: dict | None = None
 
     def __post_init__(self):
         self.max_tokens = _check_int("max_tokens", self.max_tokens, low=1)
@@ -67,6 +71,7 @@ class GenerationOptions:
             raise GenerationError("repetition_penalty must be greater than 0 (1 means no penalty), got 0.")
         self.seed = _check_int("seed", self.seed, low=0, high=MAX_SEED)
         self.stop = _check_stop(self.stop)
+        self.guidance = guidance(self.response_format)
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> GenerationOptions:
@@ -110,6 +115,57 @@ def _check_stop(stop: Any) -> tuple[str, ...]:
     if any(s == "" for s in stops):
         raise GenerationError("stop strings must not be empty.")
     return tuple(stops)
+
+
+RESPONSE_FORMATS = "text, json_object, json_schema (OpenAI's), regex, lark_grammar (edgeft's)"
+# JSON laid out as Python's json.dumps writes it (and as the samples train): llguidance's flexible
+# default lets a model pad with whitespace without end (a random model wrote 200 newlines). A
+# schema's own "x-guidance" key overrides this.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def guidance(response_format: Any) -> tuple[str, str] | None:
+    """A response_format as onnxruntime-genai guidance (kind, data), or None for free text. Checks
+    the shape; whether the schema or grammar compiles is known when generation is set up."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if not isinstance(kind, str):
+        raise GenerationError(
+            f"response_format must be an object with a type ({RESPONSE_FORMATS}), got {response_format!r}."
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_schema", json.dumps({"type": "object", "x-guidance": JSON_LAYOUT})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise GenerationError(
+                "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {a JSON Schema object}}}."
+            )
+        return "json_schema", json.dumps({"x-guidance": JSON_LAYOUT, **spec["schema"]})
+    field = {"regex": "regex", "lark_grammar": "grammar"}.get(kind)
+    if field is None:
+        raise GenerationError(f"response_format type {kind!r} is not supported; use one of: {RESPONSE_FORMATS}.")
+    value = response_format.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise GenerationError(f"response_format type {kind!r} needs a non-empty string {field!r}.")
+    return kind, value
+
+
+def json_schema_format(path: str | Path) -> dict:
+    """The response_format for answers that fit the JSON Schema in a file."""
+    path = Path(path)
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read the JSON schema {path}: {e.strerror or e}.") from None
+    except ValueError as e:
+        raise ConfigError(f"{path} is not JSON ({e}); a JSON Schema file is expected.") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{path} must hold a JSON Schema object, got {type(schema).__name__}.")
+    return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema}}
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
@@ -215,6 +271,29 @@ class ChatStream:
         self._max_tokens = max_tokens
         self._cancelled = threading.Event()
         self._pieces: Iterator[str] | None = None
+        self._generator, self._setup_seconds = None, 0.0
+        if options.guidance is not None:
+            start = time.perf_counter()
+            self._generator = self._new_generator()
+            self._setup_seconds = time.perf_counter() - start  # counted in time to first token
+
+    def _new_generator(self) -> Any:
+        """The search settings and, with a response_format, its compiled grammar (~0.5 s for a JSON
+        schema on SmolLM2's 49k-token vocabulary): a schema or grammar that does not compile is a
+        GenerationError here."""
+        import onnxruntime_genai as og
+
+        params = self.model._search_params(self._options, max_length=self.prompt_tokens + self._max_tokens)
+        if self._options.guidance is not None:
+            params.set_guidance(*self._options.guidance)
+        try:
+            return og.Generator(self.model._og_model, params)
+        except RuntimeError as e:
+            if self._options.guidance is None:
+                raise
+            kind = self._options.guidance[0].replace("_", " ")
+            problem = str(e).removeprefix("Error creating grammar: ").strip()
+            raise GenerationError(f"the response_format's {kind} cannot be used: {problem}") from None
 
     def cancel(self) -> None:
         """Stop generating after the current token (thread-safe)."""
@@ -243,17 +322,14 @@ class ChatStream:
             self._pieces.close()
 
     def _generate(self) -> Iterator[str]:
-        import onnxruntime_genai as og
-
-        model, started = self.model, time.perf_counter()
+        model, started = self.model, time.perf_counter() - self._setup_seconds
         stops = StopStringFilter(self._options.stop)
         parts: list[str] = []
         generated, first_token_at, last = 0, None, None
         try:
             if self.cancelled:  # cancelled before its turn came (a server queue): skip even the prefill
                 return
-            params = model._search_params(self._options, max_length=self.prompt_tokens + self._max_tokens)
-            generator = og.Generator(model._og_model, params)
+            generator, self._generator = self._generator or self._new_generator(), None
             generator.append_tokens(self._prompt_ids)  # the prefill: runs the model over the whole prompt
             decoder = model._tokenizer.create_stream()
             while not generator.is_done() and not self.cancelled and not stops.stopped:

@@ -56,10 +56,6 @@ IGNORED_FIELDS = {
     "service_tier",
     "parallel_tool_calls",
     "tool_choice",
-    "logprobs",
-    "top_logprobs",
-    "logit_bias",
-    "response_format",
     "frequency_penalty",
     "presence_penalty",
     "tools",
@@ -68,7 +64,13 @@ IGNORED_FIELDS = {
     "reasoning_effort",
     "modalities",
 }
-OPTION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed")
+OPTION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "response_format")
+# Fields that ask for something this server does not do: refused unless they ask for nothing.
+UNSUPPORTED_FIELDS = {
+    "logprobs": "log probabilities are not returned by this server",
+    "top_logprobs": "log probabilities are not returned by this server",
+    "logit_bias": "logit_bias is not supported; constrain the answer with response_format instead",
+}
 
 
 class ApiError(Exception):
@@ -239,6 +241,7 @@ def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bo
         "n",
         *OPTION_FIELDS,
         *IGNORED_FIELDS,
+        *UNSUPPORTED_FIELDS,
     }
     unknown = sorted(set(body) - known)
     if unknown:
@@ -252,6 +255,9 @@ def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bo
             raise ApiError(
                 400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats).", param=name
             )
+    for name, why in UNSUPPORTED_FIELDS.items():
+        if body.get(name) not in (None, False, 0, {}):
+            raise ApiError(400, f"{name}: {why}.", param=name)
     if body.get("tools") or body.get("functions"):
         raise ApiError(400, "tools and function calling are not supported by this server.", param="tools")
     stream = body.get("stream", False)
@@ -419,7 +425,7 @@ def create_app(
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
         except GenerationError as e:
             ticket.release()
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param="response_format" if "response_format" in str(e) else None) from None
         except BaseException:
             ticket.release()
             raise

@@ -93,3 +93,37 @@ def test_eval_bad_input(tiny_llama, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
     assert "invalid JSON" in run_cli("eval", tiny_llama, "--data", bad, ok=False).output
+
+
+def test_a_constrained_row_for_the_fine_tuned_export(tiny_llama_run, tmp_path):
+    """--json-schema auto: the schema is inferred from the JSON references, and the fine-tuned export
+    is evaluated again with its answers held to it (the tiny random model writes JSON only then)."""
+    from edgeft.evaluate import infer_json_schema
+
+    export(merged(tiny_llama_run), ExportConfig(verify=False))
+    data = recipes_like(tmp_path / "eval.jsonl", n=4, seed=3)  # references: JSON lists of strings
+    report = evaluate(
+        [str(tiny_llama_run / "onnx-int4")], data, max_tokens=40, json_schema="auto", output=tmp_path / "r.json"
+    )
+    free, constrained = report["rows"]
+    assert constrained["label"] == "onnx-int4, constrained (ONNX)" and constrained["constrained"]
+    assert constrained["json_valid"] > free["json_valid"] and constrained["perplexity"] is None
+    assert not free["constrained"]
+    rows = [json.loads(line) for line in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
+    held = [r for r in rows if r["model"] == constrained["label"] and r["finish_reason"] == "stop"]
+    assert held and all(is_json(r["prediction"]) for r in held)  # only a length cut can leave it unfinished
+    assert infer_json_schema([["a"], ["b", "c"]]) == {"type": "array", "items": {"type": "string"}}
+    assert infer_json_schema([{"k": 1, "x": None}, {"k": 2.5}]) == {
+        "type": "object",
+        "properties": {"k": {"type": "number"}, "x": {"type": "null"}},
+        "required": ["k"],
+        "additionalProperties": False,
+    }
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    )
+    with pytest.raises(ConfigError, match="references that are all JSON"):
+        evaluate([str(tiny_llama_run / "onnx-int4")], plain, json_schema="auto")
+    with pytest.raises(ConfigError, match="cannot read the JSON schema"):
+        evaluate([str(tiny_llama_run / "onnx-int4")], data, json_schema=str(tmp_path / "missing.json"))

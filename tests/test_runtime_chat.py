@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pty
 import re
@@ -217,3 +218,18 @@ def test_exit_command_in_a_terminal(tiny_llama_export):
     finally:
         if term.proc.poll() is None:
             term.proc.kill()
+
+
+def test_json_and_json_schema_answers(tiny_llama_export, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))
+    out = run_cli("chat", tiny_llama_export, "-p", "hi", "--json-schema", schema, "--max-tokens", "40").output
+    assert isinstance(json.loads(out)["n"], int)
+    out = run_cli("chat", tiny_llama_export, "-p", "hi", "--json", "--max-tokens", "60").output
+    assert isinstance(json.loads(out), dict)
+    schema.write_text('{"type": "nope"}')
+    bad = run_cli("chat", tiny_llama_export, "-p", "hi", "--json-schema", schema, ok=False)
+    assert bad.exit_code != 0 and "json schema cannot be used: Invalid type: nope" in bad.output
+    assert "Traceback" not in bad.output
+    missing = run_cli("chat", tiny_llama_export, "-p", "hi", "--json-schema", tmp_path / "none.json", ok=False)
+    assert "cannot read the JSON schema" in missing.output

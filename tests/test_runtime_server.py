@@ -354,6 +354,74 @@ def test_openai_client_sees_bad_options_as_bad_request(client):
         client.chat.completions.create(model="m", messages=HI, temperature=3)
 
 
+# --- structured output ----------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"}},
+    "required": ["answer", "ok"],
+    "additionalProperties": False,
+}
+
+
+def _answer(client, stream: bool, **kwargs) -> str:
+    """The answer's text, streamed or not (a random tiny model: only the constraint makes it valid)."""
+    reply = client.chat.completions.create(model="m", messages=HI, max_tokens=80, stream=stream, **kwargs)
+    if not stream:
+        return reply.choices[0].message.content
+    return "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_json_schema_response_format_gives_schema_valid_json(client, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA, "strict": True}}
+    data = json.loads(_answer(client, stream, response_format=fmt))
+    assert set(data) == {"answer", "ok"} and isinstance(data["ok"], bool)
+    assert isinstance(data["answer"], str) and len(data["answer"]) <= 6
+    free = _answer(client, stream, temperature=0)  # and without one, the same model writes no JSON at all
+    with pytest.raises(ValueError):
+        json.loads(free)
+
+
+@pytest.mark.parametrize(
+    "fmt, check",
+    [
+        ({"type": "json_object"}, lambda text: isinstance(json.loads(text), dict)),
+        ({"type": "regex", "regex": "(yes|no), [0-9]{3}"}, lambda text: re.fullmatch(r"(yes|no), [0-9]{3}", text)),
+        ({"type": "lark_grammar", "grammar": 'start: "red" | "green"'}, lambda text: text in ("red", "green")),
+        ({"type": "text"}, lambda text: isinstance(text, str)),
+    ],
+    ids=["json_object", "regex", "lark_grammar", "text"],
+)
+def test_the_other_response_formats(client, fmt, check):
+    text = _answer(client, False, response_format=fmt)
+    assert check(text), text
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+            "Invalid type: nope",
+        ),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs {'json_schema'"),
+        ({"response_format": {"type": "xml"}}, "type 'xml' is not supported"),
+        ({"response_format": {"type": "regex", "regex": "(["}}, "regex cannot be used"),
+        ({"response_format": {"type": "lark_grammar", "grammar": "start: ???"}}, "lark grammar cannot be used"),
+        ({"response_format": "json"}, "must be an object with a type"),
+        ({"logprobs": True}, "log probabilities are not returned"),
+        ({"top_logprobs": 3}, "log probabilities are not returned"),
+        ({"logit_bias": {"50": -100}}, "logit_bias is not supported"),
+    ],
+)
+def test_what_cannot_be_honoured_is_a_400_before_generation(server, body, message):
+    r = server.post({"messages": HI, "max_tokens": 4, **body})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] in set(body)
+    assert server.post({"messages": HI, "max_tokens": 2, "logprobs": False, "logit_bias": {}}).status_code == 200
+
+
 def test_oversize_body_is_413(server):
     big = {"messages": [{"role": "user", "content": "x" * 300_000}]}
     r = server.post(big)
