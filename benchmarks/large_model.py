@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -102,9 +101,7 @@ def main() -> None:
     model_dir, run_dir, log = work / "phi3-mini-random", work / "run", work / "stages.log"
     results_path = RESULTS / "large_model.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = sorted(set(re.findall(r"avx512_bf16|avx512_vnni|avx512f|avx2", cpuinfo)))
-    results["machine"] = f"{machine()}; CPU flags: {' '.join(flags)}"
+    results["machine"] = machine()
     results.setdefault("stages", {})
     edgeft = [sys.executable, "-m", "edgeft"]
     env_note = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}

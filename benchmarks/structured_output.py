@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -54,12 +53,10 @@ def main() -> None:
             "decode_tokens_per_s_median": round(statistics.median(decode), 1),
         }
         print(mode, rows[mode], flush=True)
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = " ".join(sorted(set(re.findall(r"avx512_bf16|avx512_vnni|avx512f|avx2|amx\w*", cpuinfo))))
     free, held = rows["free"], rows["json_schema"]
     slower = 100 * (1 - held["decode_tokens_per_s_median"] / free["decode_tokens_per_s_median"])
     result = {
-        "machine": f"{machine()}; CPU flags: {flags}",
+        "machine": machine(),
         "export": str(
             Path(args.export).resolve().relative_to(ROOT)
             if ROOT in Path(args.export).resolve().parents

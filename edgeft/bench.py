@@ -423,7 +423,24 @@ def _ratios(results: list[dict]) -> None:
         }
 
 
+# The instruction sets ONNX Runtime's and PyTorch's CPU kernels choose between: int4/int8 matmuls
+# want VNNI, bf16 wants AVX512-BF16 or AMX; most laptops and edge boxes have AVX2 + FMA only.
+SPEED_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of SPEED_FLAGS this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in SPEED_FLAGS if f in have]
+
+
 def machine() -> str:
+    """The CPU, its cores, RAM and speed-relevant flags: printed beside every speed figure."""
     import platform
 
     cpu = platform.processor() or platform.machine()
@@ -435,7 +452,11 @@ def machine() -> str:
     except OSError:
         pass
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return f"{cpu}, {os.cpu_count()} cores, {total / 2**30:.0f} GiB RAM, {platform.system()} {platform.machine()}"
+    flags = " ".join(cpu_flags()) or "unknown"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {total / 2**30:.0f} GiB RAM, {platform.system()} {platform.machine()}; "
+        f"CPU flags: {flags}"
+    )
 
 
 def markdown(report: dict) -> list[str]:

@@ -18,8 +18,11 @@ def test_python_dash_m_works():
 def test_doctor_reports_the_machine():
     result = run_cli("doctor", ok=False)
     assert result.exit_code in (0, 1)
-    for row in ("torch device", "bitsandbytes 4-bit", "onnxruntime providers", "free disk", "cache"):
+    for row in ("torch device", "bitsandbytes 4-bit", "onnxruntime providers", "free disk", "cache", "cpu flags"):
         assert row in result.output
+    from edgeft.bench import cpu_flags, machine
+
+    assert "avx2" in cpu_flags() and machine().endswith("CPU flags: " + " ".join(cpu_flags()))  # x86-64 CI machines
 
 
 def test_user_errors_are_one_line_without_traceback():

@@ -47,8 +47,11 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
         "qs as trained (PyTorch)",
         "qs merged (PyTorch)",
         "onnx-int4 (ONNX)",
+        "onnx-int4, constrained (ONNX)",  # the recipe answers are JSON: held to their inferred schema
     ]
-    assert all(r["samples"] == 6 and r["perplexity"] > 1 for r in eval_report["rows"])
+    *scored, constrained = eval_report["rows"]
+    assert all(r["samples"] == 6 and r["perplexity"] > 1 for r in scored)
+    assert constrained["constrained"] and constrained["samples"] == 6
     bench = json.loads((run.logs_dir / "bench.json").read_text())
     assert [r["engine"] for r in bench["results"]] == ["genai", "pytorch"] and "error" not in bench["results"][1]
     for png in ("loss.png", "bench.png"):
