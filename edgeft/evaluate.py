@@ -60,9 +60,14 @@ class Row:
     json_valid: float | None
     perplexity: float | None
     stop_rate: float
-    latency_s: float
+    latency_s: float  # mean seconds per answer (PyTorch rows: a batch's time shared by its answers)
     tokens_per_second: float
     samples: int
+    # what a request costs: tokens in and out, and the spread of its latency
+    prompt_tokens: float = 0.0
+    answer_tokens: float = 0.0
+    latency_p50_s: float = 0.0
+    latency_p95_s: float = 0.0
     constrained: bool = False  # answers constrained to a JSON schema (--json-schema)
     predictions: list[dict] = field(default_factory=list, repr=False)
 
@@ -224,15 +229,18 @@ class TorchBackend:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
-    def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int]]:
+    def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int, int]]:
+        """(text, finish reason, answer tokens, prompt tokens) per prompt."""
         from edgeft.fidelity import torch_greedy
 
         ids = [self.prompt_ids(m) for m in prompts]
         results = []
-        for row in torch_greedy(self.model, ids, max_tokens, set(self.stops), self.tokenizer.pad_token_id):
+        for prompt, row in zip(
+            ids, torch_greedy(self.model, ids, max_tokens, set(self.stops), self.tokenizer.pad_token_id)
+        ):
             stopped = bool(row) and row[-1] in self.stops
             text = self.tokenizer.decode(row[:-1] if stopped else row, skip_special_tokens=True)
-            results.append((text, "stop" if stopped else "length", len(row)))
+            results.append((text, "stop" if stopped else "length", len(row), len(prompt)))
         return results
 
     def nll(self, messages: list[dict], reference: str) -> tuple[float, int]:
@@ -254,13 +262,15 @@ class OnnxBackend:
         self.model = ChatModel.load(candidate.path)
         self.response_format = candidate.response_format
 
-    def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int]]:
+    def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int, int]]:
         results = []
         for messages in prompts:
             reply = self.model.chat(
                 messages, max_tokens=max_tokens, temperature=0.0, response_format=self.response_format
             )
-            results.append((reply.text, reply.finish_reason, reply.usage["completion_tokens"]))
+            results.append(
+                (reply.text, reply.finish_reason, reply.usage["completion_tokens"], reply.usage["prompt_tokens"])
+            )
         return results
 
     def nll(self, messages: list[dict], reference: str) -> tuple[float, int]:
@@ -403,14 +413,18 @@ def evaluate_one(
     for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
         start = time.perf_counter()
         results = backend.generate(prompts[i : i + step], max_tokens)
-        seconds += time.perf_counter() - start
-        for sample, (text, finish, n_tokens) in zip(samples[i : i + step], results):
+        took = time.perf_counter() - start
+        seconds += took
+        for sample, (text, finish, n_tokens, n_prompt) in zip(samples[i : i + step], results):
             generated += n_tokens
             predictions.append(
                 {
                     "prediction": text,
                     "reference": sample.reference,
                     "finish_reason": finish,
+                    "prompt_tokens": n_prompt,
+                    "answer_tokens": n_tokens,
+                    "latency_s": round(took / len(results), 4),
                     "exact_match": exact_match(text, sample.reference),
                     "token_f1": token_f1(text, sample.reference),
                 }
@@ -438,6 +452,10 @@ def evaluate_one(
         latency_s=round(seconds / n, 3),
         tokens_per_second=round(generated / seconds, 1) if seconds else 0.0,
         samples=n,
+        prompt_tokens=round(sum(p["prompt_tokens"] for p in predictions) / n, 1),
+        answer_tokens=round(sum(p["answer_tokens"] for p in predictions) / n, 1),
+        latency_p50_s=round(_percentile([p["latency_s"] for p in predictions], 50), 3),
+        latency_p95_s=round(_percentile([p["latency_s"] for p in predictions], 95), 3),
         constrained=candidate.response_format is not None,
         predictions=predictions,
     )
@@ -445,17 +463,53 @@ def evaluate_one(
     return row
 
 
+def _percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, linearly interpolated (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    k = (len(ordered) - 1) * q / 100
+    low = int(k)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+
+
 def table(report: dict) -> list[str]:
     """The report as a Markdown table (the terminal and report.md show the same thing)."""
     lines = [
-        "| model | exact match % | token F1 % | JSON valid % | perplexity | stops % | latency s/ex | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            "| model | exact match % | token F1 % | JSON valid % | perplexity | stops % | prompt tokens | answer tokens "
+            "| latency p50 s | latency p95 s | tokens/s |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         json_valid = "-" if r["json_valid"] is None else f"{r['json_valid']:.1f}"
         ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
         lines.append(
             f"| {r['label']} | {r['exact_match']:.1f} | {r['token_f1']:.1f} | {json_valid} | {ppl} | "
-            f"{r['stop_rate']:.1f} | {r['latency_s']:.2f} | {r['tokens_per_second']:.1f} |"
+            f"{r['stop_rate']:.1f} | {r.get('prompt_tokens', 0):.0f} | {r.get('answer_tokens', 0):.0f} | "
+            f"{r.get('latency_p50_s', r['latency_s']):.2f} | {r.get('latency_p95_s', r['latency_s']):.2f} | "
+            f"{r['tokens_per_second']:.1f} |"
         )
     return lines
+
+
+def cost_comparison(rows: list[dict]) -> str | None:
+    """One sentence on what the fine-tuned export saves per request against the prompted base
+    models (few-shot, retrieved examples), both run by the same ONNX runtime."""
+    tuned = next(
+        (r for r in rows if r["backend"] == "onnx" and r["kind"] == "fine-tuned" and not r.get("constrained")), None
+    )
+    prompted = [r for r in rows if r["backend"] == "onnx" and r["kind"] == "base" and r["shots"] > 0]
+    if not tuned or not prompted or not tuned.get("prompt_tokens") or not tuned.get("latency_p50_s"):
+        return None
+    parts = [
+        f"{r['prompt_tokens'] / tuned['prompt_tokens']:.1f}x fewer prompt tokens and "
+        f"{r['latency_p50_s'] / tuned['latency_p50_s']:.1f}x faster (median latency) than {r['label']}"
+        for r in prompted
+    ]
+    return (
+        f"The fine-tuned int4 model answers with {'; '.join(parts)}, "
+        f"at {tuned['exact_match']:.1f}% exact match against {max(r['exact_match'] for r in prompted):.1f}%."
+    )

@@ -43,6 +43,32 @@ def loss_curve(rows: list[dict], path: Path, title: str = "") -> Path | None:
     return path
 
 
+def quality_vs_latency(rows: list[dict], path: Path, *, title: str) -> Path | None:
+    """Each evaluated model as a point: median latency per answer (x, log scale) against exact match."""
+    points = [r for r in rows if r.get("latency_p50_s")]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in points:
+        color = "#d9534f" if r["kind"] == "fine-tuned" else "#1f5f8b" if r["kind"] == "base" else "#9ab"
+        ax.scatter(r["latency_p50_s"], r["exact_match"], s=50, color=color, zorder=3)
+        ax.annotate(
+            r["label"], (r["latency_p50_s"], r["exact_match"]), fontsize=7, xytext=(5, 4), textcoords="offset points"
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency per answer, s (log scale)")
+    ax.set_ylabel("exact match %")
+    ax.set_ylim(-5, 105)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def bar_chart(labels: list[str], values: list[float], path: Path, *, title: str, ylabel: str) -> Path:
     """A simple labelled bar chart (speed and quality comparisons in reports)."""
     plt = _pyplot()

@@ -165,7 +165,21 @@ def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float])
         ]
         lines += [f"- {'PASS' if ok else 'NOT MET'}: {text}" for ok, text in checks]
         lines.append("")
+    lines += _cost(run, rows)
     lines += _examples(Path(evaluation["report"]), zero, onnx_ft)
+    return lines
+
+
+def _cost(run: Run, rows: list[dict]) -> list[str]:
+    """What each row costs per request, in one sentence and one chart."""
+    from edgeft.evaluate import cost_comparison
+    from edgeft.plots import quality_vs_latency
+
+    lines = []
+    if sentence := cost_comparison(rows):
+        lines += [sentence, ""]
+    if quality_vs_latency(rows, run.logs_dir / "quality-latency.png", title="Quality against latency, per model"):
+        lines += ["![quality against latency](logs/quality-latency.png)", ""]
     return lines
 
 

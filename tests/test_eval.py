@@ -59,6 +59,10 @@ def test_eval_table_over_every_kind_of_model(tiny_llama_run, tiny_llama, tmp_pat
     for row in report["rows"]:
         assert row["samples"] == 5 and 0 <= row["exact_match"] <= 100 and row["perplexity"] > 1
         assert row["json_valid"] is not None and row["latency_s"] > 0
+        assert row["prompt_tokens"] > 0 and 0 < row["answer_tokens"] <= 8
+        assert 0 < row["latency_p50_s"] <= row["latency_p95_s"]
+    zero_shot, two_shot = report["rows"][:2]
+    assert two_shot["prompt_tokens"] > zero_shot["prompt_tokens"] + 20  # the shots are in the prompt
     assert "| model | exact match %" in out and "Report:" in out
     assert Run.open(tiny_llama_run).stage("eval")["rows"] == report["rows"]
     predictions = (tiny_llama_run / "logs" / "eval.predictions.jsonl").read_text().splitlines()
@@ -127,3 +131,24 @@ def test_a_constrained_row_for_the_fine_tuned_export(tiny_llama_run, tmp_path):
         evaluate([str(tiny_llama_run / "onnx-int4")], plain, json_schema="auto")
     with pytest.raises(ConfigError, match="cannot read the JSON schema"):
         evaluate([str(tiny_llama_run / "onnx-int4")], data, json_schema=str(tmp_path / "missing.json"))
+
+
+def test_what_a_request_costs_in_one_sentence_and_a_chart(tmp_path):
+    from edgeft.evaluate import _percentile, cost_comparison
+    from edgeft.plots import quality_vs_latency
+
+    def row(label, kind, shots, em, prompt, p50):
+        return dict(
+            label=label, backend="onnx", kind=kind, shots=shots, exact_match=em, prompt_tokens=prompt, latency_p50_s=p50
+        )
+
+    rows = [row("base zero-shot", "base", 0, 2.0, 120, 0.5), row("base 3-shot", "base", 3, 20.0, 600, 1.5)]
+    rows.append(row("onnx-int4", "fine-tuned", 0, 80.0, 150, 0.3))
+    sentence = cost_comparison(rows)
+    assert sentence == (
+        "The fine-tuned int4 model answers with 4.0x fewer prompt tokens and 5.0x faster (median latency) than "
+        "base 3-shot, at 80.0% exact match against 20.0%."
+    )
+    assert cost_comparison(rows[:2]) is None  # nothing fine-tuned to compare
+    assert quality_vs_latency(rows, tmp_path / "q.png", title="t").stat().st_size > 5000
+    assert _percentile([1, 2, 3, 4], 50) == 2.5 and _percentile([5], 95) == 5 and _percentile([], 50) == 0.0
