@@ -74,6 +74,9 @@ def cli(verbose: bool) -> None:
 @click.option("--max-steps", default=0, show_default=True, help="Cap the fine-tune at N steps (0 = one full epoch).")
 @click.option("--limit", default=0, show_default=True, help="Evaluate on the first N held-out examples (0 = all).")
 @click.option("--shots", default=3, show_default=True, help="Examples in the prompt for the few-shot baseline.")
+@click.option(
+    "--rag", default=3, show_default=True, help="Retrieved examples (BM25) in the prompt for the retrieval baseline."
+)
 @click.option("--bench-runs", default=3, show_default=True, help="Repetitions of the speed benchmark.")
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing finished ones.")
 @click.option(
@@ -82,13 +85,14 @@ def cli(verbose: bool) -> None:
     help="Go on when the merged or int4 model fails the fidelity gate (a few-step fine-tune does); the report says so.",
 )
 def quickstart(
-    output: str, max_steps: int, limit: int, shots: int, bench_runs: int, force: bool, allow_drift: bool
+    output: str, max_steps: int, limit: int, shots: int, rag: int, bench_runs: int, force: bool, allow_drift: bool
 ) -> None:
     """The whole path on the built-in model and the recipe sample, with a report (about 27 min on 2 CPU cores).
 
     \b
-    fine-tune (QLoRA) -> merge -> export int4 -> evaluate (base zero-shot, base few-shot, the model
-    as trained, merged, fine-tuned ONNX int4) -> speed benchmark -> RUN/report.md
+    fine-tune (QLoRA) -> merge -> export int4 -> evaluate (base zero-shot, base few-shot, base with
+    retrieved examples, the model as trained, merged, fine-tuned ONNX int4 free and constrained to
+    the answers' JSON schema) -> speed benchmark -> RUN/report.md
     Merge and export are checked against the model as trained; a drift stops the quickstart.
     Running it again reuses finished stages and resumes an interrupted fine-tune.
     """
@@ -101,6 +105,7 @@ def quickstart(
             max_steps=max_steps,
             limit=limit,
             shots=shots,
+            rag=rag,
             bench_runs=bench_runs,
             allow_drift=allow_drift,
         ),
@@ -435,9 +440,16 @@ def export(target: str, precision: str, force: bool, **options) -> None:
     help="Also evaluate each base model with K training examples in the prompt.",
 )
 @click.option(
+    "--rag",
+    default=0,
+    show_default=True,
+    metavar="K",
+    help="Also evaluate each base model with the K training examples most like each prompt (BM25) in its prompt.",
+)
+@click.option(
     "--shots-file",
     type=click.Path(dir_okay=False),
-    help="Where the shots come from (default: the run's training data).",
+    help="Where the shots and retrieved examples come from (default: the run's training data).",
 )
 @click.option("--limit", type=int, help="Evaluate only the first N examples (quick checks).")
 @click.option("--max-tokens", type=int, help="New tokens per answer.  [default: fits the longest reference]")
@@ -453,13 +465,13 @@ def export(target: str, precision: str, force: bool, **options) -> None:
     type=click.Path(dir_okay=False),
     help="JSON report path.  [default: RUN/logs/eval.json or ./edgeft-eval.json]",
 )
-def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, json_schema, output) -> None:
+def eval_cmd(models, data, shots, rag, shots_file, limit, max_tokens, batch_size, json_schema, output) -> None:
     """Compare models on held-out data: base, base with examples in the prompt, fine-tuned, exported.
 
     \b
     MODELS are any mix of a built-in name or HF folder (base model), a run (its merged model, or base +
     adapter), a merged folder, and an ONNX export folder. Example:
-      edgeft eval smollm2-135m runs/recipes runs/recipes/onnx-int4 --data samples/recipes/eval.jsonl --shots 3
+      edgeft eval smollm2-135m runs/recipes runs/recipes/onnx-int4 --data samples/recipes/eval.jsonl --shots 3 --rag 3
     Metrics: exact match (JSON compared parsed), token F1, JSON validity, perplexity of the reference,
     answers that stop on their own, latency.
     """
@@ -469,6 +481,7 @@ def eval_cmd(models, data, shots, shots_file, limit, max_tokens, batch_size, jso
         list(models),
         data,
         shots=shots,
+        rag=rag,
         shots_file=shots_file,
         limit=limit,
         max_tokens=max_tokens,

@@ -41,6 +41,7 @@ class Candidate:
     shots: int = 0
     run: Run | None = None
     response_format: dict | None = None  # ONNX rows: answers constrained to this (see --json-schema)
+    retrieved: bool = False  # its `shots` examples are retrieved per prompt (BM25), not the first ones
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Row:
     latency_s: float  # mean seconds per answer (PyTorch rows: a batch's time shared by its answers)
     tokens_per_second: float
     samples: int
+    retrieved: bool = False  # base model with examples retrieved per prompt (--rag)
     # what a request costs: tokens in and out, and the spread of its latency
     prompt_tokens: float = 0.0
     answer_tokens: float = 0.0
@@ -75,8 +77,25 @@ class Row:
 # --- what to evaluate ---------------------------------------------------------------------
 
 
-def candidates(specs: list[str], shots: int) -> list[Candidate]:
-    """Turn command-line MODEL arguments into candidates; a base model gets a K-shot row too."""
+def candidates(specs: list[str], shots: int, rag: int = 0) -> list[Candidate]:
+    """Turn command-line MODEL arguments into candidates; a base model gets a K-shot row and a row
+    with `rag` retrieved examples too."""
+    out = _candidates(specs, shots)
+    if not rag:
+        return out
+    with_rag = []
+    for i, c in enumerate(out):
+        with_rag.append(c)
+        later = out[i + 1] if i + 1 < len(out) else None
+        if c.kind == "base" and not (later and later.kind == "base" and later.path == c.path):  # after its K-shot row
+            name = c.label.replace(" zero-shot", "").replace(f" {c.shots}-shot", "")
+            retrieved = f" + {rag} retrieved"
+            label = name.replace(" (ONNX)", f"{retrieved} (ONNX)") if c.backend == "onnx" else name + retrieved
+            with_rag.append(replace(c, label=label, shots=rag, retrieved=True))
+    return with_rag
+
+
+def _candidates(specs: list[str], shots: int) -> list[Candidate]:
     out = []
     for spec in specs:
         path = Path(spec)
@@ -291,33 +310,40 @@ def evaluate(
     batch_size: int = 8,
     output: str | Path | None = None,
     json_schema: str | Path | None = None,
+    rag: int = 0,
 ) -> dict:
     """Evaluate every candidate on `data`; write a JSON report and record it in the runs involved.
 
     `json_schema` (a schema file, or "auto" to infer one from the references): each fine-tuned ONNX
-    export gets a second row whose answers are constrained to the schema.
+    export gets a second row whose answers are constrained to the schema. `rag` K: each base model
+    also answers with the K training examples most similar to each prompt (BM25) in its prompt.
     """
     if not specs:
         raise ConfigError(
             "name at least one model to evaluate (a built-in name, a run, a merged folder or an ONNX export)."
         )
-    if shots < 0 or (limit is not None and limit < 1) or batch_size < 1:
-        raise ConfigError("--shots must be 0 or more, --limit and --batch-size at least 1.")
+    if shots < 0 or rag < 0 or (limit is not None and limit < 1) or batch_size < 1:
+        raise ConfigError("--shots and --rag must be 0 or more, --limit and --batch-size at least 1.")
     samples = load_samples(data, limit)
-    todo = candidates(specs, shots)
+    todo = candidates(specs, shots, rag)
     if json_schema is not None:
         todo = with_constrained_rows(todo, load_json_schema(json_schema, samples))
-    shot_pool = _shot_pool(todo, shots, shots_file, data) if shots else []
+    pool = _example_pool(todo, shots_file, data) if shots or rag else []
     if max_tokens is None:
         max_tokens = _default_max_tokens(samples)
     rows = []
     for candidate in todo:
-        rows.append(evaluate_one(candidate, samples, shot_pool[: candidate.shots], max_tokens, batch_size))
+        if candidate.retrieved:
+            prompts = [with_shots(s, found) for s, found in zip(samples, retrieve(pool, samples, candidate.shots))]
+        else:
+            prompts = [with_shots(s, pool[: candidate.shots]) if candidate.shots else s.messages for s in samples]
+        rows.append(evaluate_one(candidate, samples, prompts, max_tokens, batch_size))
     report = {
         "data": str(Path(data).resolve()),
         "samples": len(samples),
         "max_tokens": max_tokens,
         "shots": shots,
+        "rag": rag,
         "finished_at": artifacts.now(),
         "rows": [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in rows],
     }
@@ -380,17 +406,37 @@ def infer_json_schema(values: list) -> dict:
     return {"anyOf": [infer_json_schema(g) for g in groups]} if groups else {}
 
 
-def _shot_pool(todo: list[Candidate], shots: int, shots_file, data) -> list[Sample]:
+def retrieve(pool: list[Sample], samples: list[Sample], k: int) -> list[list[Sample]]:
+    """For each sample, the k pool examples whose user message is most like its own (BM25 over
+    words, English stop words dropped), least similar first so the closest sits next to the question."""
+    import bm25s
+
+    def question(s: Sample) -> str:
+        return next((m["content"] for m in reversed(s.messages) if m["role"] == "user"), "")
+
+    def tokens(texts: list[str]):
+        return bm25s.tokenize(texts, stopwords="en", show_progress=False)
+
+    index = bm25s.BM25()
+    index.index(tokens([question(s) for s in pool]), show_progress=False)
+    found, _ = index.retrieve(tokens([question(s) for s in samples]), k=min(k, len(pool)), show_progress=False)
+    return [[pool[int(i)] for i in reversed(row)] for row in found]
+
+
+def _example_pool(todo: list[Candidate], shots_file, data) -> list[Sample]:
+    """Solved examples for the prompts of base rows: the shots file, else the run's training data."""
     source = shots_file
     if source is None:
         run = next((c.run for c in todo if c.run), None)
         record = run.tune_record() if run else None
         source = record.data if record else None
     if source is None:
-        raise ConfigError("--shots needs solved examples: pass --shots-file TRAIN.jsonl (never the evaluation file).")
+        raise ConfigError(
+            "--shots and --rag need solved examples: pass --shots-file TRAIN.jsonl (never the evaluation file)."
+        )
     if Path(source).resolve() == Path(data).resolve():
         raise ConfigError("--shots-file must not be the evaluation data: the answers would leak into the prompts.")
-    return load_samples(source)[:shots]
+    return load_samples(source)
 
 
 def _default_max_tokens(samples: list[Sample]) -> int:
@@ -401,13 +447,13 @@ def _default_max_tokens(samples: list[Sample]) -> int:
 
 
 def evaluate_one(
-    candidate: Candidate, samples: list[Sample], shots: list[Sample], max_tokens: int, batch_size: int
+    candidate: Candidate, samples: list[Sample], prompts: list[list[dict]], max_tokens: int, batch_size: int
 ) -> Row:
+    """Answer every prompt (the samples' own, or with examples put in front) and score the answers."""
     from edgeft.progress import progress
 
     log.info(f"Evaluating {candidate.label} on {len(samples)} examples...")
     backend = OnnxBackend(candidate) if candidate.backend == "onnx" else TorchBackend(candidate)
-    prompts = [with_shots(s, shots) if shots else s.messages for s in samples]
     step = batch_size if candidate.backend == "pytorch" else 1
     predictions, seconds, generated = [], 0.0, 0
     for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
@@ -452,6 +498,7 @@ def evaluate_one(
         latency_s=round(seconds / n, 3),
         tokens_per_second=round(generated / seconds, 1) if seconds else 0.0,
         samples=n,
+        retrieved=candidate.retrieved,
         prompt_tokens=round(sum(p["prompt_tokens"] for p in predictions) / n, 1),
         answer_tokens=round(sum(p["answer_tokens"] for p in predictions) / n, 1),
         latency_p50_s=round(_percentile([p["latency_s"] for p in predictions], 50), 3),

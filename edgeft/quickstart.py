@@ -46,6 +46,7 @@ class QuickstartConfig:
     max_steps: int = 0  # 0 = the preset's full epoch
     limit: int = 0  # evaluation examples; 0 = all
     shots: int = 3
+    rag: int = 3  # the base model with this many retrieved training examples (BM25) in each prompt
     bench_runs: int = 3
     allow_drift: bool = False  # keep a merge or export outside the fidelity gate (a few-step fine-tune is one)
 
@@ -187,6 +188,7 @@ def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
         "data": str(Path(cfg.eval_file).resolve()),
         "limit": cfg.limit or None,
         "shots": cfg.shots,
+        "rag": cfg.rag,
         "json_schema": json_schema,
     }
     if _done(run_dir, "eval", force, settings=settings):
@@ -195,6 +197,7 @@ def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
         [str(run_dir / BASE_EXPORT), str(run_dir), str(run_dir / "onnx-int4")],
         cfg.eval_file,
         shots=cfg.shots,
+        rag=cfg.rag,
         shots_file=cfg.data,
         limit=cfg.limit or None,
         json_schema=json_schema,

@@ -41,6 +41,8 @@ def test_eval_table_over_every_kind_of_model(tiny_llama_run, tiny_llama, tmp_pat
         data,
         "--shots",
         "2",
+        "--rag",
+        "2",
         "--shots-file",
         shots,
         "--max-tokens",
@@ -51,22 +53,25 @@ def test_eval_table_over_every_kind_of_model(tiny_llama_run, tiny_llama, tmp_pat
     assert labels == [
         f"{tiny_llama.name} zero-shot",
         f"{tiny_llama.name} 2-shot",
+        f"{tiny_llama.name} + 2 retrieved",
         "llama-run as trained (PyTorch)",
         "llama-run merged (PyTorch)",
         "onnx-int4 (ONNX)",
     ]
-    assert [r["kind"] for r in report["rows"]] == ["base", "base", "as-trained", "merged", "fine-tuned"]
+    assert [r["kind"] for r in report["rows"]] == ["base", "base", "base", "as-trained", "merged", "fine-tuned"]
+    assert [r["retrieved"] for r in report["rows"]] == [False, False, True, False, False, False]
     for row in report["rows"]:
         assert row["samples"] == 5 and 0 <= row["exact_match"] <= 100 and row["perplexity"] > 1
         assert row["json_valid"] is not None and row["latency_s"] > 0
         assert row["prompt_tokens"] > 0 and 0 < row["answer_tokens"] <= 8
         assert 0 < row["latency_p50_s"] <= row["latency_p95_s"]
-    zero_shot, two_shot = report["rows"][:2]
+    zero_shot, two_shot, retrieved = report["rows"][:3]
     assert two_shot["prompt_tokens"] > zero_shot["prompt_tokens"] + 20  # the shots are in the prompt
+    assert retrieved["prompt_tokens"] > zero_shot["prompt_tokens"] + 20
     assert "| model | exact match %" in out and "Report:" in out
     assert Run.open(tiny_llama_run).stage("eval")["rows"] == report["rows"]
     predictions = (tiny_llama_run / "logs" / "eval.predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == 25 and {"prediction", "reference", "finish_reason"} <= set(json.loads(predictions[0]))
+    assert len(predictions) == 30 and {"prediction", "reference", "finish_reason"} <= set(json.loads(predictions[0]))
 
 
 def test_onnx_and_pytorch_perplexity_agree_for_fp32(tiny_llama_run, tmp_path):
@@ -152,3 +157,17 @@ def test_what_a_request_costs_in_one_sentence_and_a_chart(tmp_path):
     assert cost_comparison(rows[:2]) is None  # nothing fine-tuned to compare
     assert quality_vs_latency(rows, tmp_path / "q.png", title="t").stat().st_size > 5000
     assert _percentile([1, 2, 3, 4], 50) == 2.5 and _percentile([5], 95) == 5 and _percentile([], 50) == 0.0
+
+
+def test_retrieval_puts_the_most_similar_training_examples_next_to_the_question():
+    from edgeft.evaluate import retrieve
+
+    def sample(question, answer="x"):
+        return Sample([{"role": "system", "content": "S"}, {"role": "user", "content": question}], answer)
+
+    pool = [sample("chocolate cake with sugar"), sample("garlic bread with butter"), sample("tomato soup with basil")]
+    pool += [sample("garlic and butter toast"), sample("lemon tart")]
+    found = retrieve(pool, [sample("butter garlic bread, please"), sample("a tomato and basil salad")], 2)
+    assert [s.messages[1]["content"] for s in found[0]] == ["garlic and butter toast", "garlic bread with butter"]
+    assert found[1][-1].messages[1]["content"] == "tomato soup with basil"
+    assert [m["content"] for m in with_shots(sample("q"), found[1])][-1] == "q"  # the question stays last

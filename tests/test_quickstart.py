@@ -44,6 +44,7 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
     assert [r["label"] for r in eval_report["rows"]] == [
         "base-onnx-int4 zero-shot (ONNX)",
         "base-onnx-int4 2-shot (ONNX)",
+        "base-onnx-int4 + 3 retrieved (ONNX)",
         "qs as trained (PyTorch)",
         "qs merged (PyTorch)",
         "onnx-int4 (ONNX)",
