@@ -111,7 +111,8 @@ def load_model(
 ):
     """The base model (4-bit NF4 for QLoRA) with LoRA/DoRA adapters on every linear layer.
 
-    Adapter weights stay fp32 (peft's default); the frozen base is stored in the compute precision.
+    Adapter weights stay fp32 (peft's default) but under FSDP/ZeRO-3; the frozen base is stored in
+    the compute precision.
     `sharded` (FSDP, ZeRO-3): the 4-bit codes are packed in the compute dtype, so they shard
     alongside the rest (the codes, and so the weights, are the same), and the frozen norms and
     embeddings are not upcast to fp32 (one dtype per sharded unit).
@@ -137,14 +138,14 @@ def load_model(
     checkpointing = use_gradient_checkpointing(cfg, device, model.config)
     # Non-reentrant checkpointing (it works with frozen inputs, DDP and FSDP alike), except under
     # ZeRO-3, whose parameters are released between forward and the recompute (measured: it fails).
-    reentrant_off = {"use_reentrant": zero3}
+    reentrant = {"use_reentrant": zero3}
     if cfg.method == "qlora" and not sharded:
         # fp32 norms and embeddings around the 4-bit layers: peft's recipe for stable QLoRA on one device
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=reentrant_off
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=reentrant
         )
     elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant_off)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
         model.enable_input_require_grads()
     model.config.use_cache = False
     targets = (

@@ -170,9 +170,10 @@ def tune(cfg: TuneConfig, *, force: bool = False, on_step: Callable[[dict], None
     cfg.output = str(output.resolve())
     cfg.data = str(Path(cfg.data).resolve())
     cfg.eval_file = str(Path(cfg.eval_file).resolve()) if cfg.eval_file else ""
-    run = _create_run(output, force, cfg, prepared, at)
-    with _held(run, at.world, "tune"), _resumable_if_stopped(run, at.world):
-        state = train(run, at.world, cfg, prepared, at.device, at.precision, resume_from=None, on_step=on_step)
+    with _resumable_if_stopped(output, at.world):
+        run = _create_run(output, force, cfg, prepared, at)
+        with _held(run, at.world, "tune"):
+            state = train(run, at.world, cfg, prepared, at.device, at.precision, resume_from=None, on_step=on_step)
     return _finish(run, at, cfg, prepared, state)
 
 
@@ -199,26 +200,32 @@ def resume(run_dir: str | Path, *, on_step: Callable[[dict], None] | None = None
         )
     at = launch(cfg, prepared)
     _check_same_launch(run, record, at.world)
-    at.world.barrier()
-    if at.world.is_main:
-        run.record_stage("tune", status="running")
     if checkpoint is None:
         log.info(f"{run.path} stopped before its first checkpoint: training it from the start.")
-    with _held(run, at.world, "tune --resume"), _resumable_if_stopped(run, at.world):
-        state = train(run, at.world, cfg, prepared, at.device, at.precision, resume_from=checkpoint, on_step=on_step)
+    with _resumable_if_stopped(run.path, at.world):
+        at.world.barrier()
+        if at.world.is_main:
+            run.record_stage("tune", status="running")
+        with _held(run, at.world, "tune --resume"):
+            state = train(
+                run, at.world, cfg, prepared, at.device, at.precision, resume_from=checkpoint, on_step=on_step
+            )
     return _finish(run, at, cfg, prepared, state)
 
 
 @contextlib.contextmanager
-def _resumable_if_stopped(run: Run, world: World):
-    """Ctrl-C or SIGTERM outside the training loop (loading the model, say; the loop handles its
-    own): the run is recorded as interrupted, so `--resume` picks it up."""
+def _resumable_if_stopped(output: Path, world: World):
+    """Ctrl-C or SIGTERM outside the training loop (creating the run, loading the model; the loop
+    handles its own): a run left "running" is recorded as interrupted, so `--resume` picks it up."""
     try:
         yield
     except KeyboardInterrupt:
-        if world.is_main:
-            run.record_stage("tune", status="interrupted")
-        raise TrainingInterrupted(f"training was stopped. Resume with: edgeft tune --resume {run.path}") from None
+        record = Run.open(output).stage("tune") if Run.is_run(output) else None
+        if record is None:  # stopped before the run existed: nothing to resume
+            raise TrainingInterrupted("stopped before the run was created; nothing was written.") from None
+        if world.is_main and record.get("status") == "running":
+            Run.open(output).record_stage("tune", status="interrupted")
+        raise TrainingInterrupted(f"training was stopped. Resume with: edgeft tune --resume {output}") from None
 
 
 def _check_same_launch(run: Run, record: dict, world: World) -> None:
