@@ -281,6 +281,20 @@ class OnnxBackend:
         self.model = ChatModel.load(candidate.path)
         self.response_format = candidate.response_format
 
+    def generate_scored(self, prompt: list[dict], reference: str, max_tokens: int) -> tuple[tuple, float, int]:
+        """One answer and, in the same pass (the prompt is run once), the reference's NLL and length."""
+        stream = self.model.stream(prompt, score=reference, max_tokens=max_tokens, temperature=0.0)
+        stream.text()
+        reply = stream.result
+        self.last_elapsed = reply.elapsed  # the answer's time, without the scoring
+        usage = reply.usage
+        n = len(self.model._answer_ids(reference))
+        return (
+            (reply.text, reply.finish_reason, usage["completion_tokens"], usage["prompt_tokens"]),
+            stream.reference_nll,
+            n,
+        )
+
     def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int, int]]:
         results = []
         for messages in prompts:
@@ -455,11 +469,18 @@ def evaluate_one(
     log.info(f"Evaluating {candidate.label} on {len(samples)} examples...")
     backend = OnnxBackend(candidate) if candidate.backend == "onnx" else TorchBackend(candidate)
     step = batch_size if candidate.backend == "pytorch" else 1
-    predictions, seconds, generated = [], 0.0, 0
+    # ONNX rows score the reference in the answer's own pass (the prompt is run once, not twice)
+    in_pass = candidate.backend == "onnx" and candidate.response_format is None
+    predictions, seconds, generated, nll, count = [], 0.0, 0, 0.0, 0
     for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
         start = time.perf_counter()
-        results = backend.generate(prompts[i : i + step], max_tokens)
-        took = time.perf_counter() - start
+        if in_pass:
+            result, value, n = backend.generate_scored(prompts[i], samples[i].reference, max_tokens)
+            results, nll, count = [result], nll + value, count + n
+            took = backend.last_elapsed
+        else:
+            results = backend.generate(prompts[i : i + step], max_tokens)
+            took = time.perf_counter() - start
         seconds += took
         for sample, (text, finish, n_tokens, n_prompt) in zip(samples[i : i + step], results):
             generated += n_tokens
@@ -475,9 +496,8 @@ def evaluate_one(
                     "token_f1": token_f1(text, sample.reference),
                 }
             )
-    nll, count = 0.0, 0
     # a constrained row's model is the unconstrained row's: its perplexity is that row's
-    scored = [] if candidate.response_format else list(zip(samples, prompts))
+    scored = [] if candidate.response_format or in_pass else list(zip(samples, prompts))
     for sample, prompt in progress(scored, desc=f"{candidate.label} perplexity", unit="example"):
         value, n = backend.nll(prompt, sample.reference)
         nll, count = nll + value, count + n

@@ -262,10 +262,22 @@ class ChatStream:
     ends after the current token with finish_reason "cancelled".
     """
 
-    def __init__(self, model: ChatModel, prompt_ids: list[int], options: GenerationOptions, max_tokens: int):
+    def __init__(
+        self,
+        model: ChatModel,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        max_tokens: int,
+        *,
+        score_ids: list[int] | None = None,
+    ):
         self.model = model
         self.prompt_tokens = len(prompt_ids)
         self.result: ChatResult | None = None
+        # `score_ids` (a reference answer): after the answer, the generator rewinds to the prompt and
+        # scores the reference, reusing the prompt's prefill; the summed NLL lands in `reference_nll`.
+        self._score_ids = score_ids
+        self.reference_nll: float | None = None
         self._prompt_ids = prompt_ids
         self._options = options
         self._max_tokens = max_tokens
@@ -283,7 +295,8 @@ class ChatStream:
         GenerationError here."""
         import onnxruntime_genai as og
 
-        params = self.model._search_params(self._options, max_length=self.prompt_tokens + self._max_tokens)
+        room = max(self._max_tokens, len(self._score_ids or ()))
+        params = self.model._search_params(self._options, max_length=self.prompt_tokens + room)
         if self._options.guidance is not None:
             params.set_guidance(*self._options.guidance)
         try:
@@ -322,17 +335,21 @@ class ChatStream:
             self._pieces.close()
 
     def _generate(self) -> Iterator[str]:
+        import numpy as np
+
         model, started = self.model, time.perf_counter() - self._setup_seconds
         stops = StopStringFilter(self._options.stop)
         parts: list[str] = []
-        generated, first_token_at, last = 0, None, None
+        generated, first_token_at, last, ended = 0, None, None, None
         try:
             if self.cancelled:  # cancelled before its turn came (a server queue): skip even the prefill
                 return
             generator, self._generator = self._generator or self._new_generator(), None
             generator.append_tokens(self._prompt_ids)  # the prefill: runs the model over the whole prompt
+            # a copy now: sampling may change the generator's logits in place
+            first_logits = np.array(generator.get_logits(), dtype=np.float32) if self._score_ids else None
             decoder = model._tokenizer.create_stream()
-            while not generator.is_done() and not self.cancelled and not stops.stopped:
+            while not generator.is_done() and generated < self._max_tokens and not self.cancelled and not stops.stopped:
                 generator.generate_next_token()
                 last = int(generator.get_next_tokens()[0])
                 generated += 1
@@ -346,6 +363,9 @@ class ChatStream:
             if not stops.stopped and not self.cancelled and (tail := stops.flush()):
                 parts.append(tail)
                 yield tail
+            if self._score_ids and not self.cancelled:
+                ended = time.perf_counter()  # the answer's time; scoring is the evaluation's, not the request's
+                self.reference_nll = _score(generator, self.prompt_tokens, first_logits, self._score_ids)
         except GeneratorExit:  # the caller stopped iterating (close(), break): a cancelled answer
             self._cancelled.set()
             raise
@@ -365,8 +385,21 @@ class ChatStream:
                     "total_tokens": self.prompt_tokens + generated,
                 },
                 time_to_first_token=None if first_token_at is None else first_token_at - started,
-                elapsed=time.perf_counter() - started,
+                elapsed=(ended or time.perf_counter()) - started,
             )
+
+
+def _score(generator: Any, prompt_tokens: int, first_logits: Any, answer: list[int]) -> float:
+    """Summed NLL of `answer` after the prompt: the logits the prefill left for its first token,
+    then the rest in one chunk after rewinding over the generated answer (as teacher_forced_logits)."""
+    import numpy as np
+
+    rows = [first_logits.reshape(1, -1)]
+    if len(answer) > 1:
+        generator.rewind_to(prompt_tokens)
+        generator.append_tokens(answer[:-1])
+        rows.append(np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(len(answer) - 1, -1))
+    return negative_log_likelihood(np.concatenate(rows), answer)
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -433,12 +466,14 @@ class ChatModel:
         return len(self._tokenizer.encode(text))
 
     # --- generation -------------------------------------------------------------------------
-    def stream(self, messages: Sequence[dict], **options: Any) -> ChatStream:
+    def stream(self, messages: Sequence[dict], *, score: str | None = None, **options: Any) -> ChatStream:
         """Start an answer; iterate the returned ChatStream for text pieces, then read `.result`.
 
         Options: max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed (see
         GenerationOptions). Bad options, bad messages and prompts that do not fit the context
-        raise GenerationError here, before any generation.
+        raise GenerationError here, before any generation. `score` (a reference answer, for
+        evaluation): after the answer, `stream.reference_nll` holds how surprised the model is by
+        it, as `reference_nll` computes it, without running the prompt again.
         """
         opts = GenerationOptions.from_kwargs(options)
         prompt_ids = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
@@ -453,7 +488,10 @@ class ChatModel:
                 f"max_tokens={opts.max_tokens} does not fit: the prompt is {len(prompt_ids)} tokens and {self.name} "
                 f"has a context of {self.context_length}, so at most {room} new tokens fit. Lower max_tokens."
             )
-        return ChatStream(self, prompt_ids, opts, opts.max_tokens or room)
+        score_ids = None if score is None else self._answer_ids(score)
+        if score_ids and len(prompt_ids) + len(score_ids) > self.context_length:
+            raise ContextLengthError(f"the prompt and the reference to score do not fit {self.name}'s context.")
+        return ChatStream(self, prompt_ids, opts, opts.max_tokens or room, score_ids=score_ids)
 
     def chat(self, messages: Sequence[dict], **options: Any) -> ChatResult:
         """Answer a conversation in one go; same options as `stream`."""
@@ -466,9 +504,13 @@ class ChatModel:
         """How surprised the model is by `reference` as the answer: summed negative log-likelihood and
         token count (the answer plus the end-of-turn token), feeding the reference, not its own picks."""
         prompt = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
-        answer = [int(t) for t in self._tokenizer.encode(reference)] + [self.end_of_turn_id]
+        answer = self._answer_ids(reference)
         logits = teacher_forced_logits(self._og_model, prompt, answer)
         return negative_log_likelihood(logits, answer), len(answer)
+
+    def _answer_ids(self, reference: str) -> list[int]:
+        """A reference answer as the tokens a model should write: its text and the end of its turn."""
+        return [int(t) for t in self._tokenizer.encode(reference)] + [self.end_of_turn_id]
 
     @property
     def end_of_turn_id(self) -> int:

@@ -229,6 +229,20 @@ def test_chat_result_carries_usage_and_finish_reason(llama):
     assert result.time_to_first_token is not None and result.elapsed >= result.time_to_first_token
 
 
+@pytest.mark.parametrize("max_tokens", [3, 40])  # a reference longer and shorter than the answer
+def test_scoring_a_reference_in_the_answers_pass_changes_nothing(llama, max_tokens):
+    """Evaluation scores the reference after the answer, reusing the prompt's prefill: the same
+    answer as chat() and the same NLL as reference_nll(), which runs the prompt again."""
+    reference = "onion, garlic and two cups of tomato"
+    stream = llama.stream(HI, score=reference, max_tokens=max_tokens, temperature=0)
+    stream.text()
+    plain = llama.chat(HI, max_tokens=max_tokens, temperature=0)
+    assert stream.result.text == plain.text and stream.result.usage == plain.usage
+    nll, n = llama.reference_nll(HI, reference)
+    assert stream.reference_nll == pytest.approx(nll, rel=1e-5)
+    assert (n > max_tokens) == (max_tokens == 3)  # the room for scoring outgrew the answer's, or not
+
+
 def test_stream_pieces_add_up_to_the_result(phi3):
     stream = phi3.stream(HI, max_tokens=20, temperature=1.0, seed=7)
     pieces = list(stream)
