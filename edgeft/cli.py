@@ -87,7 +87,7 @@ def cli(verbose: bool) -> None:
 def quickstart(
     output: str, max_steps: int, limit: int, shots: int, rag: int, bench_runs: int, force: bool, allow_drift: bool
 ) -> None:
-    """The whole path on the built-in model and the recipe sample, with a report (about 27 min on 2 CPU cores).
+    """The whole path on the built-in model and the recipe sample, with a report (about half an hour on 2 CPU cores).
 
     \b
     fine-tune (QLoRA) -> merge -> export int4 -> evaluate (base zero-shot, base few-shot, base with
