@@ -281,19 +281,14 @@ class OnnxBackend:
         self.model = ChatModel.load(candidate.path)
         self.response_format = candidate.response_format
 
-    def generate_scored(self, prompt: list[dict], reference: str, max_tokens: int) -> tuple[tuple, float, int]:
-        """One answer and, in the same pass (the prompt is run once), the reference's NLL and length."""
+    def generate_scored(self, prompt: list[dict], reference: str, max_tokens: int) -> tuple[tuple, float, float, int]:
+        """One answer, its time (without the scoring) and, in the same pass (the prompt is run
+        once), the reference's NLL and token count."""
         stream = self.model.stream(prompt, score=reference, max_tokens=max_tokens, temperature=0.0)
         stream.text()
         reply = stream.result
-        self.last_elapsed = reply.elapsed  # the answer's time, without the scoring
-        usage = reply.usage
-        n = len(self.model._answer_ids(reference))
-        return (
-            (reply.text, reply.finish_reason, usage["completion_tokens"], usage["prompt_tokens"]),
-            stream.reference_nll,
-            n,
-        )
+        answer = (reply.text, reply.finish_reason, reply.usage["completion_tokens"], reply.usage["prompt_tokens"])
+        return answer, reply.elapsed, stream.reference_nll, stream.reference_tokens
 
     def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int, int]]:
         results = []
@@ -475,9 +470,8 @@ def evaluate_one(
     for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
         start = time.perf_counter()
         if in_pass:
-            result, value, n = backend.generate_scored(prompts[i], samples[i].reference, max_tokens)
+            result, took, value, n = backend.generate_scored(prompts[i], samples[i].reference, max_tokens)
             results, nll, count = [result], nll + value, count + n
-            took = backend.last_elapsed
         else:
             results = backend.generate(prompts[i : i + step], max_tokens)
             took = time.perf_counter() - start

@@ -275,9 +275,11 @@ class ChatStream:
         self.prompt_tokens = len(prompt_ids)
         self.result: ChatResult | None = None
         # `score_ids` (a reference answer): after the answer, the generator rewinds to the prompt and
-        # scores the reference, reusing the prompt's prefill; the summed NLL lands in `reference_nll`.
+        # scores the reference, reusing the prompt's prefill; the summed NLL lands in `reference_nll`,
+        # over `reference_tokens` tokens (the reference and its end of turn).
         self._score_ids = score_ids
         self.reference_nll: float | None = None
+        self.reference_tokens = len(score_ids or ())
         self._prompt_ids = prompt_ids
         self._options = options
         self._max_tokens = max_tokens
