@@ -353,3 +353,15 @@ class Run:
         stages[name] = record
         write_json_atomic(self.manifest_path, data)
         return record
+
+
+# Runtime LoRA adapters (`edgeft export RUN --as-adapter`): the shared base's marker and identity,
+# the adapter file, and its folder in a run. Written by export, read by the runtime.
+BASE_FILE = "edgeft-base.json"
+ADAPTER_FILE = "adapter.onnx_adapter"
+ADAPTER_FOLDER = "onnx-adapter"
+
+
+def model_version(identity: str) -> int:
+    """A base's identity as the adapter format's model version (a 32-bit signed integer)."""
+    return int(identity[:7], 16)

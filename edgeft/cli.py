@@ -34,8 +34,7 @@ class EdgeftGroup(click.Group):
             click.secho(f"Error: {e}", err=True, fg="red")
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("\nInterrupted.", err=True)
-            ctx.exit(130)
+            _interrupted()
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -396,6 +395,7 @@ def export(target: str, precision: str, force: bool, **options) -> None:
       edgeft export runs/recipes --int4
       edgeft export runs/recipes --int4 --backend optimum      # also loads in Optimum's ORTModelForCausalLM
       edgeft export smollm2-135m --int4 --output smollm2-int4  # the base model, no fine-tuning
+      edgeft export runs/recipes --as-adapter  # a small adapter for a base shared by many runs
     """
     from edgeft import artifacts
     from edgeft.artifacts import Run
@@ -403,6 +403,11 @@ def export(target: str, precision: str, force: bool, **options) -> None:
     from edgeft.fidelity import table
 
     cfg = ExportConfig(precision=precision, **options)
+    if cfg.as_adapter:
+        from edgeft.export.adapters import export as export_adapter
+
+        _report_adapter(export_adapter(target, cfg, force=force))
+        return
     if Run.is_run(Path(target)) and not (Run.open(Path(target)).merged_dir / "config.json").is_file():
         from edgeft.pipeline.merge import merge as merge_run
 
@@ -420,6 +425,21 @@ def export(target: str, precision: str, force: bool, **options) -> None:
         for line in table(info["verification"]):
             click.echo(line)
     click.echo(f"Chat with it: edgeft chat {out}")
+
+
+def _report_adapter(out: Path) -> None:
+    from edgeft import artifacts
+    from edgeft.fidelity import table
+
+    info = artifacts.read_json(out / "edgeft-export.json", "export record")
+    click.echo(f"Exported the adapter in {info['seconds']:.0f} s: {out}")
+    click.echo(f"  adapter                {artifacts.human_size(info['size_bytes'])}")
+    click.echo(f"  base (shared)          {artifacts.human_size(info['base_size_bytes'])}  {info['base']}")
+    if info["verification"]:
+        click.echo("Verification of base + adapter against the model as trained:")
+        for line in table(info["verification"]):
+            click.echo(line)
+    click.echo(f"Chat with it: edgeft chat {info['base']} --adapter {out}")
 
 
 # --- eval ---------------------------------------------------------------------------------
@@ -555,12 +575,18 @@ def bench(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Answer with JSON that fits this JSON Schema file (every token constrained).",
 )
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    help="Answer with this runtime LoRA adapter (runs/NAME, its onnx-adapter folder or .onnx_adapter file) on PATH, the shared base it was exported for.",
+)
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime.  [default: all cores]")
 @click.option("--stats", is_flag=True, help="After each answer, print tokens/s and time to first token.")
 def chat(
     path: Path,
     system: str | None,
     prompt: str | None,
+    adapter: Path | None,
     threads: int | None,
     stats: bool,
     json_object: bool,
@@ -572,6 +598,8 @@ def chat(
     \b
     In the chat: Ctrl-C stops the answer, /reset starts over, /exit or Ctrl-D leaves.
     For scripts: edgeft chat runs/NAME --prompt "..."   or   echo "..." | edgeft chat runs/NAME
+    A runtime adapter (edgeft export runs/NAME --as-adapter) on its shared base:
+      edgeft chat ~/.cache/edgeft/bases/BASE --adapter runs/NAME
     """
     from edgeft.runtime import ChatModel, GenerationOptions, json_schema_format
     from edgeft.runtime.chat import answer_once, chat_loop
@@ -584,7 +612,7 @@ def chat(
     GenerationOptions(**options)  # bad options fail before the model loads
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    model = ChatModel.load(path, threads=threads)
+    model = ChatModel.load(path, threads=threads, adapter=adapter)
     if prompt is not None:
         answer_once(model, prompt, system=system, options=options, stats=stats)
     else:
@@ -603,6 +631,13 @@ def chat(
 @click.option("--max-body", default=1_000_000, show_default=True, help="Largest request body accepted, in bytes.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime per answer.  [default: all cores]")
 @click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Also serve a runtime LoRA adapter on PATH's base, as model NAME (repeatable). PATH: runs/RUN, its onnx-adapter folder or .onnx_adapter file; NAME= may be left out (then the run's name).",
+)
+@click.option(
     "--cors-origins",
     multiple=True,
     metavar="ORIGIN",
@@ -617,6 +652,7 @@ def serve(
     queue_size: int,
     max_body: int,
     threads: int | None,
+    adapters: tuple[str, ...],
     cors_origins: tuple[str, ...],
 ) -> None:
     """Serve an exported model: OpenAI-compatible API at /v1 and a web chat page at /.
@@ -628,6 +664,8 @@ def serve(
     or open http://127.0.0.1:8000/ in a browser.
     Without --api-key on 127.0.0.1 it answers only to localhost names and JSON bodies, and no web
     page of another origin may call it (unless --cors-origins): a site you visit cannot use it.
+    Several fine-tunes on one base (edgeft export runs/NAME --as-adapter): a request's "model" picks one.
+      edgeft serve ~/.cache/edgeft/bases/BASE --adapter recipes=runs/recipes --adapter support=runs/support
     """
     from edgeft.errors import ConfigError
 
@@ -646,6 +684,7 @@ def serve(
         max_queue=queue_size,
         max_body=max_body,
         cors_origins=cors_origins,
+        adapters=adapters,
     )
 
 
@@ -654,8 +693,23 @@ def main() -> None:
     # running builder or pip subprocess is killed, instead of hidden temp folders left forever.
     # (Training and the server install their own handlers while they run.)
     signal.signal(signal.SIGTERM, _terminate)
-    cli(prog_name="edgeft")
+    try:
+        cli(prog_name="edgeft")
+    except KeyboardInterrupt:  # landed outside a command (Click's start or the unwinding after one)
+        _interrupted()
+
+
+def _interrupted() -> None:
+    click.echo("\nInterrupted.", err=True)
+    sys.exit(130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C (every `except KeyboardInterrupt` cleans up). A subclass on
+    purpose: CPython kills itself with SIGINT at exit when an exception of exactly the type
+    KeyboardInterrupt ended the main module or any code run through its C API, whatever exit
+    code we chose; CI saw exit -2 instead of 130 under load."""
 
 
 def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise Terminated

@@ -89,13 +89,10 @@ def torch_greedy(model, prompts: list[list[int]], max_new: int, stops, pad_token
     return rows
 
 
-def og_greedy(og_model, prompt: list[int], max_new: int, stops) -> list[int]:
-    """onnxruntime-genai's greedy continuation of one prompt, ending with the first stop id if it comes."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new)
-    generator = og.Generator(og_model, params)
+def og_greedy(og_model, prompt: list[int], max_new: int, stops, *, adapter=None) -> list[int]:
+    """onnxruntime-genai's greedy continuation of one prompt, ending with the first stop id if it
+    comes; `adapter` = (og.Adapters, name) to run with a runtime LoRA adapter active."""
+    generator = _og_generator(og_model, len(prompt) + max_new, adapter)
     generator.append_tokens(prompt)
     tokens = []
     while not generator.is_done() and len(tokens) < max_new:
@@ -202,18 +199,26 @@ def compare(
     return result
 
 
-def teacher_forced_logits(og_model, prompt: list[int], answer: list[int]):
+def _og_generator(og_model, max_length: int, adapter):
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(do_sample=False, max_length=max_length)
+    generator = og.Generator(og_model, params)
+    if adapter is not None:
+        generator.set_active_adapter(*adapter)
+    return generator
+
+
+def teacher_forced_logits(og_model, prompt: list[int], answer: list[int], *, adapter=None):
     """The logits that predict each answer token, as a (len(answer), vocab) float32 array.
 
     Two forward passes: the prompt (its last position predicts the first answer token), then the
     answer but its last token in one chunk (every position's logits), not one step per token.
     """
     import numpy as np
-    import onnxruntime_genai as og
 
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + len(answer) + 1)
-    generator = og.Generator(og_model, params)
+    generator = _og_generator(og_model, len(prompt) + len(answer) + 1, adapter)
     generator.append_tokens(prompt)
     rows = [np.asarray(generator.get_logits(), dtype=np.float32).reshape(1, -1)]
     if len(answer) > 1:

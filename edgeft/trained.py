@@ -7,6 +7,7 @@ trained against. Heavy libraries are imported inside the functions.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -201,3 +202,28 @@ def _load(fn, path: Path):
 
 def _reason(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+
+def tokenizer_of(trained: Trained):
+    from transformers import AutoTokenizer
+
+    adapter = trained.adapter
+    return AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else trained.base)
+
+
+def save_merged(model, tokenizer, out: Path) -> None:
+    """safetensors + tokenizer + chat template + a generation config that stops on every end of turn."""
+    from edgeft.chatdata import stop_ids
+
+    stops = stop_ids(tokenizer)
+    model.generation_config.eos_token_id = stops
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = stops
+    # Shards of 2 GB: safetensors copies a shard into memory while writing it.
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
+    tokenizer.save_pretrained(out)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if tokenizer.chat_template and not config.get("chat_template"):
+        config["chat_template"] = tokenizer.chat_template  # runtimes that read only tokenizer_config.json
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))

@@ -47,6 +47,8 @@ class Source:
 
 def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Path:
     """Export a merged run or a bare model; returns the ONNX folder."""
+    if cfg.as_adapter:
+        raise ConfigError("--as-adapter exports go through edgeft.export.adapters.export.")
     source = _source(target)
     with source.run.lock(f"export --{cfg.precision}") if source.run else contextlib.nullcontext():
         return _export(source, cfg, force=force)
@@ -58,14 +60,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
         if cfg.output
         else (source.run.export_dir(cfg.precision) if source.run else Path(f"{source.name}-onnx-{cfg.precision}"))
     )
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists. Pass --force to export again.")
-    if out.exists() and not (out / "edgeft-export.json").is_file():
-        # --force replaces an earlier export, never a run directory or a folder of someone else's.
-        raise ExportError(
-            f"{out} exists and is not an edgeft export (no edgeft-export.json in it); refusing to replace "
-            "it. Choose another --output."
-        )
+    check_output(out, force=force)
     merged_size = artifacts.dir_size(source.model_dir)
     artifacts.check_free_space(out.parent if out.parent.exists() else Path("."), merged_size * 3, "exporting")
     calibration = _calibration_file(cfg, source.run)
@@ -124,19 +119,28 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
         source.run.record_stage("export", **record)
     artifacts.write_json_atomic(out / "edgeft-export.json", {"source": str(source.model_dir), **record})
     if drifted:
-        from edgeft.export.verify import advice
-
-        for line in fidelity.table(verification):
-            log.info(line)
-        raise fidelity.DriftError(
-            fidelity.drift_message(
-                f"The {cfg.precision} export",
-                str(out),
-                verification["gate"]["problems"],
-                advice(replace(cfg, quant_method=method)),
-            )
-        )
+        raise_drift(f"The {cfg.precision} export", out, verification, replace(cfg, quant_method=method))
     return out
+
+
+def check_output(out: Path, *, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists. Pass --force to export again.")
+    if out.exists() and not (out / "edgeft-export.json").is_file():
+        # --force replaces an earlier export, never a run directory or a folder of someone else's.
+        raise ExportError(
+            f"{out} exists and is not an edgeft export (no edgeft-export.json in it); refusing to replace "
+            "it. Choose another --output."
+        )
+
+
+def raise_drift(what: str, out: Path, verification: dict, cfg: ExportConfig) -> None:
+    """Show the fidelity table and fail: the export is on disk, recorded as a drift."""
+    from edgeft.export.verify import advice
+
+    for line in fidelity.table(verification):
+        log.info(line)
+    raise fidelity.DriftError(fidelity.drift_message(what, str(out), verification["gate"]["problems"], advice(cfg)))
 
 
 def _as_trained(run: Run | None):

@@ -45,7 +45,7 @@ class ExportConfig:
     )
     lm_head: str = opt(
         "auto",
-        "Precision of the output head. auto = int8, except for models that tie it to the embedding: int4 (measured harmless on SmolLM2-135M; the builder's int8 head for a tied model fails to load in 0.15).",
+        "Precision of the output head. auto = int8, except for models that tie it to the embedding: int4 (measured harmless on SmolLM2-135M), and fp32 in an --int8 export (the builder's int8 head for a tied model fails to load in 0.15).",
         choices=("auto", "same", "int8", "fp32"),
     )
     verify: bool = opt(
@@ -58,6 +58,10 @@ class ExportConfig:
     allow_drift: bool = opt(
         False,
         "Keep an export that falls outside the fidelity gate against the model as trained (recorded in the manifest) instead of failing.",
+    )
+    as_adapter: bool = opt(
+        False,
+        "Export the run's adapter as a small .onnx_adapter (RUN/onnx-adapter) for a base export shared by every run on the same base model (built once, kept in EDGEFT_HOME/bases), instead of a merged model. Serve several with `edgeft serve BASE --adapter NAME=PATH`.",
     )
     output: str = opt("", "Output folder (default: RUN/onnx-PRECISION, or ./NAME-onnx-PRECISION for a bare model).")
 
@@ -80,7 +84,11 @@ def lm_head_precision(cfg: ExportConfig, model_config: dict) -> str:
     tied models share one int4 matrix between embedding and head instead."""
     if cfg.lm_head != "auto":
         return cfg.lm_head
-    return "same" if model_config.get("tie_word_embeddings") else "int8"
+    if not model_config.get("tie_word_embeddings"):
+        return "int8"
+    # At int8 the 0.15 builder cannot write a tied head in int8 at all (shared or not, the graph
+    # names a *_Q4 matrix it never writes): only an fp32 head loads.
+    return "fp32" if cfg.precision == "int8" else "same"
 
 
 # The int8 MatMuls of `int8_matmuls=attention`, named as the builder names them (fused or not).

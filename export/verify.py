@@ -26,20 +26,28 @@ GREEDY_SAMPLES = 8  # prompts that are also decoded greedily by both models (tok
 class OnnxScorer:
     """An onnxruntime-genai model as a fidelity scorer."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, adapter: Path | None = None):
         import onnxruntime_genai as og
 
         self.model = og.Model(str(folder))
+        self.adapter = None
+        if adapter is not None:  # a runtime adapter, active in every generator
+            adapters = og.Adapters(self.model)
+            adapters.load(str(adapter), "verified")
+            self.adapter = (adapters, "verified")
 
     def logits(self, prompt: list[int], answer: list[int]):
-        return fidelity.teacher_forced_logits(self.model, prompt, answer)
+        return fidelity.teacher_forced_logits(self.model, prompt, answer, adapter=self.adapter)
 
     def greedy(self, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
-        return fidelity.og_greedy(self.model, prompt, max_new, stops)
+        return fidelity.og_greedy(self.model, prompt, max_new, stops, adapter=self.adapter)
 
 
-def verify(model_dir: Path, onnx_dir: Path, cfg, *, eval_file: Path | None = None, reference=None) -> dict:
-    """Compare the export with `reference` (a loaded PyTorch model; default: the one in `model_dir`).
+def verify(
+    model_dir: Path, onnx_dir: Path, cfg, *, eval_file: Path | None = None, reference=None, adapter: Path | None = None
+) -> dict:
+    """Compare the export (with `adapter` active, if given) with `reference` (a loaded PyTorch model;
+    default: the one in `model_dir`).
 
     An fp32 export that disagrees raises ExportError; the fidelity gate's verdict is in result["gate"].
     """
@@ -56,7 +64,7 @@ def verify(model_dir: Path, onnx_dir: Path, cfg, *, eval_file: Path | None = Non
     pairs = reference_pairs(tokenizer, eval_file, cfg.verify_samples)
     result = fidelity.compare(
         fidelity.TorchScorer(reference, tokenizer.pad_token_id),
-        OnnxScorer(onnx_dir),
+        OnnxScorer(onnx_dir, adapter),
         pairs,
         stops,
         greedy_samples=GREEDY_SAMPLES,

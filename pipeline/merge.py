@@ -11,7 +11,6 @@ bitsandbytes and peft) and refuses a drift, unless the user accepts it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
@@ -20,7 +19,7 @@ from pathlib import Path
 from edgeft import artifacts, fidelity
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, RunError
-from edgeft.trained import Trained, as_trained_model, dequantized, load_base, with_adapter
+from edgeft.trained import Trained, as_trained_model, dequantized, load_base, save_merged, tokenizer_of, with_adapter
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ def _merge(run: Run, *, force: bool, base_weights: str, allow_drift: bool) -> Pa
     trained = Trained.of(run)
     artifacts.check_free_space(run.path, artifacts.dir_size(trained.base) * 2, "merging")
     start = time.perf_counter()
-    tokenizer = _tokenizer(trained)
+    tokenizer = tokenizer_of(trained)
     # The model as trained is scored first and then becomes the merged model: the base loads once,
     # and only one full-size model is ever in memory.
     as_trained = as_trained_model(trained)
@@ -120,13 +119,6 @@ def check_merged(reference: fidelity.Recorded, merged, tokenizer, *, allow_drift
     return result
 
 
-def _tokenizer(trained: Trained):
-    from transformers import AutoTokenizer
-
-    adapter = trained.adapter
-    return AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else trained.base)
-
-
 def merged_model(trained: Trained, *, base_weights: str = "as-trained", as_trained=None):
     """The adapter folded into the base as trained (or the original fp32 weights), in fp32.
 
@@ -146,21 +138,3 @@ def merged_model(trained: Trained, *, base_weights: str = "as-trained", as_train
         else:
             model = as_trained.merge_and_unload()
     return model.to(torch.float32).eval()
-
-
-def save_merged(model, tokenizer, out: Path) -> None:
-    """safetensors + tokenizer + chat template + a generation config that stops on every end of turn."""
-    from edgeft.chatdata import stop_ids
-
-    stops = stop_ids(tokenizer)
-    model.generation_config.eos_token_id = stops
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = stops
-    # Shards of 2 GB: safetensors copies a shard into memory while writing it.
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
-    tokenizer.save_pretrained(out)
-    config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    if tokenizer.chat_template and not config.get("chat_template"):
-        config["chat_template"] = tokenizer.chat_template  # runtimes that read only tokenizer_config.json
-        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))

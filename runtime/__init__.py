@@ -15,6 +15,9 @@
     model.chat(messages, response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": {...}}})
     model.chat(messages, response_format=json_schema_format("schema.json"))
 
+    # runtime LoRA adapters on a shared base (edgeft export RUN --as-adapter)
+    recipes = ChatModel.load(base_folder).with_adapter("runs/recipes")
+
 The terminal chat (`edgeft.runtime.chat`) and the server (`edgeft.runtime.server`, needs
 edgeft[serve]) are built on the same ChatModel.
 """
@@ -25,7 +28,16 @@ from edgeft.runtime.engine import (
     ChatStream,
     ContextLengthError,
     GenerationOptions,
+    PromptCache,
     json_schema_format,
 )
 
-__all__ = ["ChatModel", "ChatResult", "ChatStream", "ContextLengthError", "GenerationOptions", "json_schema_format"]
+__all__ = [
+    "ChatModel",
+    "ChatResult",
+    "ChatStream",
+    "ContextLengthError",
+    "GenerationOptions",
+    "PromptCache",
+    "json_schema_format",
+]

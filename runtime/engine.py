@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,7 @@ class ChatStream:
         max_tokens: int,
         *,
         score_ids: list[int] | None = None,
+        cache: PromptCache | None = None,
     ):
         self.model = model
         self.prompt_tokens = len(prompt_ids)
@@ -278,6 +279,9 @@ class ChatStream:
         # scores the reference, reusing the prompt's prefill; the summed NLL lands in `reference_nll`,
         # over `reference_tokens` tokens (the reference and its end of turn).
         self._score_ids = score_ids
+        # greedy, unconstrained answers can pick up where the cache's last prompt left off
+        self.reused_tokens = 0  # prompt tokens the cache already held: not run again
+        self._cache = cache if cache is not None and options.guidance is None and options.temperature == 0 else None
         self.reference_nll: float | None = None
         self.reference_tokens = len(score_ids or ())
         self._prompt_ids = prompt_ids
@@ -291,24 +295,45 @@ class ChatStream:
             self._generator = self._new_generator()
             self._setup_seconds = time.perf_counter() - start  # counted in time to first token
 
-    def _new_generator(self) -> Any:
+    def _new_generator(self, max_length: int | None = None) -> Any:
         """The search settings and, with a response_format, its compiled grammar (~0.5 s for a JSON
         schema on SmolLM2's 49k-token vocabulary): a schema or grammar that does not compile is a
         GenerationError here."""
         import onnxruntime_genai as og
 
         room = max(self._max_tokens, len(self._score_ids or ()))
-        params = self.model._search_params(self._options, max_length=self.prompt_tokens + room)
+        params = self.model._search_params(self._options, max_length=max_length or self.prompt_tokens + room)
         if self._options.guidance is not None:
             params.set_guidance(*self._options.guidance)
         try:
-            return og.Generator(self.model._og_model, params)
+            generator = og.Generator(self.model._og_model, params)
+            if self.model.adapter is not None:
+                generator.set_active_adapter(*self.model._active_adapter())
+            return generator
         except RuntimeError as e:
             if self._options.guidance is None:
                 raise
             kind = self._options.guidance[0].replace("_", " ")
             problem = str(e).removeprefix("Error creating grammar: ").strip()
             raise GenerationError(f"the response_format's {kind} cannot be used: {problem}") from None
+
+    def _cached_generator(self) -> tuple[Any, int]:
+        """A generator and how many prompt tokens it already holds: the cache's, rewound to where
+        this prompt first differs from the last one (if it fits); else a new one."""
+        cache, room = self._cache, max(self._max_tokens, len(self._score_ids or ()))
+        if cache is None:
+            generator, self._generator = self._generator or self._new_generator(), None
+            return generator, 0
+        known = 0
+        if cache.generator is not None and self.prompt_tokens + room <= cache.max_length:
+            known = _common_prefix(cache.tokens, self._prompt_ids[:-1])  # at least one token to run
+        if known:
+            cache.generator.rewind_to(known)
+        else:  # room for prompts like this one, to keep
+            cache.max_length = min(self.model.context_length, 2 * (self.prompt_tokens + room))
+            cache.generator = self._new_generator(cache.max_length)
+        cache.tokens = list(self._prompt_ids)
+        return cache.generator, known
 
     def cancel(self) -> None:
         """Stop generating after the current token (thread-safe)."""
@@ -346,8 +371,10 @@ class ChatStream:
         try:
             if self.cancelled:  # cancelled before its turn came (a server queue): skip even the prefill
                 return
-            generator, self._generator = self._generator or self._new_generator(), None
-            generator.append_tokens(self._prompt_ids)  # the prefill: runs the model over the whole prompt
+            generator, self.reused_tokens = self._cached_generator()
+            generator.append_tokens(
+                self._prompt_ids[self.reused_tokens :]
+            )  # the prefill: the prompt, less what the cache holds
             # a copy now: sampling may change the generator's logits in place
             first_logits = np.array(generator.get_logits(), dtype=np.float32) if self._score_ids else None
             decoder = model._tokenizer.create_stream()
@@ -391,6 +418,26 @@ class ChatStream:
             )
 
 
+@dataclass
+class PromptCache:
+    """The last prompt's KV cache, for a series of greedy answers whose prompts begin alike (one
+    system prompt, the same few-shot examples): each prompt runs only from where it first differs
+    from the one before. Pass it to `ChatModel.stream(..., cache=)`, one stream at a time."""
+
+    generator: Any = None
+    tokens: list[int] = field(default_factory=list)
+    max_length: int = 0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _score(generator: Any, prompt_tokens: int, first_logits: Any, answer: list[int]) -> float:
     """Summed NLL of `answer` after the prompt: the logits the prefill left for its first token,
     then the rest in one chunk after rewinding over the generated answer (as teacher_forced_logits)."""
@@ -428,15 +475,18 @@ class ChatModel:
         self.context_length: int = context
         eos = model_cfg.get("eos_token_id", [])
         self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else eos)
+        self.adapter: str | None = None  # the runtime LoRA adapter this model answers with
+        self._adapters: dict[str, Any] = {"og": None, "files": {}}  # shared with every adapter view
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None) -> ChatModel:
-        """Load an export folder (runs/NAME/onnx-int4) or a run directory (runs/NAME)."""
+    def load(cls, path: str | Path, threads: int | None = None, adapter: str | Path | None = None) -> ChatModel:
+        """Load an export folder (runs/NAME/onnx-int4) or a run directory (runs/NAME); with `adapter`
+        (an .onnx_adapter, its folder or its run), a shared base export answering with that adapter."""
         import onnxruntime_genai as og
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise GenerationError(f"threads must be a whole number of at least 1, got {threads!r}.")
-        folder, name = resolve_export(Path(path))
+        folder, name = resolve_export(Path(path).expanduser())
         genai_config = _read_json(folder / "genai_config.json")
         template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
         threads = threads or default_threads()
@@ -452,7 +502,37 @@ class ChatModel:
         tokenizer.update_options(add_special_tokens="false")
         model = cls(folder, og_model, tokenizer, genai_config, template, name)
         log.debug("loaded %s (context %d, threads %s)", folder, model.context_length, threads)
-        return model
+        return model.with_adapter(adapter) if adapter is not None else model
+
+    def with_adapter(self, path: str | Path, name: str | None = None) -> ChatModel:
+        """This base with a runtime LoRA adapter loaded: a model that answers with the adapter, sharing
+        the base's weights with every other adapter loaded on it (the base itself still answers without).
+
+        Refuses an adapter made for another base, a damaged file, and a name already taken."""
+        import copy
+
+        import onnxruntime_genai as og
+
+        from edgeft.runtime.adapters import adapter_name, check_adapter, resolve_adapter
+
+        file = resolve_adapter(path)
+        name = name or adapter_name(file)
+        if name in self._adapters["files"]:
+            raise ModelError(f"an adapter named {name!r} is already loaded (from {self._adapters['files'][name]}).")
+        check_adapter(file, self.path)
+        try:
+            if self._adapters["og"] is None:
+                self._adapters["og"] = og.Adapters(self._og_model)
+            self._adapters["og"].load(str(file), name)
+        except Exception as e:
+            raise ModelError(f"onnxruntime-genai could not load the adapter {file}: {e}") from None
+        self._adapters["files"][name] = file
+        view = copy.copy(self)
+        view.adapter, view.name = name, name
+        return view
+
+    def _active_adapter(self) -> tuple[Any, str] | None:
+        return None if self.adapter is None else (self._adapters["og"], self.adapter)
 
     def __repr__(self) -> str:
         return f"ChatModel({self.name!r}, path={str(self.path)!r}, context_length={self.context_length})"
@@ -468,14 +548,18 @@ class ChatModel:
         return len(self._tokenizer.encode(text))
 
     # --- generation -------------------------------------------------------------------------
-    def stream(self, messages: Sequence[dict], *, score: str | None = None, **options: Any) -> ChatStream:
+    def stream(
+        self, messages: Sequence[dict], *, score: str | None = None, cache: PromptCache | None = None, **options: Any
+    ) -> ChatStream:
         """Start an answer; iterate the returned ChatStream for text pieces, then read `.result`.
 
         Options: max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed (see
         GenerationOptions). Bad options, bad messages and prompts that do not fit the context
         raise GenerationError here, before any generation. `score` (a reference answer, for
         evaluation): after the answer, `stream.reference_nll` holds how surprised the model is by
-        it, as `reference_nll` computes it, without running the prompt again.
+        it, as `reference_nll` computes it, without running the prompt again. `cache` (a
+        PromptCache; greedy answers without response_format): the part of the prompt the cache's
+        last prompt shares is not run again.
         """
         opts = GenerationOptions.from_kwargs(options)
         prompt_ids = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
@@ -493,7 +577,7 @@ class ChatModel:
         score_ids = None if score is None else self._answer_ids(score)
         if score_ids and len(prompt_ids) + len(score_ids) > self.context_length:
             raise ContextLengthError(f"the prompt and the reference to score do not fit {self.name}'s context.")
-        return ChatStream(self, prompt_ids, opts, opts.max_tokens or room, score_ids=score_ids)
+        return ChatStream(self, prompt_ids, opts, opts.max_tokens or room, score_ids=score_ids, cache=cache)
 
     def chat(self, messages: Sequence[dict], **options: Any) -> ChatResult:
         """Answer a conversation in one go; same options as `stream`."""
@@ -507,7 +591,7 @@ class ChatModel:
         token count (the answer plus the end-of-turn token), feeding the reference, not its own picks."""
         prompt = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
         answer = self._answer_ids(reference)
-        logits = teacher_forced_logits(self._og_model, prompt, answer)
+        logits = teacher_forced_logits(self._og_model, prompt, answer, adapter=self._active_adapter())
         return negative_log_likelihood(logits, answer), len(answer)
 
     def _answer_ids(self, reference: str) -> list[int]:

@@ -1,7 +1,7 @@
 """`edgeft serve`: an OpenAI-compatible chat API and a web chat page, on FastAPI + uvicorn.
 
     POST /v1/chat/completions   non-streaming, or `"stream": true` as server-sent events
-    GET  /v1/models             the one model served
+    GET  /v1/models             the model served, and each runtime adapter on it
     GET  /health                liveness and load (no API key needed)
     GET  /                      the web chat page
 
@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
-from edgeft.errors import ConfigError, EdgeftError, GenerationError
+from edgeft.errors import ConfigError, EdgeftError, GenerationError, ModelError
 from edgeft.runtime.engine import ChatModel, ChatResult, ContextLengthError
 
 try:
@@ -307,8 +307,15 @@ def create_app(
     local_only: bool = False,
     cors_origins: Sequence[str] = (),
     body_timeout: float = BODY_TIMEOUT_S,
+    adapters: Sequence[ChatModel] = (),
+    failed_adapters: dict[str, str] | None = None,
 ) -> FastAPI:
     """The ASGI app serving `model`; `api_key` (if set) is required as `Authorization: Bearer KEY` on /v1.
+
+    `adapters` (from `model.with_adapter`) are served too, each under its own name: a request's
+    `model` picks one, and an unknown name is a 404. Alone, `model` answers whatever name a client
+    sends. `failed_adapters` (name: why) are named in that 404, so a client learns why its adapter
+    is missing while the others serve.
 
     `local_only` (a loopback server with no API key, as `serve` sets it) also refuses a Host that is
     not this machine (DNS rebinding) and POST bodies that are not JSON (a cross-site form). In every
@@ -321,6 +328,22 @@ def create_app(
         )
     scheduler = Scheduler(parallel, max_queue)
     created = int(time.time())
+    served = {model.name: model, **{a.name: a for a in adapters}}
+    failed = dict(failed_adapters or {})
+
+    def pick(name: str | None) -> ChatModel:
+        if name in served:
+            return served[name]
+        if (not adapters and not failed) or name is None:
+            return model  # one model: OpenAI clients must send some name
+        why = f" It failed to load: {failed[name]}" if name in failed else ""
+        raise ApiError(
+            404,
+            f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}.{why}",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -377,6 +400,8 @@ def create_app(
         return {
             "status": "ok",
             "model": model.name,
+            "adapters": [a.name for a in adapters],
+            **({"adapters_failed": failed} if failed else {}),
             "running": scheduler.running,
             # A streaming response gives its ticket back when the client is gone, maybe a token
             # before its worker thread stops: never report that moment as -1 waiting.
@@ -385,25 +410,25 @@ def create_app(
 
     @v1.get("/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [_model_card(model, created)]}
+        return {"object": "list", "data": [_model_card(m, created) for m in served.values()]}
 
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> dict:
-        if model_id != model.name:
+        if model_id not in served:
             raise ApiError(
                 404,
-                f"model {model_id!r} is not served here; this server serves {model.name!r}.",
+                f"model {model_id!r} is not served here; this server serves {', '.join(map(repr, served))}.",
                 type="not_found_error",
                 param="model",
                 code="model_not_found",
             )
-        return _model_card(model, created)
+        return _model_card(served[model_id], created)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        messages, options, stream_it, include_usage = parse_chat_request(
-            await read_json(request, max_body, body_timeout)
-        )
+        body = await read_json(request, max_body, body_timeout)
+        messages, options, stream_it, include_usage = parse_chat_request(body)
+        model = pick(body.get("model"))
         # A place in the queue first: rendering and tokenizing cost CPU, which a full server must not spend.
         ticket = scheduler.admit()
         if ticket is None:
@@ -623,8 +648,9 @@ def serve(
     max_body: int = DEFAULT_MAX_BODY,
     log_level: str = "info",
     cors_origins: Sequence[str] = (),
+    adapters: Sequence[str] = (),
 ) -> None:
-    """Load the model at `path` and serve it until Ctrl-C."""
+    """Load the model at `path` (and each `NAME=PATH` adapter on it) and serve it until Ctrl-C."""
     import uvicorn
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -636,8 +662,11 @@ def serve(
             API_KEY_ENV,
         )
     model = ChatModel.load(path, threads=threads)
+    views, failed = load_adapters(model, adapters)
     app = create_app(
         model,
+        adapters=views,
+        failed_adapters=failed,
         api_key=api_key,
         max_queue=max_queue,
         max_body=max_body,
@@ -663,6 +692,29 @@ def serve(
         timeout_graceful_shutdown=5,
         **server_options(parallel, max_queue),
     )
+
+
+def load_adapters(model: ChatModel, specs: Sequence[str]) -> tuple[list[ChatModel], dict[str, str]]:
+    """Each `NAME=PATH` adapter on `model`. One that cannot load is logged and skipped (the others
+    serve; a request for it gets a 404 that says why), unless none loads at all."""
+    from edgeft.runtime.adapters import adapter_name, parse_adapter_spec, resolve_adapter
+
+    views, failed = [], {}
+    for spec in specs:
+        name, path = parse_adapter_spec(spec)
+        try:
+            views.append(model.with_adapter(path, name))
+        except ModelError as e:
+            if not name:
+                try:
+                    name = adapter_name(resolve_adapter(path))
+                except ModelError:
+                    name = path
+            log.error("Adapter %s (%s) not served: %s", name, path, e)
+            failed[name] = str(e)
+    if specs and not views:
+        raise ModelError(f"none of the adapters could be loaded: {'; '.join(failed.values())}")
+    return views, failed
 
 
 def _is_loopback(host: str) -> bool:

@@ -243,6 +243,35 @@ def test_scoring_a_reference_in_the_answers_pass_changes_nothing(llama, max_toke
     assert (n > max_tokens) == (max_tokens == 3)  # the room for scoring outgrew the answer's, or not
 
 
+@pytest.mark.parametrize("which", ["llama", "phi3"])
+def test_a_prompt_cache_runs_only_what_is_new_and_changes_nothing(which, request):
+    """Few-shot prompts share their examples: with a PromptCache the next prompt runs from where it
+    differs from the last, and answers and scores as if it ran whole."""
+    from edgeft.runtime import PromptCache
+
+    model = request.getfixturevalue(which)
+    shots = [{"role": "user", "content": "2 cups rice"}, {"role": "assistant", "content": '["rice"]'}] * 3
+    prompts = [
+        [*shots, {"role": "user", "content": f"{n} cups of {w}"}] for n, w in ((2, "salt"), (3, "egg"), (1, "oil"))
+    ]
+    prompts.append(HI)  # shares only the template's beginning
+    reused = []
+    cache = PromptCache()
+    for prompt in prompts:
+        stream = model.stream(prompt, score="an answer", max_tokens=6, temperature=0, cache=cache)
+        stream.text()
+        reused.append(stream.reused_tokens)
+        plain = model.chat(prompt, max_tokens=6, temperature=0)
+        assert stream.result.text == plain.text and stream.result.usage == plain.usage
+        nll, _ = model.reference_nll(prompt, "an answer")
+        assert stream.reference_nll == pytest.approx(nll, rel=1e-4)
+    assert reused[0] == 0 and all(n > model.count_tokens(shots) - 8 for n in reused[1:3]), reused
+    assert 0 < reused[3] < reused[2]
+    # sampled or constrained answers never use it
+    assert model.stream(HI, temperature=0.7, cache=cache)._cache is None
+    assert model.stream(HI, temperature=0, cache=cache, response_format={"type": "json_object"})._cache is None
+
+
 def test_stream_pieces_add_up_to_the_result(phi3):
     stream = phi3.stream(HI, max_tokens=20, temperature=1.0, seed=7)
     pieces = list(stream)
