@@ -276,15 +276,17 @@ class OnnxBackend:
     """The edgeft runtime (onnxruntime-genai), one request at a time as an app would send them."""
 
     def __init__(self, candidate: Candidate):
-        from edgeft.runtime import ChatModel
+        from edgeft.runtime import ChatModel, PromptCache
 
         self.model = ChatModel.load(candidate.path)
         self.response_format = candidate.response_format
+        # few-shot prompts share their examples, and every prompt its system prompt: run those once
+        self.cache = PromptCache()
 
     def generate_scored(self, prompt: list[dict], reference: str, max_tokens: int) -> tuple[tuple, float, float, int]:
         """One answer, its time (without the scoring) and, in the same pass (the prompt is run
         once), the reference's NLL and token count."""
-        stream = self.model.stream(prompt, score=reference, max_tokens=max_tokens, temperature=0.0)
+        stream = self.model.stream(prompt, score=reference, max_tokens=max_tokens, temperature=0.0, cache=self.cache)
         stream.text()
         reply = stream.result
         answer = (reply.text, reply.finish_reason, reply.usage["completion_tokens"], reply.usage["prompt_tokens"])
@@ -515,8 +517,8 @@ def evaluate_one(
         retrieved=candidate.retrieved,
         prompt_tokens=round(sum(p["prompt_tokens"] for p in predictions) / n, 1),
         answer_tokens=round(sum(p["answer_tokens"] for p in predictions) / n, 1),
-        latency_p50_s=round(_percentile([p["latency_s"] for p in predictions], 50), 3),
-        latency_p95_s=round(_percentile([p["latency_s"] for p in predictions], 95), 3),
+        latency_p50_s=round(_percentile([p["latency_s"] for p in predictions], 50), 4),
+        latency_p95_s=round(_percentile([p["latency_s"] for p in predictions], 95), 4),
         constrained=candidate.response_format is not None,
         predictions=predictions,
     )

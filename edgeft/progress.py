@@ -31,8 +31,19 @@ def progress(items: Iterable[T], *, desc: str, unit: str, total: int | None = No
         now = time.monotonic()
         if now - last >= PIPED_EVERY_S:
             of = f"/{total}" if total else ""
-            log.info(f"  {desc}: {done}{of} {unit}{'s' if done != 1 else ''} in {now - start:.0f} s")
+            left = f", about {eta(now - start, done, total)} left" if total and done < total else ""
+            log.info(f"  {desc}: {done}{of} {unit if done == 1 else plural(unit)} in {now - start:.0f} s{left}")
             last = now
+
+
+def plural(word: str) -> str:
+    return word + ("es" if word.endswith(("ch", "sh", "s", "x")) else "s")
+
+
+def eta(elapsed: float, done: int, total: int) -> str:
+    """The time left at the pace so far, as a person reads it: "40 s", "3 min"."""
+    left = elapsed / done * (total - done)
+    return f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
 
 
 def run_with_heartbeat(cmd: list[str], *, desc: str) -> subprocess.CompletedProcess:

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "recipes"
 
-# The CPU preset: one epoch of QLoRA over the 800 recipes, 7 minutes on 2 cores (measured, 367 tokens/s).
+# The CPU preset: one epoch of QLoRA over the 800 recipes, 7-10 minutes on 2 cores (measured: 367 and 284 tokens/s on two
+# machines of the same kind).
 CPU_PRESET = dict(
     method="qlora", epochs=1.0, learning_rate=4e-4, batch_tokens=1024, max_seq_len=512, lora_dropout=0.0, save_every=20
 )
@@ -51,6 +52,66 @@ class QuickstartConfig:
     allow_drift: bool = False  # keep a merge or export outside the fidelity gate (a few-step fine-tune is one)
 
 
+# What a full quickstart took on the reference machine, and that machine's fp32 matmul speed (see
+# `probe_speed`). Measured on AMD EPYC, 2 cores, CPU flags avx2 fma avx_vnni avx512f avx512_vnni
+# avx512_bf16 (so training ran in bf16). Another machine's expected time scales each stage by its
+# own fp32 speed, and training by BF16_SPEEDUP where one machine has native bf16 and the other
+# not. Checked against the AVX2-only machine of issue 15 (fine-tune 18.2 min in fp32, where this
+# predicts 10.3 x 1.7 = 17.5 min at equal fp32 speed); not yet against a probe measured there.
+REFERENCE = {  # edgeft quickstart --force, 2026-11-23: 37.7 min in all
+    "gflops": 169.0,
+    "bf16": True,
+    "steps": 165,
+    "examples": 200,
+    "stages": {
+        "fine-tune (QLoRA)": 618.1,
+        "merge": 42.5,
+        "export int4": 198.8,
+        "export the base model": 67.0,
+        "evaluate": 1301.2,
+        "benchmark": 35.2,
+    },
+}
+BF16_SPEEDUP = 1.7  # a QLoRA step in bf16 against fp32 on one AVX512-BF16 CPU (pipeline/tune/model.py)
+
+
+def probe_speed() -> dict:
+    """This CPU's fp32 matmul speed in GFLOPS (~0.5 s), and whether it trains in bf16."""
+    import torch
+
+    from edgeft.pipeline.tune.model import cpu_has_native_bf16
+
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    torch.matmul(a, b)  # warm-up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.4:
+        torch.matmul(a, b)
+        runs += 1
+    gflops = 2 * 512 * 576 * 1536 * runs / (time.perf_counter() - start) / 1e9
+    return {"gflops": round(gflops, 1), "bf16": cpu_has_native_bf16()}
+
+
+def expected_seconds(probe: dict, steps: int, examples: int) -> dict[str, float]:
+    """Each stage's expected time here: the reference's, scaled by the probe and by the work asked
+    (training steps, evaluation examples)."""
+    ref = REFERENCE
+    speed = ref["gflops"] / probe["gflops"]
+    bf16 = BF16_SPEEDUP ** (int(ref["bf16"]) - int(probe["bf16"]))
+    expected = {}
+    for name, seconds in ref["stages"].items():
+        if name.startswith("fine-tune"):
+            expected[name] = seconds * speed * bf16 * steps / ref["steps"]
+        elif name == "evaluate":
+            expected[name] = seconds * speed * examples / ref["examples"]
+        else:
+            expected[name] = seconds * speed
+    return expected
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
     """Run (or finish) every stage; returns the path of report.md."""
     for path in (cfg.data, cfg.eval_file):
@@ -68,8 +129,10 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
         ("evaluate", _evaluate),
         ("benchmark", _bench),
     ]
+    expected = _announce(cfg)
     for number, (name, step) in enumerate(stages, start=1):
-        log.info(f"\n[{number}/{len(stages) + 1}] {name}")
+        guess = f" (expected: about {_minutes(expected[name])})"
+        log.info(f"\n[{number}/{len(stages) + 1}] {name}{guess}")
         start = time.perf_counter()
         reused = step(run_dir, cfg, force)
         force = force or not reused  # a stage made anew invalidates everything after it
@@ -77,11 +140,30 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
         if reused:
             log.info(f"  {reused}")
             timings[name] = _earlier_timing(run_dir, name, timings[name])
+        else:
+            log.info(f"  {name}: {_minutes(timings[name])}")
     Run.open(run_dir).update(quickstart={"config": vars(cfg), "timings": timings, "finished_at": artifacts.now()})
     log.info(f"\n[{len(stages) + 1}/{len(stages) + 1}] report")
     from edgeft.report import write_report
 
     return write_report(Run.open(run_dir), bar=(BAR_GAIN, BAR_INT4_DROP, BAR_STOPS))
+
+
+def _announce(cfg: QuickstartConfig) -> dict[str, float]:
+    """Say, before any work, how long the whole run should take on this machine."""
+    from edgeft.bench import cpu_flags
+    from edgeft.evaluate import load_samples
+
+    probe = probe_speed()
+    examples = len(load_samples(cfg.eval_file, cfg.limit or None))
+    expected = expected_seconds(probe, cfg.max_steps or REFERENCE["steps"], examples)
+    log.info(
+        f"Expected: about {_minutes(sum(expected.values()))} on this machine if nothing is reused "
+        f"({', '.join(f'{k} {_minutes(v)}' for k, v in expected.items())}): the reference run's times scaled by "
+        f"this CPU's fp32 matmul speed ({probe['gflops']:.0f} GFLOPS against {REFERENCE['gflops']:.0f}) and "
+        f"{'bf16' if probe['bf16'] else 'fp32'} training (flags: {' '.join(cpu_flags()) or 'none of note'})."
+    )
+    return expected
 
 
 def _earlier_timing(run_dir: Path, name: str, now: float) -> float:

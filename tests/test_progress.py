@@ -34,6 +34,20 @@ def test_piped_progress_says_how_far_along(monkeypatch, lines):
     assert seen == list(range(6))
     said = [line for line in lines if "evaluating:" in line]
     assert said and all("/6 example" in line for line in said)
+    assert all(" left" in line for line in said if "6/6" not in line)  # an estimate of the rest
+
+
+def test_eta_reads_like_a_person_would_say_it():
+    from edgeft.progress import eta
+
+    assert eta(10, 1, 5) == "40 s"
+    assert eta(60, 1, 5) == "4 min"
+
+
+def test_units_are_counted_in_english():
+    from edgeft.progress import plural
+
+    assert [plural(u) for u in ("batch", "example", "layer", "engine")] == ["batches", "examples", "layers", "engines"]
 
 
 def test_a_long_subprocess_has_a_heartbeat(monkeypatch, lines):

@@ -30,6 +30,7 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
     assert Run.open(tmp_path / "qs").stage("export")["status"] == "drift"
     # ...until the user accepts it, and the report says so.
     out = run_cli(*args, "--allow-drift").output
+    assert "Expected: about" in out and "(expected: about" in out
     run = Run.open(tmp_path / "qs")
     stages = run.manifest()["stages"]
     assert [stages[s]["status"] for s in ("tune", "merge", "export", "eval", "bench")] == ["done"] * 5
@@ -72,3 +73,16 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
     assert "FAILED (accepted with --allow-drift)" in report
     again = run_cli(*args, "--allow-drift")
     assert again.output.count("reusing") == 6  # nothing is redone
+
+
+def test_the_expected_duration_scales_with_the_machine_and_the_work():
+    from edgeft.quickstart import BF16_SPEEDUP, REFERENCE, expected_seconds
+
+    same = expected_seconds({"gflops": REFERENCE["gflops"], "bf16": True}, REFERENCE["steps"], REFERENCE["examples"])
+    assert same == pytest.approx(REFERENCE["stages"])
+    # half the speed, no bf16, a quarter of the steps and half the examples
+    other = expected_seconds({"gflops": REFERENCE["gflops"] / 2, "bf16": False}, REFERENCE["steps"] // 4 + 1, 100)
+    tune = REFERENCE["stages"]["fine-tune (QLoRA)"]
+    assert other["fine-tune (QLoRA)"] == pytest.approx(tune * 2 * BF16_SPEEDUP * (REFERENCE["steps"] // 4 + 1) / 165)
+    assert other["evaluate"] == pytest.approx(REFERENCE["stages"]["evaluate"])  # 2x slower, half the work
+    assert other["merge"] == pytest.approx(2 * REFERENCE["stages"]["merge"])
