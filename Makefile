@@ -13,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint chromium clean
+.PHONY: setup demo test test-fast lint test-tools clean
 
 setup: $(VENV)/.installed
 
@@ -35,7 +35,7 @@ demo: setup
 	$(VENV)/bin/edgeft doctor
 	$(VENV)/bin/edgeft quickstart
 
-test: setup chromium
+test: setup test-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
@@ -45,16 +45,20 @@ lint: setup
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not real and not browser" $(PYTEST_ARGS)
 
-# The web page test drives Debian's chromium (test tools cannot download a browser here). Installed
-# when missing and we are root; otherwise the browser test skips and says why.
-chromium:
-	@if [ ! -x /usr/bin/chromium ]; then \
+# The web page test drives Debian's chromium (test tools cannot download a browser here), and the
+# CPU-kind test runs exports under qemu-user's AVX2-only CPU. Installed when missing and we are
+# root; otherwise those tests skip and say why.
+test-tools:
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v qemu-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-user"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "Installing chromium for the browser test"; \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null \
-				|| echo "chromium could not be installed: the browser test will be skipped"; \
+			echo "Installing$$missing for the browser and CPU-kind tests"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null \
+				|| echo "$$missing could not be installed: their tests will be skipped"; \
 		else \
-			echo "No /usr/bin/chromium and not root: the browser test will be skipped"; \
+			echo "Missing$$missing and not root: their tests will be skipped"; \
 		fi; \
 	fi
 
