@@ -90,8 +90,8 @@ def quickstart(
 
     \b
     fine-tune (QLoRA) -> merge -> export int4 -> evaluate (base zero-shot, base few-shot, base with
-    retrieved examples, the model as trained, merged, fine-tuned ONNX int4 free and constrained to
-    the answers' JSON schema) -> speed benchmark -> RUN/report.md
+    retrieved examples, the model as trained, fine-tuned ONNX int4 free and constrained to the
+    answers' JSON schema) -> speed benchmark -> RUN/report.md
     Merge and export are checked against the model as trained; a drift stops the quickstart.
     Running it again reuses finished stages and resumes an interrupted fine-tune.
     """
@@ -481,11 +481,18 @@ def _report_adapter(out: Path) -> None:
     "(auto: inferred from the references).",
 )
 @click.option(
+    "--merged/--no-merged",
+    default=True,
+    show_default=True,
+    help="A run's merged PyTorch model gets its own row (--no-merged saves its time: the merge already "
+    "checked it against the model as trained).",
+)
+@click.option(
     "--output",
     type=click.Path(dir_okay=False),
     help="JSON report path.  [default: RUN/logs/eval.json or ./edgeft-eval.json]",
 )
-def eval_cmd(models, data, shots, rag, shots_file, limit, max_tokens, batch_size, json_schema, output) -> None:
+def eval_cmd(models, data, shots, rag, shots_file, limit, max_tokens, batch_size, json_schema, merged, output) -> None:
     """Compare models on held-out data: base, base with examples in the prompt, fine-tuned, exported.
 
     \b
@@ -508,6 +515,7 @@ def eval_cmd(models, data, shots, rag, shots_file, limit, max_tokens, batch_size
         batch_size=batch_size,
         output=output,
         json_schema=json_schema,
+        merged=merged,
     )
     click.echo(f"{report['samples']} examples from {data}, greedy, up to {report['max_tokens']} new tokens:")
     for line in table(report):

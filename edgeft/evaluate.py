@@ -77,10 +77,10 @@ class Row:
 # --- what to evaluate ---------------------------------------------------------------------
 
 
-def candidates(specs: list[str], shots: int, rag: int = 0) -> list[Candidate]:
+def candidates(specs: list[str], shots: int, rag: int = 0, *, merged: bool = True) -> list[Candidate]:
     """Turn command-line MODEL arguments into candidates; a base model gets a K-shot row and a row
-    with `rag` retrieved examples too."""
-    out = _candidates(specs, shots)
+    with `rag` retrieved examples too; a run its merged model's row unless `merged` is False."""
+    out = _candidates(specs, shots, merged)
     if not rag:
         return out
     with_rag = []
@@ -95,7 +95,7 @@ def candidates(specs: list[str], shots: int, rag: int = 0) -> list[Candidate]:
     return with_rag
 
 
-def _candidates(specs: list[str], shots: int) -> list[Candidate]:
+def _candidates(specs: list[str], shots: int, merged: bool) -> list[Candidate]:
     out = []
     for spec in specs:
         path = Path(spec)
@@ -115,7 +115,7 @@ def _candidates(specs: list[str], shots: int) -> list[Candidate]:
                     f"{run.path.name} as trained (PyTorch)", "pytorch", run.adapter_dir, kind="as-trained", run=run
                 )
             )
-            if (run.merged_dir / "config.json").is_file():
+            if merged and (run.merged_dir / "config.json").is_file():
                 out.append(
                     Candidate(f"{run.path.name} merged (PyTorch)", "pytorch", run.merged_dir, kind="merged", run=run)
                 )
@@ -250,26 +250,30 @@ class TorchBackend:
 
     def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int, int]]:
         """(text, finish reason, answer tokens, prompt tokens) per prompt."""
-        from edgeft.fidelity import torch_greedy
+        return self.generate_scored(prompts, None, max_tokens)[0]
+
+    def generate_scored(
+        self, prompts: list[list[dict]], references: list[str] | None, max_tokens: int
+    ) -> tuple[list[tuple], float, float, int]:
+        """The answers, their time (without the scoring) and, scored on the prompts' own KV cache,
+        the references' summed NLL and token count."""
+        from edgeft.fidelity import torch_greedy_scored
 
         ids = [self.prompt_ids(m) for m in prompts]
+        wanted = None
+        if references is not None:
+            wanted = [self.tokenizer.encode(r, add_special_tokens=False) + self.stops[:1] for r in references]
+        start = time.perf_counter()
+        rows, scores, scoring = torch_greedy_scored(
+            self.model, ids, max_tokens, set(self.stops), self.tokenizer.pad_token_id, wanted
+        )
+        took = time.perf_counter() - start - scoring
         results = []
-        for prompt, row in zip(
-            ids, torch_greedy(self.model, ids, max_tokens, set(self.stops), self.tokenizer.pad_token_id)
-        ):
+        for prompt, row in zip(ids, rows):
             stopped = bool(row) and row[-1] in self.stops
             text = self.tokenizer.decode(row[:-1] if stopped else row, skip_special_tokens=True)
             results.append((text, "stop" if stopped else "length", len(row), len(prompt)))
-        return results
-
-    def nll(self, messages: list[dict], reference: str) -> tuple[float, int]:
-        prompt = self.prompt_ids(messages)
-        answer = self.tokenizer.encode(reference, add_special_tokens=False) + self.stops[:1]
-        torch = self.torch
-        with torch.no_grad():
-            logits = self.model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
-            loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(answer), reduction="sum")
-        return float(loss), len(answer)
+        return results, took, sum(v for v, _ in scores), sum(n for _, n in scores)
 
 
 class OnnxBackend:
@@ -283,14 +287,17 @@ class OnnxBackend:
         # few-shot prompts share their examples, and every prompt its system prompt: run those once
         self.cache = PromptCache()
 
-    def generate_scored(self, prompt: list[dict], reference: str, max_tokens: int) -> tuple[tuple, float, float, int]:
-        """One answer, its time (without the scoring) and, in the same pass (the prompt is run
-        once), the reference's NLL and token count."""
+    def generate_scored(
+        self, prompts: list[list[dict]], references: list[str], max_tokens: int
+    ) -> tuple[list[tuple], float, float, int]:
+        """One answer (one prompt at a time, as an app sends them), its time (without the scoring)
+        and, in the same pass (the prompt is run once), the reference's NLL and token count."""
+        (prompt,), (reference,) = prompts, references
         stream = self.model.stream(prompt, score=reference, max_tokens=max_tokens, temperature=0.0, cache=self.cache)
         stream.text()
         reply = stream.result
         answer = (reply.text, reply.finish_reason, reply.usage["completion_tokens"], reply.usage["prompt_tokens"])
-        return answer, reply.elapsed, stream.reference_nll, stream.reference_tokens
+        return [answer], reply.elapsed, stream.reference_nll, stream.reference_tokens
 
     def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int, int]]:
         results = []
@@ -302,9 +309,6 @@ class OnnxBackend:
                 (reply.text, reply.finish_reason, reply.usage["completion_tokens"], reply.usage["prompt_tokens"])
             )
         return results
-
-    def nll(self, messages: list[dict], reference: str) -> tuple[float, int]:
-        return self.model.reference_nll(messages, reference)
 
 
 # --- the evaluation -----------------------------------------------------------------------
@@ -322,12 +326,15 @@ def evaluate(
     output: str | Path | None = None,
     json_schema: str | Path | None = None,
     rag: int = 0,
+    merged: bool = True,
 ) -> dict:
     """Evaluate every candidate on `data`; write a JSON report and record it in the runs involved.
 
     `json_schema` (a schema file, or "auto" to infer one from the references): each fine-tuned ONNX
     export gets a second row whose answers are constrained to the schema. `rag` K: each base model
     also answers with the K training examples most similar to each prompt (BM25) in its prompt.
+    `merged` False leaves out a run's merged PyTorch row (its merge already checked it against the
+    model as trained, logit by logit): the slowest row after the model as trained, on a CPU.
     """
     if not specs:
         raise ConfigError(
@@ -336,7 +343,7 @@ def evaluate(
     if shots < 0 or rag < 0 or (limit is not None and limit < 1) or batch_size < 1:
         raise ConfigError("--shots and --rag must be 0 or more, --limit and --batch-size at least 1.")
     samples = load_samples(data, limit)
-    todo = candidates(specs, shots, rag)
+    todo = candidates(specs, shots, rag, merged=merged)
     if json_schema is not None:
         todo = with_constrained_rows(todo, load_json_schema(json_schema, samples))
     pool = _example_pool(todo, shots_file, data) if shots or rag else []
@@ -466,19 +473,23 @@ def evaluate_one(
     log.info(f"Evaluating {candidate.label} on {len(samples)} examples...")
     backend = OnnxBackend(candidate) if candidate.backend == "onnx" else TorchBackend(candidate)
     step = batch_size if candidate.backend == "pytorch" else 1
-    # ONNX rows score the reference in the answer's own pass (the prompt is run once, not twice)
-    in_pass = candidate.backend == "onnx" and candidate.response_format is None
+    # the reference is scored in the answer's own pass (the prompt is run once, not twice); a
+    # constrained row's model is the unconstrained row's, so is its perplexity: it has none
+    in_pass = candidate.response_format is None
     predictions, seconds, generated, nll, count = [], 0.0, 0, 0.0, 0
     for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
-        start = time.perf_counter()
+        batch = samples[i : i + step]
         if in_pass:
-            result, took, value, n = backend.generate_scored(prompts[i], samples[i].reference, max_tokens)
-            results, nll, count = [result], nll + value, count + n
+            results, took, value, n = backend.generate_scored(
+                prompts[i : i + step], [s.reference for s in batch], max_tokens
+            )
+            nll, count = nll + value, count + n
         else:
+            start = time.perf_counter()
             results = backend.generate(prompts[i : i + step], max_tokens)
             took = time.perf_counter() - start
         seconds += took
-        for sample, (text, finish, n_tokens, n_prompt) in zip(samples[i : i + step], results):
+        for sample, (text, finish, n_tokens, n_prompt) in zip(batch, results):
             generated += n_tokens
             predictions.append(
                 {
@@ -492,11 +503,6 @@ def evaluate_one(
                     "token_f1": token_f1(text, sample.reference),
                 }
             )
-    # a constrained row's model is the unconstrained row's: its perplexity is that row's
-    scored = [] if candidate.response_format or in_pass else list(zip(samples, prompts))
-    for sample, prompt in progress(scored, desc=f"{candidate.label} perplexity", unit="example"):
-        value, n = backend.nll(prompt, sample.reference)
-        nll, count = nll + value, count + n
     json_refs = [p for p in predictions if is_json(p["reference"])]
     n = len(predictions)
     row = Row(

@@ -17,6 +17,7 @@ On held-out prompts the comparison measures
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -68,15 +69,38 @@ class TorchScorer:
 
 def torch_greedy(model, prompts: list[list[int]], max_new: int, stops, pad_token_id: int | None) -> list[list[int]]:
     """PyTorch's greedy continuations of a batch of prompts (left-padded), each cut after its first stop id."""
+    return torch_greedy_scored(model, prompts, max_new, stops, pad_token_id)[0]
+
+
+def torch_greedy_scored(
+    model, prompts: list[list[int]], max_new: int, stops, pad_token_id: int | None, references=None
+) -> tuple[list[list[int]], list[tuple[float, int]], float]:
+    """torch_greedy, and with `references` (token lists, one per prompt) each reference's summed
+    NLL after its prompt and its token count, scored on the prompts' own KV cache (the prompts run
+    once, not twice), and the seconds that scoring took."""
     import torch
 
     width, pad = max(map(len, prompts)), pad_token_id if pad_token_id is not None else 0
     batch = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    scores, scoring = [], 0.0
     with torch.no_grad():
+        cache = None
+        if references is not None:
+            # all but the last prompt token: generate() then runs only that one, on this cache
+            cache = model(
+                input_ids=batch[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=_positions(mask)[:, :-1],
+                use_cache=True,
+            ).past_key_values
+            start = time.perf_counter()
+            scores = _score_references(model, cache, batch[:, -1], mask, references, pad)
+            scoring = time.perf_counter() - start
         out = model.generate(
             input_ids=batch,
             attention_mask=mask,
+            past_key_values=cache,
             max_new_tokens=max_new,
             do_sample=False,
             eos_token_id=sorted(stops),
@@ -86,7 +110,36 @@ def torch_greedy(model, prompts: list[list[int]], max_new: int, stops, pad_token
     for row in out[:, width:].tolist():
         stop_at = next((i for i, t in enumerate(row) if t in stops), None)
         rows.append(row if stop_at is None else row[: stop_at + 1])
-    return rows
+    return rows, scores, scoring
+
+
+def _positions(mask):
+    """Position ids of left-padded rows, counted as generate() counts them."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _score_references(model, cache, last, mask, references: list[list[int]], pad: int) -> list[tuple[float, int]]:
+    """(summed NLL, tokens) of each row's reference after its prompt, on a copy of the prompts'
+    cache (which holds all but the `last` prompt token of each row)."""
+    import copy
+
+    import torch
+
+    longest = max(map(len, references))
+    tail = torch.tensor([[int(t)] + r + [pad] * (longest - len(r)) for t, r in zip(last, references)])
+    tail_mask = torch.tensor([[1] * (1 + len(r)) + [0] * (longest - len(r)) for r in references])
+    logits = model(
+        input_ids=tail,
+        attention_mask=torch.cat([mask[:, :-1], tail_mask], dim=1),
+        position_ids=_positions(mask)[:, -1:] + torch.arange(1 + longest),
+        past_key_values=copy.deepcopy(cache),
+        use_cache=True,
+    ).logits
+    out = []
+    for row, tokens in zip(logits, references):
+        loss = torch.nn.functional.cross_entropy(row[: len(tokens)].float(), torch.tensor(tokens), reduction="sum")
+        out.append((float(loss), len(tokens)))
+    return out
 
 
 def og_greedy(og_model, prompt: list[int], max_new: int, stops, *, adapter=None) -> list[int]:

@@ -1,8 +1,9 @@
 """edgeft quickstart: the whole path on the built-in model and the recipe sample, with a report.
 
 tune (QLoRA) -> merge (checked against the model as trained) -> export int4 (verified against the
-model as trained) -> eval (base zero-shot, base few-shot, the model as trained: NF4 base + adapter,
-the merged model, fine-tuned ONNX int4) -> a short speed benchmark -> runs/quickstart/report.md.
+model as trained) -> eval (base zero-shot, base few-shot, base + retrieved examples, the model as
+trained: NF4 base + adapter, fine-tuned ONNX int4 free and constrained to the answers' schema; the
+merged model has no row: the merge checked it) -> a short speed benchmark -> runs/quickstart/report.md.
 
 Each stage records itself in the run manifest; running again reuses finished stages and resumes an
 interrupted fine-tune (`force` starts over). Every number in the report is measured in the run.
@@ -283,6 +284,7 @@ def _evaluate(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
         shots_file=cfg.data,
         limit=cfg.limit or None,
         json_schema=json_schema,
+        merged=False,  # the merge stage checked it against the model as trained, logit by logit
     )
     Run.open(run_dir).record_stage("eval", settings=settings)
     for line in table(report):

@@ -165,6 +165,8 @@ def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float])
                     ),
                 ),
             )
+        elif merge_check := _merge_check(run):
+            checks.insert(1, merge_check)
         lines += [
             "Quality bar: against the model as trained (for QLoRA, the NF4 base + adapter through bitsandbytes and peft).",
             "",
@@ -174,6 +176,22 @@ def _quality(run: Run, evaluation: dict | None, bar: tuple[float, float, float])
     lines += _cost(run, rows)
     lines += _examples(Path(evaluation["report"]), zero, onnx_ft)
     return lines
+
+
+def _merge_check(run: Run) -> tuple[bool, str] | None:
+    """Without a merged row in the evaluation: the merge stage's own check against the model as trained."""
+    check = run.manifest()["stages"].get("merge", {}).get("fidelity")
+    if not check or "gate" not in check:
+        return None
+    same = ""
+    if check["greedy_samples"]:
+        same = f"{check['identical_generations']}/{check['greedy_samples']} greedy answers identical, "
+    text = (
+        f"the merged model (the export's source) answers as the model as trained: checked by the merge on "
+        f"{check['samples']} held-out prompts, {same}max logit difference {check['max_abs_logit_diff']}, "
+        f"perplexity {check['ppl_change_pct']:+.2f}%"
+    )
+    return check["gate"]["passed"], text
 
 
 def _cost(run: Run, rows: list[dict]) -> list[str]:

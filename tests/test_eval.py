@@ -89,6 +89,16 @@ def test_onnx_and_pytorch_perplexity_agree_for_fp32(tiny_llama_run, tmp_path):
     assert onnx_row["exact_match"] == torch_row["exact_match"]
 
 
+def test_no_merged_leaves_out_the_merged_row_and_only_it(tiny_llama_run, tmp_path):
+    merged(tiny_llama_run)
+    data = recipes_like(tmp_path / "eval.jsonl", n=2, seed=3)
+    out = tmp_path / "r.json"
+    run_cli("eval", tiny_llama_run, "--data", data, "--max-tokens", "4", "--no-merged", "--output", out)
+    assert [r["kind"] for r in json.loads(out.read_text())["rows"]] == ["as-trained"]
+    run_cli("eval", tiny_llama_run, "--data", data, "--max-tokens", "4", "--output", out)
+    assert [r["kind"] for r in json.loads(out.read_text())["rows"]] == ["as-trained", "merged"]
+
+
 def test_eval_bad_input(tiny_llama, tmp_path):
     data = recipes_like(tmp_path / "eval.jsonl", n=3)
     with pytest.raises(ConfigError, match="--shots-file"):

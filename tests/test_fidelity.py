@@ -283,3 +283,20 @@ def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp
     assert (
         same >= 20 and int4["exact_match"] >= trained["exact_match"] - 10
     )  # int4: 24 answers, measured 24/24 the same
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_phi3"])
+def test_references_scored_on_the_answers_own_cache_match_a_separate_pass(model_fixture, request):
+    """Left-padded prompts of different lengths: the in-pass NLL equals a full forward pass per
+    prompt, and the answers are the ones generate() gives without the scoring."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(model_fixture)).eval()
+    prompts, references = [[5, 9, 2, 7, 3], [4, 8], [6, 1, 3]], [[11, 12, 13], [14], [15, 16]]
+    rows, scores, _ = fidelity.torch_greedy_scored(model, prompts, 6, {0}, None, references)
+    assert rows == fidelity.torch_greedy(model, prompts, 6, {0}, None)
+    for prompt, reference, (nll, n) in zip(prompts, references, scores):
+        logits = _logits(model, torch.tensor([prompt + reference]))[0, len(prompt) - 1 : -1]
+        alone = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(reference), reduction="sum")
+        assert n == len(reference) and nll == pytest.approx(float(alone), rel=1e-6)  # a position off by one: ~2e-5

@@ -46,8 +46,7 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
         "base-onnx-int4 zero-shot (ONNX)",
         "base-onnx-int4 2-shot (ONNX)",
         "base-onnx-int4 + 3 retrieved (ONNX)",
-        "qs as trained (PyTorch)",
-        "qs merged (PyTorch)",
+        "qs as trained (PyTorch)",  # no merged row: the merge stage's own check stands for it
         "onnx-int4 (ONNX)",
         "onnx-int4, constrained (ONNX)",  # the recipe answers are JSON: held to their inferred schema
     ]
@@ -71,6 +70,7 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
     assert f"edgeft chat {tmp_path / 'qs'}" in out
 
     assert "FAILED (accepted with --allow-drift)" in report
+    assert "answers as the model as trained: checked by the merge on" in report
     again = run_cli(*args, "--allow-drift")
     assert again.output.count("reusing") == 6  # nothing is redone
 
