@@ -248,21 +248,15 @@ class TorchBackend:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
-    def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int, int]]:
-        """(text, finish reason, answer tokens, prompt tokens) per prompt."""
-        return self.generate_scored(prompts, None, max_tokens)[0]
-
     def generate_scored(
-        self, prompts: list[list[dict]], references: list[str] | None, max_tokens: int
+        self, prompts: list[list[dict]], references: list[str], max_tokens: int
     ) -> tuple[list[tuple], float, float, int]:
-        """The answers, their time (without the scoring) and, scored on the prompts' own KV cache,
-        the references' summed NLL and token count."""
+        """(text, finish reason, answer tokens, prompt tokens) per prompt, their time (without the
+        scoring) and, scored on the prompts' own KV cache, the references' summed NLL and token count."""
         from edgeft.fidelity import torch_greedy_scored
 
         ids = [self.prompt_ids(m) for m in prompts]
-        wanted = None
-        if references is not None:
-            wanted = [self.tokenizer.encode(r, add_special_tokens=False) + self.stops[:1] for r in references]
+        wanted = [self.tokenizer.encode(r, add_special_tokens=False) + self.stops[:1] for r in references]
         start = time.perf_counter()
         rows, scores, scoring = torch_greedy_scored(
             self.model, ids, max_tokens, set(self.stops), self.tokenizer.pad_token_id, wanted

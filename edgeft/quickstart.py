@@ -57,20 +57,22 @@ class QuickstartConfig:
 # `probe_speed`). Measured on AMD EPYC, 2 cores, CPU flags avx2 fma avx_vnni avx512f avx512_vnni
 # avx512_bf16 (so training ran in bf16). Another machine's expected time scales each stage by its
 # own fp32 speed, and training by BF16_SPEEDUP where one machine has native bf16 and the other
-# not. Checked against the AVX2-only machine of issue 15 (fine-tune 18.2 min in fp32, where this
-# predicts 10.3 x 1.7 = 17.5 min at equal fp32 speed); not yet against a probe measured there.
-REFERENCE = {  # edgeft quickstart --force, 2026-11-23: 37.7 min in all
-    "gflops": 169.0,
+# not (1.7: measured on one AVX512-BF16 CPU). Never checked against a probe taken on an AVX2-only
+# machine. A rough guide: the previous reference (37.7 min on a machine of the same kind, probe
+# 169 GFLOPS) predicted 34 min for this one, which took 23.6 (the probe sees only part of what
+# differs between VMs).
+REFERENCE = {  # edgeft quickstart --force, 2026-11-23: 23.6 min in all
+    "gflops": 189.0,
     "bf16": True,
     "steps": 165,
     "examples": 200,
     "stages": {
-        "fine-tune (QLoRA)": 618.1,
-        "merge": 42.5,
-        "export int4": 198.8,
-        "export the base model": 67.0,
-        "evaluate": 1301.2,
-        "benchmark": 35.2,
+        "fine-tune (QLoRA)": 455.5,
+        "merge": 29.6,
+        "export int4": 125.5,
+        "export the base model": 46.4,
+        "evaluate": 728.3,
+        "benchmark": 30.0,
     },
 }
 BF16_SPEEDUP = 1.7  # a QLoRA step in bf16 against fp32 on one AVX512-BF16 CPU (pipeline/tune/model.py)
