@@ -199,9 +199,18 @@ def test_interactive_chat_in_a_terminal(tiny_phi3_export):
         term.expect(r"\(new conversation\)\n>>> ")
         term.send("/help\n")
         term.expect(r"/reset .*\n.*/exit .*\n.*/help .*\n>>> ")
-        time.sleep(0.3)  # the prompt is drawn just before input() starts reading; let it start
-        term.send("\x03")  # Ctrl-C at the prompt does not leave
-        term.expect(r"Ctrl-D leaves.*\n>>> ")
+        # Ctrl-C at the prompt does not leave. The prompt is drawn just before input() reads; a
+        # Ctrl-C that lands in between was once lost (a full-suite run under load): press again,
+        # as a person would; three lost in a row is a failure.
+        for attempt in range(3):
+            time.sleep(0.3)
+            term.send("\x03")
+            try:
+                term.expect(r"Ctrl-D leaves.*\n>>> ", timeout=10)
+                break
+            except AssertionError:
+                if attempt == 2 or term.proc.poll() is not None:
+                    raise
         term.send("\x04")  # Ctrl-D on an empty line leaves
         assert term.close() == 0
     finally:
