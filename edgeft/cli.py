@@ -290,13 +290,9 @@ def data_check(file, model, fmt, max_seq_len, train_on_prompt, method, epochs, d
 
 
 def _duration(seconds: float) -> str:
-    return (
-        f"{seconds:.0f} s"
-        if seconds < 90
-        else f"{seconds / 60:.0f} min"
-        if seconds < 5400
-        else f"{seconds / 3600:.1f} h"
-    )
+    from edgeft.progress import duration
+
+    return duration(seconds) if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 @cli.command()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -217,9 +218,7 @@ def compare(
             ref_tokens = reference.greedy(prompt, GENERATED, stops)
         if generate:
             cand_tokens = candidate.greedy(prompt, GENERATED, stops)
-            n = min(len(ref_tokens), len(cand_tokens))
-            leading = next((i for i in range(n) if ref_tokens[i] != cand_tokens[i]), n)
-            agree.append(leading / max(len(ref_tokens), len(cand_tokens), 1))
+            agree.append(common_prefix(ref_tokens, cand_tokens) / max(len(ref_tokens), len(cand_tokens), 1))
             identical += ref_tokens == cand_tokens
             greedy_runs += 1
         target = answer or ref_tokens
@@ -250,6 +249,16 @@ def compare(
     }
     result["ppl_change_pct"] = round(100 * (result["candidate_ppl"] / result["reference_ppl"] - 1), 2)
     return result
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _og_generator(og_model, max_length: int, adapter):

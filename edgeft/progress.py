@@ -42,8 +42,12 @@ def plural(word: str) -> str:
 
 def eta(elapsed: float, done: int, total: int) -> str:
     """The time left at the pace so far, as a person reads it: "40 s", "3 min"."""
-    left = elapsed / done * (total - done)
-    return f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
+    return duration(elapsed / done * (total - done))
+
+
+def duration(seconds: float) -> str:
+    """A time as a person reads it: "40 s", "3 min"."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def run_with_heartbeat(cmd: list[str], *, desc: str) -> subprocess.CompletedProcess:

@@ -20,6 +20,7 @@ from pathlib import Path
 from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.errors import DataError
+from edgeft.progress import duration
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,6 @@ def expected_seconds(probe: dict, steps: int, examples: int) -> dict[str, float]
     return expected
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
     """Run (or finish) every stage; returns the path of report.md."""
     for path in (cfg.data, cfg.eval_file):
@@ -134,7 +131,7 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
     ]
     expected = _announce(cfg)
     for number, (name, step) in enumerate(stages, start=1):
-        guess = f" (expected: about {_minutes(expected[name])})"
+        guess = f" (expected: about {duration(expected[name])})"
         log.info(f"\n[{number}/{len(stages) + 1}] {name}{guess}")
         start = time.perf_counter()
         reused = step(run_dir, cfg, force)
@@ -144,7 +141,7 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
             log.info(f"  {reused}")
             timings[name] = _earlier_timing(run_dir, name, timings[name])
         else:
-            log.info(f"  {name}: {_minutes(timings[name])}")
+            log.info(f"  {name}: {duration(timings[name])}")
     Run.open(run_dir).update(quickstart={"config": vars(cfg), "timings": timings, "finished_at": artifacts.now()})
     log.info(f"\n[{len(stages) + 1}/{len(stages) + 1}] report")
     from edgeft.report import write_report
@@ -161,8 +158,8 @@ def _announce(cfg: QuickstartConfig) -> dict[str, float]:
     examples = len(load_samples(cfg.eval_file, cfg.limit or None))
     expected = expected_seconds(probe, cfg.max_steps or REFERENCE["steps"], examples)
     log.info(
-        f"Expected: about {_minutes(sum(expected.values()))} on this machine if nothing is reused "
-        f"({', '.join(f'{k} {_minutes(v)}' for k, v in expected.items())}): the reference run's times scaled by "
+        f"Expected: about {duration(sum(expected.values()))} on this machine if nothing is reused "
+        f"({', '.join(f'{k} {duration(v)}' for k, v in expected.items())}): the reference run's times scaled by "
         f"this CPU's fp32 matmul speed ({probe['gflops']:.0f} GFLOPS against {REFERENCE['gflops']:.0f}) and "
         f"{'bf16' if probe['bf16'] else 'fp32'} training (flags: {' '.join(cpu_flags()) or 'none of note'})."
     )

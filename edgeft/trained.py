@@ -204,11 +204,15 @@ def _reason(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
+def tokenizer_dir(trained: Trained) -> Path:
+    """Where the run's tokenizer is: saved with the adapter, else the base model's."""
+    return trained.adapter if (trained.adapter / "tokenizer_config.json").exists() else trained.base
+
+
 def tokenizer_of(trained: Trained):
     from transformers import AutoTokenizer
 
-    adapter = trained.adapter
-    return AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else trained.base)
+    return AutoTokenizer.from_pretrained(tokenizer_dir(trained))
 
 
 def save_merged(model, tokenizer, out: Path) -> None:

@@ -344,12 +344,11 @@ def export_adapter(run: Run, cfg: ExportConfig, *, force: bool = False) -> Path:
         write_adapter(params, tmp / ADAPTER_FILE, identity)
         if cfg.verify:
             from edgeft.export.verify import verify
-            from edgeft.trained import as_trained_model
+            from edgeft.trained import as_trained_model, tokenizer_dir
 
             log.info("Verifying the base export + adapter against the model as trained...")
-            tokenizer_dir = trained.adapter if (trained.adapter / "tokenizer_config.json").exists() else trained.base
             verification = verify(
-                tokenizer_dir,
+                tokenizer_dir(trained),
                 base,
                 cfg,
                 eval_file=_eval_file(run),

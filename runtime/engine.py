@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import ConfigError, GenerationError, ModelError
-from edgeft.fidelity import negative_log_likelihood, teacher_forced_logits
+from edgeft.fidelity import common_prefix, negative_log_likelihood, teacher_forced_logits
 from edgeft.runtime.template import ChatTemplate
 
 log = logging.getLogger("edgeft")
@@ -287,6 +287,8 @@ class ChatStream:
         self._prompt_ids = prompt_ids
         self._options = options
         self._max_tokens = max_tokens
+        # what a generator must hold: the prompt and the longer of the answer and the reference to score
+        self._length = self.prompt_tokens + max(max_tokens, len(score_ids or ()))
         self._cancelled = threading.Event()
         self._pieces: Iterator[str] | None = None
         self._generator, self._setup_seconds = None, 0.0
@@ -301,8 +303,7 @@ class ChatStream:
         GenerationError here."""
         import onnxruntime_genai as og
 
-        room = max(self._max_tokens, len(self._score_ids or ()))
-        params = self.model._search_params(self._options, max_length=max_length or self.prompt_tokens + room)
+        params = self.model._search_params(self._options, max_length=max_length or self._length)
         if self._options.guidance is not None:
             params.set_guidance(*self._options.guidance)
         try:
@@ -320,17 +321,17 @@ class ChatStream:
     def _cached_generator(self) -> tuple[Any, int]:
         """A generator and how many prompt tokens it already holds: the cache's, rewound to where
         this prompt first differs from the last one (if it fits); else a new one."""
-        cache, room = self._cache, max(self._max_tokens, len(self._score_ids or ()))
+        cache = self._cache
         if cache is None:
             generator, self._generator = self._generator or self._new_generator(), None
             return generator, 0
         known = 0
-        if cache.generator is not None and self.prompt_tokens + room <= cache.max_length:
-            known = _common_prefix(cache.tokens, self._prompt_ids[:-1])  # at least one token to run
+        if cache.generator is not None and self._length <= cache.max_length:
+            known = common_prefix(cache.tokens, self._prompt_ids[:-1])  # at least one token to run
         if known:
             cache.generator.rewind_to(known)
         else:  # room for prompts like this one, to keep
-            cache.max_length = min(self.model.context_length, 2 * (self.prompt_tokens + room))
+            cache.max_length = min(self.model.context_length, 2 * self._length)
             cache.generator = self._new_generator(cache.max_length)
         cache.tokens = list(self._prompt_ids)
         return cache.generator, known
@@ -372,9 +373,8 @@ class ChatStream:
             if self.cancelled:  # cancelled before its turn came (a server queue): skip even the prefill
                 return
             generator, self.reused_tokens = self._cached_generator()
-            generator.append_tokens(
-                self._prompt_ids[self.reused_tokens :]
-            )  # the prefill: the prompt, less what the cache holds
+            # the prefill: the prompt, less what the cache holds
+            generator.append_tokens(self._prompt_ids[self.reused_tokens :])
             # a copy now: sampling may change the generator's logits in place
             first_logits = np.array(generator.get_logits(), dtype=np.float32) if self._score_ids else None
             decoder = model._tokenizer.create_stream()
@@ -427,15 +427,6 @@ class PromptCache:
     generator: Any = None
     tokens: list[int] = field(default_factory=list)
     max_length: int = 0
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _score(generator: Any, prompt_tokens: int, first_logits: Any, answer: list[int]) -> float:

@@ -336,8 +336,11 @@ def create_app(
             return served[name]
         if (not adapters and not failed) or name is None:
             return model  # one model: OpenAI clients must send some name
+        raise not_served(name)
+
+    def not_served(name: str) -> ApiError:
         why = f" It failed to load: {failed[name]}" if name in failed else ""
-        raise ApiError(
+        return ApiError(
             404,
             f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}.{why}",
             type="not_found_error",
@@ -415,13 +418,7 @@ def create_app(
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> dict:
         if model_id not in served:
-            raise ApiError(
-                404,
-                f"model {model_id!r} is not served here; this server serves {', '.join(map(repr, served))}.",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
+            raise not_served(model_id)
         return _model_card(served[model_id], created)
 
     @v1.post("/chat/completions")
