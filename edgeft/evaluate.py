@@ -279,6 +279,7 @@ class OnnxBackend:
         self.model = ChatModel.load(candidate.path)
         self.response_format = candidate.response_format
         # few-shot prompts share their examples, and every prompt its system prompt: run those once
+        # (and a constrained row's grammar: compile it once)
         self.cache = PromptCache()
 
     def generate_scored(
@@ -297,7 +298,7 @@ class OnnxBackend:
         results = []
         for messages in prompts:
             reply = self.model.chat(
-                messages, max_tokens=max_tokens, temperature=0.0, response_format=self.response_format
+                messages, max_tokens=max_tokens, temperature=0.0, response_format=self.response_format, cache=self.cache
             )
             results.append(
                 (reply.text, reply.finish_reason, reply.usage["completion_tokens"], reply.usage["prompt_tokens"])

@@ -267,9 +267,29 @@ def test_a_prompt_cache_runs_only_what_is_new_and_changes_nothing(which, request
         assert stream.reference_nll == pytest.approx(nll, rel=1e-4)
     assert reused[0] == 0 and all(n > model.count_tokens(shots) - 8 for n in reused[1:3]), reused
     assert 0 < reused[3] < reused[2]
-    # sampled or constrained answers never use it
+    # sampled answers never use it
     assert model.stream(HI, temperature=0.7, cache=cache)._cache is None
-    assert model.stream(HI, temperature=0, cache=cache, response_format={"type": "json_object"})._cache is None
+
+
+def test_a_prompt_cache_keeps_a_response_formats_grammar_and_restarts_it(llama):
+    """Constrained answers in a row keep one generator and its compiled grammar (a new one costs
+    ~0.5 s on a real vocabulary): each answer is the one a fresh generator gives, even after an
+    answer cut off inside the JSON; another format, or none, gets a generator of its own."""
+    from edgeft.runtime import PromptCache
+
+    digits = {"type": "regex", "regex": "[0-9]{2,12}"}
+    obj = {"type": "json_object"}
+    asks = [[{"role": "user", "content": w}] for w in ("salt", "two eggs")]
+    cache = PromptCache()
+    generators = []
+    for fmt, max_tokens in [(obj, 12), (obj, 3), (obj, 12), (digits, 12), (digits, 12), (None, 6), (obj, 12)]:
+        for prompt in asks:
+            got = llama.chat(prompt, max_tokens=max_tokens, temperature=0, response_format=fmt, cache=cache)
+            fresh = llama.chat(prompt, max_tokens=max_tokens, temperature=0, response_format=fmt)
+            assert (got.text, got.finish_reason, got.usage) == (fresh.text, fresh.finish_reason, fresh.usage)
+            generators.append(cache.generator)
+    assert generators[0] is generators[5]  # one grammar for six json_object answers, two of them cut short
+    assert len({id(g) for g in generators}) == 4  # json_object, the regex, free text, json_object again
 
 
 def test_stream_pieces_add_up_to_the_result(phi3):
