@@ -61,11 +61,16 @@ class TorchScorer:
         import torch
 
         with torch.no_grad():
-            out = self.model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+            # the head only where an answer token is predicted (the last prompt position on)
+            out = self.model(torch.tensor([prompt + answer]), logits_to_keep=len(answer) + 1).logits[0, :-1]
         return out.float().numpy()
 
     def greedy(self, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
         return torch_greedy(self.model, [prompt], max_new, stops, self.pad)[0]
+
+    def greedy_batch(self, prompts: list[list[int]], max_new: int, stops: set[int]) -> list[list[int]]:
+        # one decode loop for all (left-padded): 8 prompts in ~1/3 of the time of 8 loops on a CPU
+        return torch_greedy(self.model, prompts, max_new, stops, self.pad)
 
 
 def torch_greedy(model, prompts: list[list[int]], max_new: int, stops, pad_token_id: int | None) -> list[list[int]]:
@@ -88,12 +93,14 @@ def torch_greedy_scored(
     with torch.no_grad():
         cache = None
         if references is not None:
-            # all but the last prompt token: generate() then runs only that one, on this cache
+            # all but the last prompt token: generate() then runs only that one, on this cache (whose
+            # logits no one reads: the head for one position, not every prompt token's)
             cache = model(
                 input_ids=batch[:, :-1],
                 attention_mask=mask[:, :-1],
                 position_ids=_positions(mask)[:, :-1],
                 use_cache=True,
+                logits_to_keep=1,
             ).past_key_values
             start = time.perf_counter()
             scores = _score_references(model, cache, batch[:, -1], mask, references, pad)
@@ -163,6 +170,15 @@ class Scorer(Protocol):
     def greedy(self, prompt: list[int], max_new: int, stops: set[int]) -> list[int]: ...
 
 
+def greedy_all(scorer, prompts: list[list[int]], stops: set[int]) -> list[list[int]]:
+    """Each prompt's first GENERATED greedy tokens: in one batch where the scorer has
+    `greedy_batch`, else one prompt at a time."""
+    if not prompts:
+        return []
+    batch = getattr(scorer, "greedy_batch", None)
+    return batch(prompts, GENERATED, stops) if batch else [scorer.greedy(p, GENERATED, stops) for p in prompts]
+
+
 class Recorded:
     """A scorer's answers on `pairs`, computed ahead and replayed in `compare`'s order of calls.
 
@@ -174,11 +190,12 @@ class Recorded:
         from edgeft.progress import progress as shown
 
         self.pairs, self.stops = pairs, stops
-        self._greedy, self._logits = {}, {}
+        # compare's greedy_samples=0 calls: a reference's own answer where there is no other
+        unanswered = [prompt for prompt, answer in pairs if answer is None]
+        self._greedy = {tuple(p): g for p, g in zip(unanswered, greedy_all(scorer, unanswered, stops))}
+        self._logits = {}
         for prompt, answer in shown(pairs, desc=progress, unit="prompt") if progress else pairs:
             key = tuple(prompt)
-            if answer is None:  # compare's greedy_samples=0 calls: a reference's own answer only
-                self._greedy[key] = scorer.greedy(prompt, GENERATED, stops)
             target = answer or self._greedy[key]
             self._logits[(key, tuple(target))] = scorer.logits(prompt, target)
 
@@ -212,12 +229,16 @@ def compare(
     positions = same_argmax = 0
     ref_exact = cand_exact = with_reference = 0
     max_diff = 0.0
+    # the greedy runs first, each model's in one batch where it can
+    wanted = [i for i, (_, answer) in enumerate(pairs) if i < greedy_samples or answer is None]
+    ref_greedy = dict(zip(wanted, greedy_all(reference, [pairs[i][0] for i in wanted], stops)))
+    generated = [pairs[i][0] for i in range(min(greedy_samples, len(pairs)))]
+    cand_greedy = greedy_all(candidate, generated, stops)
     for i, (prompt, answer) in enumerate(shown(pairs, desc=progress, unit="prompt") if progress else pairs):
         generate = i < greedy_samples
-        if generate or answer is None:
-            ref_tokens = reference.greedy(prompt, GENERATED, stops)
+        ref_tokens = ref_greedy.get(i)
         if generate:
-            cand_tokens = candidate.greedy(prompt, GENERATED, stops)
+            cand_tokens = cand_greedy[i]
             agree.append(common_prefix(ref_tokens, cand_tokens) / max(len(ref_tokens), len(cand_tokens), 1))
             identical += ref_tokens == cand_tokens
             greedy_runs += 1
