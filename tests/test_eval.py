@@ -4,7 +4,7 @@ import pytest
 
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, DataError
-from edgeft.evaluate import Sample, evaluate, exact_match, is_json, token_f1, with_shots
+from edgeft.evaluate import Sample, evaluate, exact_match, is_json, load_samples, token_f1, with_shots
 from edgeft.export.onnx import ExportConfig, export
 from tests.helpers import merged, recipes_like, run_cli
 
@@ -47,6 +47,8 @@ def test_eval_table_over_every_kind_of_model(tiny_llama_run, tiny_llama, tmp_pat
         shots,
         "--max-tokens",
         "8",
+        "--batch-size",
+        "2",  # PyTorch rows batch prompts by length: their predictions must still come in the data's order
     ).output
     report = json.loads((tiny_llama_run / "logs" / "eval.json").read_text())
     labels = [r["label"] for r in report["rows"]]
@@ -72,6 +74,9 @@ def test_eval_table_over_every_kind_of_model(tiny_llama_run, tiny_llama, tmp_pat
     assert Run.open(tiny_llama_run).stage("eval")["rows"] == report["rows"]
     predictions = (tiny_llama_run / "logs" / "eval.predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 30 and {"prediction", "reference", "finish_reason"} <= set(json.loads(predictions[0]))
+    references = [s.reference for s in load_samples(data)]
+    for label in labels:
+        assert [p["reference"] for p in map(json.loads, predictions) if p["model"] == label] == references
 
 
 def test_onnx_and_pytorch_perplexity_agree_for_fp32(tiny_llama_run, tmp_path):
