@@ -16,6 +16,7 @@ On held-out prompts the comparison measures
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from typing import Protocol
 from edgeft.errors import EdgeftError
 
 GENERATED = 32  # greedy tokens compared for token agreement
+SHARED_PREFIX_MIN = 16  # a batch's prompts that share at least this many leading tokens run them once
 MIN_EXACT_MATCH_SAMPLES = 20  # below this, one answer is 5+ points: exact match is reported, not gated
 
 
@@ -83,25 +85,37 @@ def torch_greedy_scored(
 ) -> tuple[list[list[int]], list[tuple[float, int]], float]:
     """torch_greedy, and with `references` (token lists, one per prompt) each reference's summed
     NLL after its prompt and its token count, scored on the prompts' own KV cache (the prompts run
-    once, not twice), and the seconds that scoring took."""
+    once, not twice), and the seconds that scoring took.
+
+    What every prompt begins with (a system prompt, few-shot examples) runs once for the batch:
+    rows are laid out as that shared part, then padding, then each prompt's own part.
+    """
     import torch
 
-    width, pad = max(map(len, prompts)), pad_token_id if pad_token_id is not None else 0
-    batch = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pad = pad_token_id if pad_token_id is not None else 0
+    shared = _shared_prefix(prompts)
+    own = [p[shared:] for p in prompts]
+    width = shared + max(map(len, own))
+    batch = torch.tensor([prompts[0][:shared] + [pad] * (width - shared - len(o)) + o for o in own])
+    mask = torch.tensor([[1] * shared + [0] * (width - shared - len(o)) + [1] * len(o) for o in own])
     scores, scoring = [], 0.0
     with torch.no_grad():
         cache = None
-        if references is not None:
+        if shared:
+            cache = model(input_ids=batch[:1, :shared], use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(prompts))
+        if (references is not None or shared) and width - 1 > shared:
             # all but the last prompt token: generate() then runs only that one, on this cache (whose
             # logits no one reads: the head for one position, not every prompt token's)
             cache = model(
-                input_ids=batch[:, :-1],
+                input_ids=batch[:, shared:-1],
                 attention_mask=mask[:, :-1],
-                position_ids=_positions(mask)[:, :-1],
+                position_ids=_positions(mask)[:, shared:-1],
+                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             ).past_key_values
+        if references is not None:
             start = time.perf_counter()
             scores = _score_references(model, cache, batch[:, -1], mask, references, pad)
             scoring = time.perf_counter() - start
@@ -121,8 +135,19 @@ def torch_greedy_scored(
     return rows, scores, scoring
 
 
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens a batch's prompts share, if worth running once (0 otherwise); each
+    prompt keeps at least its last token, generate()'s first input."""
+    if len(prompts) < 2:
+        return 0
+    shared = functools.reduce(lambda n, p: common_prefix(prompts[0][:n], p), prompts[1:], len(prompts[0]))
+    shared = min(shared, min(map(len, prompts)) - 1)
+    return shared if shared >= SHARED_PREFIX_MIN else 0
+
+
 def _positions(mask):
-    """Position ids of left-padded rows, counted as generate() counts them."""
+    """Position ids of padded rows (padding before each prompt, or before its own part), counted as
+    generate() counts them."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 

@@ -285,17 +285,23 @@ def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp
     )  # int4: 24 answers, measured 24/24 the same
 
 
+@pytest.mark.parametrize("shared", [0, fidelity.SHARED_PREFIX_MIN + 4])
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_phi3"])
-def test_references_scored_on_the_answers_own_cache_match_a_separate_pass(model_fixture, request):
-    """Left-padded prompts of different lengths: the in-pass NLL equals a full forward pass per
-    prompt, and the answers are the ones generate() gives without the scoring."""
+def test_references_scored_on_the_answers_own_cache_match_a_separate_pass(model_fixture, shared, request):
+    """Padded prompts of different lengths: the in-pass NLL equals a full forward pass per prompt,
+    and the answers are the ones generate() gives without the scoring. With a long enough shared
+    beginning (a system prompt), that part runs once for the batch, and nothing changes either."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(model_fixture)).eval()
-    prompts, references = [[5, 9, 2, 7, 3], [4, 8], [6, 1, 3]], [[11, 12, 13], [14], [15, 16]]
+    system = [20 + i for i in range(shared)]
+    prompts = [system + p for p in ([5, 9, 2, 7, 3], [4, 8], [6, 1, 3])]
+    references = [[11, 12, 13], [14], [15, 16]]
+    assert fidelity._shared_prefix(prompts) == shared
     rows, scores, _ = fidelity.torch_greedy_scored(model, prompts, 6, {0}, None, references)
     assert rows == fidelity.torch_greedy(model, prompts, 6, {0}, None)
+    assert rows == [fidelity.torch_greedy(model, [p], 6, {0}, None)[0] for p in prompts]  # as each alone
     for prompt, reference, (nll, n) in zip(prompts, references, scores):
         logits = _logits(model, torch.tensor([prompt + reference]))[0, len(prompt) - 1 : -1]
         alone = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(reference), reduction="sum")
