@@ -59,21 +59,21 @@ class QuickstartConfig:
 # avx512_bf16 (so training ran in bf16). Another machine's expected time scales each stage by its
 # own fp32 speed, and training by BF16_SPEEDUP where one machine has native bf16 and the other
 # not (1.7: measured on one AVX512-BF16 CPU). Never checked against a probe taken on an AVX2-only
-# machine. A rough guide: the previous reference (37.7 min on a machine of the same kind, probe
-# 169 GFLOPS) predicted 34 min for this one, which took 23.6 (the probe sees only part of what
-# differs between VMs).
-REFERENCE = {  # edgeft quickstart --force, 2026-11-23: 23.6 min in all
-    "gflops": 189.0,
+# machine. A rough guide: an earlier reference (37.7 min on a machine of the same kind, probe 169
+# GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of what differs
+# between VMs).
+REFERENCE = {  # edgeft quickstart --force, 2026-11-23 22:06: 20.1 min in all
+    "gflops": 186.0,
     "bf16": True,
     "steps": 165,
     "examples": 200,
     "stages": {
-        "fine-tune (QLoRA)": 455.5,
-        "merge": 29.6,
-        "export int4": 125.5,
-        "export the base model": 46.4,
-        "evaluate": 728.3,
-        "benchmark": 30.0,
+        "fine-tune (QLoRA)": 435.4,
+        "merge": 23.4,
+        "export int4": 94.1,
+        "export the base model": 38.8,
+        "evaluate": 587.1,
+        "benchmark": 28.4,
     },
 }
 BF16_SPEEDUP = 1.7  # a QLoRA step in bf16 against fp32 on one AVX512-BF16 CPU (pipeline/tune/model.py)
