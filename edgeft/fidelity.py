@@ -71,7 +71,7 @@ class TorchScorer:
         return torch_greedy(self.model, [prompt], max_new, stops, self.pad)[0]
 
     def greedy_batch(self, prompts: list[list[int]], max_new: int, stops: set[int]) -> list[list[int]]:
-        # one decode loop for all (left-padded): 8 prompts in ~1/3 of the time of 8 loops on a CPU
+        # one decode loop for all: 8 prompts in ~1/3 of the time of 8 loops on a CPU
         return torch_greedy(self.model, prompts, max_new, stops, self.pad)
 
 
@@ -257,8 +257,7 @@ def compare(
     # the greedy runs first, each model's in one batch where it can
     wanted = [i for i, (_, answer) in enumerate(pairs) if i < greedy_samples or answer is None]
     ref_greedy = dict(zip(wanted, greedy_all(reference, [pairs[i][0] for i in wanted], stops)))
-    generated = [pairs[i][0] for i in range(min(greedy_samples, len(pairs)))]
-    cand_greedy = greedy_all(candidate, generated, stops)
+    cand_greedy = greedy_all(candidate, [prompt for prompt, _ in pairs[:greedy_samples]], stops)
     for i, (prompt, answer) in enumerate(shown(pairs, desc=progress, unit="prompt") if progress else pairs):
         generate = i < greedy_samples
         ref_tokens = ref_greedy.get(i)

@@ -279,7 +279,7 @@ class ChatStream:
         # scores the reference, reusing the prompt's prefill; the summed NLL lands in `reference_nll`,
         # over `reference_tokens` tokens (the reference and its end of turn).
         self._score_ids = score_ids
-        # greedy, unconstrained answers can pick up where the cache's last prompt left off
+        # greedy answers can pick up where the cache's last prompt left off (a constrained one reusing its grammar)
         self.reused_tokens = 0  # prompt tokens the cache already held: not run again
         self._cache = cache if cache is not None and options.temperature == 0 else None
         self.reference_nll: float | None = None
@@ -330,8 +330,12 @@ class ChatStream:
             cache is not None
             and cache.generator is not None
             and self._length <= cache.max_length
-            and cache.guidance == self._options.guidance
+            and cache.made_for == self._cache_key()
         )
+
+    def _cache_key(self) -> tuple:
+        """What a cached generator is good for: this model (and runtime adapter) and response_format."""
+        return (id(self.model._og_model), self.model.adapter, self._options.guidance)
 
     def _cached_generator(self) -> tuple[Any, int]:
         """A generator and how many prompt tokens it already holds: the cache's, rewound to where
@@ -347,7 +351,7 @@ class ChatStream:
                 cache.generator.rewind_to(known)
                 cache.tokens = list(self._prompt_ids)
                 return cache.generator, known
-        cache.max_length, cache.guidance = self._room(), self._options.guidance  # room for prompts like this one
+        cache.max_length, cache.made_for = self._room(), self._cache_key()  # room for prompts like this one
         cache.generator, self._generator = self._generator or self._new_generator(cache.max_length), None
         cache.tokens = list(self._prompt_ids)
         return cache.generator, 0
@@ -444,7 +448,7 @@ class PromptCache:
     generator: Any = None
     tokens: list[int] = field(default_factory=list)
     max_length: int = 0
-    guidance: tuple[str, str] | None = None  # the response_format its generator was made for
+    made_for: tuple = ()  # the model, runtime adapter and response_format its generator serves
 
 
 def _score(generator: Any, prompt_tokens: int, first_logits: Any, answer: list[int]) -> float:

@@ -271,10 +271,10 @@ def test_a_prompt_cache_runs_only_what_is_new_and_changes_nothing(which, request
     assert model.stream(HI, temperature=0.7, cache=cache)._cache is None
 
 
-def test_a_prompt_cache_keeps_a_response_formats_grammar_and_restarts_it(llama):
+def test_a_prompt_cache_keeps_a_response_formats_grammar_and_restarts_it(llama, phi3):
     """Constrained answers in a row keep one generator and its compiled grammar (a new one costs
     ~0.5 s on a real vocabulary): each answer is the one a fresh generator gives, even after an
-    answer cut off inside the JSON; another format, or none, gets a generator of its own."""
+    answer cut off inside the JSON; another format, or none, or another model, gets its own."""
     from edgeft.runtime import PromptCache
 
     digits = {"type": "regex", "regex": "[0-9]{2,12}"}
@@ -290,6 +290,9 @@ def test_a_prompt_cache_keeps_a_response_formats_grammar_and_restarts_it(llama):
             generators.append(cache.generator)
     assert generators[0] is generators[5]  # one grammar for six json_object answers, two of them cut short
     assert len({id(g) for g in generators}) == 4  # json_object, the regex, free text, json_object again
+    got = phi3.chat(asks[0], max_tokens=12, temperature=0, response_format=obj, cache=cache)
+    assert cache.generator is not generators[-1]
+    assert got.text == phi3.chat(asks[0], max_tokens=12, temperature=0, response_format=obj).text
 
 
 def test_stream_pieces_add_up_to_the_result(phi3):
