@@ -62,18 +62,18 @@ class QuickstartConfig:
 # machine. A rough guide: an earlier reference (37.7 min on a machine of the same kind, probe 169
 # GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of what differs
 # between VMs).
-REFERENCE = {  # edgeft quickstart --force, 2026-11-23 22:06: 20.1 min in all
-    "gflops": 186.0,
+REFERENCE = {  # edgeft quickstart --force, 2026-11-23 23:05: 19.2 min in all (20.1 in the run before it)
+    "gflops": 189.0,
     "bf16": True,
     "steps": 165,
     "examples": 200,
     "stages": {
-        "fine-tune (QLoRA)": 435.4,
-        "merge": 23.4,
-        "export int4": 94.1,
-        "export the base model": 38.8,
-        "evaluate": 587.1,
-        "benchmark": 28.4,
+        "fine-tune (QLoRA)": 421.9,
+        "merge": 22.6,
+        "export int4": 87.6,
+        "export the base model": 35.3,
+        "evaluate": 554.4,
+        "benchmark": 27.3,
     },
 }
 BF16_SPEEDUP = 1.7  # a QLoRA step in bf16 against fp32 on one AVX512-BF16 CPU (pipeline/tune/model.py)
