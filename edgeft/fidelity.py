@@ -76,7 +76,8 @@ class TorchScorer:
 
 
 def torch_greedy(model, prompts: list[list[int]], max_new: int, stops, pad_token_id: int | None) -> list[list[int]]:
-    """PyTorch's greedy continuations of a batch of prompts (left-padded), each cut after its first stop id."""
+    """PyTorch's greedy continuations of a batch of prompts (padded as torch_greedy_scored lays them out), each cut after
+    its first stop id."""
     return torch_greedy_scored(model, prompts, max_new, stops, pad_token_id)[0]
 
 
