@@ -469,7 +469,11 @@ def _report_adapter(out: Path) -> None:
 )
 @click.option("--limit", type=int, help="Evaluate only the first N examples (quick checks).")
 @click.option("--max-tokens", type=int, help="New tokens per answer.  [default: fits the longest reference]")
-@click.option("--batch-size", default=8, show_default=True, help="Prompts per batch for PyTorch models.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Prompts per batch for PyTorch models.  [default: as many as fit 1 GiB of KV cache, at most 32]",
+)
 @click.option(
     "--json-schema",
     metavar="FILE|auto",

@@ -104,6 +104,23 @@ def test_no_merged_leaves_out_the_merged_row_and_only_it(tiny_llama_run, tmp_pat
     assert [r["kind"] for r in json.loads(out.read_text())["rows"]] == ["as-trained", "merged"]
 
 
+def test_pytorch_batch_fits_its_memory_budget():
+    """A 135M model batches 32 prompts; a Phi-3-mini-sized one one prompt of 600 tokens (~550 MB of
+    fp32 KV cache and activations), where 32 would take 17 GB."""
+    from types import SimpleNamespace
+
+    from edgeft.evaluate import TorchBackend
+
+    def batch(tokens, **config):
+        return TorchBackend.batch_size(SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(**config))), tokens)
+
+    smollm2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    assert batch(250, intermediate_size=1536, **smollm2) == 32
+    phi3 = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=3072)
+    assert batch(600, intermediate_size=8192, **phi3) == 1
+    assert batch(100, intermediate_size=8192, **phi3) == 11  # 1 GiB / 92 MB
+
+
 def test_eval_bad_input(tiny_llama, tmp_path):
     data = recipes_like(tmp_path / "eval.jsonl", n=3)
     with pytest.raises(ConfigError, match="--shots-file"):
@@ -117,6 +134,7 @@ def test_eval_bad_input(tiny_llama, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
     assert "invalid JSON" in run_cli("eval", tiny_llama, "--data", bad, ok=False).output
+    assert "0 is not in the range" in run_cli("eval", tiny_llama, "--data", data, "--batch-size", "0", ok=False).output
 
 
 def test_a_constrained_row_for_the_fine_tuned_export(tiny_llama_run, tmp_path):
