@@ -11,6 +11,8 @@ from edgeft.config import load_config
 from edgeft.errors import ConfigError, DataError, DeviceError, DiskSpaceError, ModelError, RunError
 from edgeft.pipeline import tune as tuning
 from edgeft.pipeline.config import TuneConfig
+from edgeft.pipeline.tune.model import load_model, loss_head, summed_loss
+from edgeft.pipeline.tune.packing import shared_prefix
 from tests.helpers import recipes_like, run_cli, small_config
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -62,6 +64,62 @@ def test_packed_attention_never_crosses_examples(tiny_model):
         ).logits
     assert torch.allclose(packed[:, :7], alone_a, atol=1e-5)
     assert torch.allclose(packed[:, 7:], alone_b, atol=1e-5)
+
+
+def test_shared_prefix_is_only_leading_untrained_tokens_every_example_has():
+    prompt = list(range(10, 22))  # 12 tokens every example begins with, untrained
+    a = Tokenized(prompt + [1, 2, 3], [IGNORE] * 14 + [3], 15)
+    b = Tokenized(prompt + [1, 5, 6], [IGNORE] * 14 + [6], 15)
+    c = Tokenized(prompt + [7, 8, 9, 4], [IGNORE] * 14 + [9, 4], 16)
+    assert shared_prefix([a, b, c]) == 12 and shared_prefix([a, b]) == 13
+    assert shared_prefix([a]) == 0  # nothing to share
+    # the 13th token is common to both, but in `early` it predicts a trained token: it stays its own
+    early = Tokenized(prompt + [1, 2], [IGNORE] * 13 + [2], 14)
+    assert shared_prefix([a, early]) == 12
+    trained = Tokenized(prompt + [1, 2], [IGNORE] * 5 + prompt[5:] + [1, 2], 14)  # its 6th token is trained
+    assert shared_prefix([a, trained]) == 0  # 4 shared tokens: under SHARED_MIN
+    batch = tuning.collate([a, b], "cpu")
+    assert batch["shared"] == 13 and batch["segments"] == [2, 2] and batch["tokens"] == 30
+    assert batch["input_ids"].tolist() == [prompt + [1, 2, 3, 5, 6]]
+    assert batch["position_ids"].tolist() == [[*range(13), 13, 14, 13, 14]]
+    assert batch["targets"].tolist() == [3, 6]  # 2 -> 3 in a, 5 -> 6 in b
+    assert tuning.collate([a, b], "cpu", share=False)["targets"].tolist() == [3, 6]
+
+
+def test_a_shared_prefix_gives_the_same_loss_and_gradients(tiny_model):
+    """The training step with the examples' common beginning run once equals the step with each
+    example whole: same summed loss, same gradient on every LoRA weight."""
+    import torch
+
+    cfg = TuneConfig(data="x", method="lora", lora_dropout=0.0)
+    model = load_model(tiny_model, cfg, "cpu", "fp32")
+    for name, p in model.named_parameters():  # LoRA B starts at zero: give every weight a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    head = loss_head(model)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(5, 500, (20,), generator=g).tolist()
+    examples = []
+    for n in (9, 4, 15):
+        own = torch.randint(5, 500, (n,), generator=g).tolist()
+        examples.append(Tokenized(prompt + own, [IGNORE] * 22 + own[2:], 20 + n))
+
+    def step(share):
+        model.zero_grad()
+        batch = tuning.collate(examples, "cpu", share=share)
+        loss = summed_loss(model, head, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return batch, loss.detach(), grads
+
+    whole, loss, grads = step(False)
+    shared, shared_loss, shared_grads = step(True)
+    assert whole["shared"] == 0 and shared["shared"] == 20
+    assert shared["input_ids"].shape[1] == whole["input_ids"].shape[1] - 40  # two copies of the prompt saved
+    assert torch.allclose(shared_loss, loss, rtol=1e-5)
+    assert grads.keys() == shared_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert torch.allclose(shared_grads[name], grads[name], rtol=1e-4, atol=1e-6), name
 
 
 # --- config --------------------------------------------------------------------------------

@@ -243,6 +243,7 @@ def summed_loss(model, head, batch: dict):
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             segments=batch["segments"],
+            shared=batch.get("shared", 0),
             logits_to_keep=batch["keep"],
             use_cache=False,
         ).logits.reshape(())
@@ -258,27 +259,42 @@ def loss_head(model):
     raise ModelError("the training model has no loss head (edgeft.pipeline.tune.model.load_model installs it)")
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
+def packed_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, shared=0, **kwargs
+):
     """Causal attention inside each packed example and never across them.
 
     On CUDA one variable-length kernel call covers every example (flash-attention's varlen when
     installed, else torch's); elsewhere SDPA example by example: a dense block-diagonal mask costs
     T^2 per row (40% of a 2048-token step on CPU, measured), the loop only the sum of the squares.
+    `shared` > 0 (CPU): the row starts with that many tokens every example begins with (see
+    packing.collate); they attend among themselves, and each example to them and to its own tokens.
     """
-    segments = segments or [query.shape[2]]
+    segments = segments or [query.shape[2] - shared]
     dropout = dropout if module.training else 0.0
-    if query.is_cuda and len(segments) > 1:
+    if query.is_cuda and len(segments) > 1 and not shared:
         # QLoRA's fp32 norms make q/k/v fp32 under autocast; SDPA would cast them down, so may we.
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
         if (varlen := _varlen_kernel(dtype, dropout)) is not None:
             q, k, v = (t.to(dtype) for t in (query, key, value))
             return varlen(q, k, v, segments, scaling, dropout), None
-    outputs, start = [], 0
+
+    def attend(q, k, v, mask=None):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, dropout_p=dropout, enable_gqa=True
+        )
+
+    outputs, start = [], shared
+    prefix_k, prefix_v = key[:, :, :shared], value[:, :, :shared]
+    if shared:
+        outputs.append(attend(query[:, :, :shared], prefix_k, prefix_v))
     for n in segments:
         q, k, v = (t[:, :, start : start + n] for t in (query, key, value))
-        outputs.append(
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True)
-        )
+        if shared:  # row i of the example sees the shared tokens and its own first i + 1
+            mask = torch.ones(n, shared + n, dtype=torch.bool, device=q.device).tril(diagonal=shared)
+            outputs.append(attend(q, torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2), mask))
+        else:
+            outputs.append(attend(q, k, v))
         start += n
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 

@@ -63,27 +63,53 @@ class Plan:
         return mine + [None] * (k - len(mine))
 
 
-def collate(examples: list[Tokenized], device) -> dict:
+SHARED_MIN = 8  # a row's examples that begin with at least this many identical untrained tokens run them once
+
+
+def collate(examples: list[Tokenized], device, share: bool | None = None) -> dict:
     """One packed row: ids, per-example positions, example lengths, next-token targets.
 
     Targets are shifted inside each example, so no token learns from its neighbour's text, and only
     trained positions go through the output head (`logits_to_keep`): the 49k-wide vocabulary
     projection is the costliest layer of a small model.
+
+    `share`: what every example of the row begins with (a system prompt: a quarter of each recipe
+    example) comes once, first, and each example continues from it (`shared` tokens; packed
+    attention lets every example see them). Causal attention makes those tokens' states the same in
+    every example, so the loss and its gradients are the same as with each example whole. Off on
+    CUDA by default (None), whose variable-length attention kernel takes whole examples only.
     """
     import torch
 
-    ids, positions, targets = [], [], []
+    if share is None:
+        share = torch.device(device).type != "cuda"
+    shared = shared_prefix(examples) if share else 0
+    ids, positions, targets = list(examples[0].input_ids[:shared]), list(range(shared)), [IGNORE] * shared
     for ex in examples:
-        ids += ex.input_ids
-        positions += range(len(ex.input_ids))
-        targets += ex.labels[1:] + [IGNORE]
+        ids += ex.input_ids[shared:]
+        positions += range(shared, len(ex.input_ids))
+        targets += ex.labels[shared + 1 :] + [IGNORE]
     targets_t = torch.tensor(targets, device=device)
     keep = (targets_t != IGNORE).nonzero().squeeze(1)
     return {
         "input_ids": torch.tensor([ids], device=device),
         "position_ids": torch.tensor([positions], device=device),
-        "segments": [len(ex.input_ids) for ex in examples],
+        "segments": [len(ex.input_ids) - shared for ex in examples],
+        "shared": shared,
         "keep": keep,
         "targets": targets_t[keep],
-        "tokens": len(ids),
+        "tokens": sum(len(ex.input_ids) for ex in examples),
     }
+
+
+def shared_prefix(examples: list[Tokenized]) -> int:
+    """How many leading tokens every example shares and trains on none of (0 when under SHARED_MIN
+    or a single example): each keeps at least one token of its own, and a shared token's target
+    (the next token) is untrained in every example."""
+    if len(examples) < 2:
+        return 0
+    first, n = examples[0].input_ids, min(len(ex.input_ids) for ex in examples) - 1
+    for ex in examples:
+        n = min(n, next((i for i, (a, b) in enumerate(zip(first[:n], ex.input_ids)) if a != b), n))
+        n = min(n, next((i for i, label in enumerate(ex.labels[1 : n + 1]) if label != IGNORE), n))
+    return n if n >= SHARED_MIN else 0
