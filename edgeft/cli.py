@@ -468,7 +468,11 @@ def _report_adapter(out: Path) -> None:
     help="Where the shots and retrieved examples come from (default: the run's training data).",
 )
 @click.option("--limit", type=int, help="Evaluate only the first N examples (quick checks).")
-@click.option("--max-tokens", type=int, help="New tokens per answer.  [default: fits the longest reference]")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    help="New tokens per answer.  [default: the longest reference in the model's tokens, and 8]",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),

@@ -76,6 +76,7 @@ class Row:
     latency_p50_s: float = 0.0
     latency_p95_s: float = 0.0
     constrained: bool = False  # answers constrained to a JSON schema (--json-schema)
+    max_tokens: int = 0  # new tokens allowed per answer
     predictions: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -265,6 +266,9 @@ class TorchBackend:
         )
         return max(1, min(EVAL_BATCH_MAX, EVAL_BATCH_MEMORY // per_row))
 
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
@@ -301,6 +305,7 @@ class OnnxBackend:
         # few-shot prompts share their examples, and every prompt its system prompt: run those once
         # (and a constrained row's grammar: compile it once)
         self.cache = PromptCache()
+        self.count_tokens = self.model.count_tokens
 
     def generate_scored(
         self, prompts: list[list[dict]], references: list[str], max_tokens: int
@@ -362,8 +367,6 @@ def evaluate(
     if json_schema is not None:
         todo = with_constrained_rows(todo, load_json_schema(json_schema, samples))
     pool = _example_pool(todo, shots_file, data) if shots or rag else []
-    if max_tokens is None:
-        max_tokens = _default_max_tokens(samples)
     rows = []
     for candidate in todo:
         if candidate.retrieved:
@@ -374,7 +377,7 @@ def evaluate(
     report = {
         "data": str(Path(data).resolve()),
         "samples": len(samples),
-        "max_tokens": max_tokens,
+        "max_tokens": max_tokens or max(r.max_tokens for r in rows),
         "shots": shots,
         "rag": rag,
         "finished_at": artifacts.now(),
@@ -472,21 +475,29 @@ def _example_pool(todo: list[Candidate], shots_file, data) -> list[Sample]:
     return load_samples(source)
 
 
-def _default_max_tokens(samples: list[Sample]) -> int:
-    """Room for the longest reference answer (~3 characters a token) and a margin: an answer that
-    rambles past it cannot match anyway, and generating the ramble is most of the time it costs."""
-    longest = max(len(s.reference) for s in samples)
-    return min(512, longest // 3 + 16)
+ANSWER_MARGIN = 8  # tokens past the longest reference: its end of turn, and room for other spacing
+
+
+def answer_room(count_tokens, samples: list[Sample]) -> int:
+    """New tokens per answer: the longest reference (in the model's own tokens) and ANSWER_MARGIN.
+    An answer that rambles past that cannot match any reference, and generating the ramble is
+    most of what a base model's answer costs."""
+    return min(512, max(count_tokens(s.reference) for s in samples) + ANSWER_MARGIN)
 
 
 def evaluate_one(
-    candidate: Candidate, samples: list[Sample], prompts: list[list[dict]], max_tokens: int, batch_size: int | None
+    candidate: Candidate,
+    samples: list[Sample],
+    prompts: list[list[dict]],
+    max_tokens: int | None,
+    batch_size: int | None,
 ) -> Row:
     """Answer every prompt (the samples' own, or with examples put in front) and score the answers."""
     from edgeft.progress import progress
 
     log.info(f"Evaluating {candidate.label} on {len(samples)} examples...")
     backend = OnnxBackend(candidate) if candidate.backend == "onnx" else TorchBackend(candidate)
+    max_tokens = max_tokens or answer_room(backend.count_tokens, samples)
     step = 1
     if candidate.backend == "pytorch":
         longest = max(prompts, key=lambda m: sum(len(x["content"]) for x in m))
@@ -547,6 +558,7 @@ def evaluate_one(
         latency_p50_s=round(_percentile([p["latency_s"] for p in predictions], 50), 4),
         latency_p95_s=round(_percentile([p["latency_s"] for p in predictions], 95), 4),
         constrained=candidate.response_format is not None,
+        max_tokens=max_tokens,
         predictions=predictions,
     )
     log.info(f"  {row.label}: exact match {row.exact_match}%, {row.stop_rate}% stopped, {seconds:.0f} s")

@@ -104,6 +104,18 @@ def test_no_merged_leaves_out_the_merged_row_and_only_it(tiny_llama_run, tmp_pat
     assert [r["kind"] for r in json.loads(out.read_text())["rows"]] == ["as-trained", "merged"]
 
 
+def test_answers_get_room_for_the_longest_reference_and_no_more(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    data = recipes_like(tmp_path / "eval.jsonl", n=3, seed=5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    longest = max(len(tokenizer.encode(s.reference, add_special_tokens=False)) for s in load_samples(data))
+    report = evaluate([str(tiny_llama)], data, output=tmp_path / "r.json")
+    assert report["max_tokens"] == report["rows"][0]["max_tokens"] == longest + 8
+    predictions = [json.loads(line) for line in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
+    assert max(p["answer_tokens"] for p in predictions) == longest + 8  # a random model rambles to the limit
+
+
 def test_pytorch_batch_fits_its_memory_budget():
     """A 135M model batches 32 prompts; a Phi-3-mini-sized one one prompt of 600 tokens (~550 MB of
     fp32 KV cache and activations), where 32 would take 17 GB."""
