@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "recipes"
 
-# The CPU preset: one epoch of QLoRA over the 800 recipes, 7-10 minutes on 2 cores (measured: 367 and 284 tokens/s on two
-# machines of the same kind).
+# The CPU preset: one epoch of QLoRA over the 800 recipes, 6-10 minutes on 2 AVX-512 cores (measured: 447 tokens/s with
+# the system prompt run once per row; 367 and 284 tokens/s before that, on two machines of the same kind).
 CPU_PRESET = dict(
     method="qlora", epochs=1.0, learning_rate=4e-4, batch_tokens=1024, max_seq_len=512, lora_dropout=0.0, save_every=20
 )
@@ -62,18 +62,18 @@ class QuickstartConfig:
 # machine. A rough guide: an earlier reference (37.7 min on a machine of the same kind, probe 169
 # GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of what differs
 # between VMs).
-REFERENCE = {  # edgeft quickstart --force, 2026-11-23 23:05: 19.2 min in all (20.1 in the run before it)
-    "gflops": 189.0,
+REFERENCE = {  # `make demo` on a fresh clone, 2026-11-24 00:15: quickstart 17.8 min (make demo 18.8 min in all)
+    "gflops": 199.0,
     "bf16": True,
     "steps": 165,
     "examples": 200,
     "stages": {
-        "fine-tune (QLoRA)": 421.9,
-        "merge": 22.6,
-        "export int4": 87.6,
-        "export the base model": 35.3,
-        "evaluate": 554.4,
-        "benchmark": 27.3,
+        "fine-tune (QLoRA)": 411.2,
+        "merge": 21.9,
+        "export int4": 85.1,
+        "export the base model": 31.9,
+        "evaluate": 493.0,
+        "benchmark": 27.0,
     },
 }
 BF16_SPEEDUP = 1.7  # a QLoRA step in bf16 against fp32 on one AVX512-BF16 CPU (pipeline/tune/model.py)
