@@ -58,7 +58,7 @@ class QuickstartConfig:
 # `probe_speed`). Measured on AMD EPYC, 2 cores, CPU flags avx2 fma avx_vnni avx512f avx512_vnni
 # avx512_bf16 (so training ran in bf16). Another machine's expected time scales each stage by its
 # own fp32 speed, and training by BF16_SPEEDUP where one machine has native bf16 and the other
-# not (1.7: measured on one AVX512-BF16 CPU). Never checked against a probe taken on an AVX2-only
+# not (1.4: measured on one AVX512-BF16 CPU). Never checked against a probe taken on an AVX2-only
 # machine. A rough guide: an earlier reference (37.7 min on a machine of the same kind, probe 169
 # GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of what differs
 # between VMs).
@@ -76,7 +76,9 @@ REFERENCE = {  # `make demo` on a fresh clone, 2026-11-24 00:15: quickstart 17.8
         "benchmark": 27.0,
     },
 }
-BF16_SPEEDUP = 1.7  # a QLoRA step in bf16 against fp32 on one AVX512-BF16 CPU (pipeline/tune/model.py)
+# A QLoRA step on 12 recipe rows in bf16 against fp32 on one AVX512-BF16 CPU: 1.93 against 2.64-2.70 s a row
+# (2.26 against 3.15-3.22 before the shared system prompt); an earlier measurement (LoRA, unpacked) said 1.7.
+BF16_SPEEDUP = 1.4
 
 
 def probe_speed() -> dict:
