@@ -86,12 +86,14 @@ def test_shared_prefix_is_only_leading_untrained_tokens_every_example_has():
     assert tuning.collate([a, b], "cpu", share=False)["targets"].tolist() == [3, 6]
 
 
-def test_a_shared_prefix_gives_the_same_loss_and_gradients(tiny_model):
+@pytest.mark.parametrize("method,checkpointing", [("lora", "off"), ("qlora", "on")])
+def test_a_shared_prefix_gives_the_same_loss_and_gradients(tiny_model, method, checkpointing):
     """The training step with the examples' common beginning run once equals the step with each
-    example whole: same summed loss, same gradient on every LoRA weight."""
+    example whole: same summed loss, same gradient on every LoRA weight (4-bit base and gradient
+    checkpointing too: the recompute must see the shared tokens as well)."""
     import torch
 
-    cfg = TuneConfig(data="x", method="lora", lora_dropout=0.0)
+    cfg = TuneConfig(data="x", method=method, lora_dropout=0.0, gradient_checkpointing=checkpointing)
     model = load_model(tiny_model, cfg, "cpu", "fp32")
     for name, p in model.named_parameters():  # LoRA B starts at zero: give every weight a gradient
         if "lora_B" in name:
