@@ -638,7 +638,13 @@ def chat(
 @click.option(
     "--api-key", envvar="EDGEFT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.  [env: EDGEFT_API_KEY]"
 )
-@click.option("--parallel", default=1, show_default=True, help="Answers generated at once (each uses --threads).")
+@click.option(
+    "--parallel",
+    default=1,
+    show_default=True,
+    help="Answers generated at once (each uses --threads). With 1, greedy requests reuse the last "
+    "prompt's KV cache and a repeated response_format's grammar.",
+)
 @click.option("--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 503.")
 @click.option("--max-body", default=1_000_000, show_default=True, help="Largest request body accepted, in bytes.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime per answer.  [default: all cores]")

@@ -196,6 +196,7 @@ class ChatResult:
     usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens (OpenAI's names)
     time_to_first_token: float | None = None  # seconds from the start of generation to the first token
     elapsed: float = 0.0  # seconds from the start of generation (not counting a wait in a queue) to the end
+    cached_tokens: int = 0  # prompt tokens a PromptCache already held (not run again)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -435,6 +436,7 @@ class ChatStream:
                 },
                 time_to_first_token=None if first_token_at is None else first_token_at - started,
                 elapsed=(ended or time.perf_counter()) - started,
+                cached_tokens=self.reused_tokens,
             )
 
 

@@ -383,6 +383,46 @@ def test_a_json_schema_response_format_gives_schema_valid_json(client, stream):
         json.loads(free)
 
 
+def test_one_at_a_time_greedy_requests_reuse_the_last_prompt(model):
+    """parallel=1: a greedy request runs only what its prompt does not share with the last one
+    (OpenAI's usage.prompt_tokens_details.cached_tokens says how much), and answers exactly as a
+    fresh generator would; a sampled request gets a fresh one (its seed reproduces)."""
+    live = LiveServer(create_app(model, parallel=1))
+    try:
+        client = live.client()
+        system = {"role": "system", "content": "You answer in one word. " * 6}
+        fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}}
+        asks = [  # (messages, options, reuses the last generator: same model and response_format)
+            ([system, {"role": "user", "content": "hi"}], {}, False),
+            ([system, {"role": "user", "content": "and now?"}], {}, True),
+            ([system, {"role": "user", "content": "json"}], {"response_format": fmt}, False),
+            ([system, {"role": "user", "content": "json again"}], {"response_format": fmt}, True),  # grammar kept
+            ([system, {"role": "user", "content": "hi"}], {}, False),  # back to free text: a generator without it
+        ]
+        system_tokens = model.count_tokens([system])
+        for n, (messages, extra, reuses) in enumerate(asks):
+            reply = client.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0, **extra)
+            fresh = model.chat(messages, max_tokens=12, temperature=0, **extra)
+            assert reply.choices[0].message.content == fresh.text, n
+            cached = reply.usage.prompt_tokens_details.cached_tokens
+            assert cached >= system_tokens - 2 if reuses else cached == 0, (n, cached)
+        chunks = client.chat.completions.create(  # the last prompt again: all of it is held but its last token
+            model="m",
+            messages=asks[4][0],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = list(chunks)[-1].usage
+        assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+        sampled = client.chat.completions.create(model="m", messages=asks[1][0], max_tokens=12, temperature=1.0, seed=5)
+        assert sampled.usage.prompt_tokens_details.cached_tokens == 0
+        assert sampled.choices[0].message.content == model.chat(asks[1][0], max_tokens=12, temperature=1.0, seed=5).text
+    finally:
+        live.stop()
+
+
 @pytest.mark.parametrize(
     "fmt, check",
     [
