@@ -139,11 +139,17 @@ def torch_greedy_scored(
 def _shared_prefix(prompts: list[list[int]]) -> int:
     """How many leading tokens a batch's prompts share, if worth running once (0 otherwise); each
     prompt keeps at least its last token, generate()'s first input."""
-    if len(prompts) < 2:
-        return 0
-    shared = functools.reduce(lambda n, p: common_prefix(prompts[0][:n], p), prompts[1:], len(prompts[0]))
-    shared = min(shared, min(map(len, prompts)) - 1)
+    shared = common_start(prompts)
     return shared if shared >= SHARED_PREFIX_MIN else 0
+
+
+def common_start(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence shares, each keeping at least one token of its own
+    (0 for fewer than two sequences)."""
+    if len(sequences) < 2:
+        return 0
+    shared = functools.reduce(lambda n, s: common_prefix(sequences[0][:n], s), sequences[1:], len(sequences[0]))
+    return min(shared, min(map(len, sequences)) - 1)
 
 
 def _positions(mask):

@@ -11,6 +11,7 @@ import math
 import random
 
 from edgeft.chatdata import IGNORE, Tokenized
+from edgeft.fidelity import common_start
 from edgeft.pipeline.config import TuneConfig
 
 
@@ -106,10 +107,7 @@ def shared_prefix(examples: list[Tokenized]) -> int:
     """How many leading tokens every example shares and trains on none of (0 when under SHARED_MIN
     or a single example): each keeps at least one token of its own, and a shared token's target
     (the next token) is untrained in every example."""
-    if len(examples) < 2:
-        return 0
-    first, n = examples[0].input_ids, min(len(ex.input_ids) for ex in examples) - 1
+    n = common_start([ex.input_ids for ex in examples])
     for ex in examples:
-        n = min(n, next((i for i, (a, b) in enumerate(zip(first[:n], ex.input_ids)) if a != b), n))
         n = min(n, next((i for i, label in enumerate(ex.labels[1 : n + 1]) if label != IGNORE), n))
     return n if n >= SHARED_MIN else 0
