@@ -498,16 +498,17 @@ def evaluate_one(
     log.info(f"Evaluating {candidate.label} on {len(samples)} examples...")
     backend = OnnxBackend(candidate) if candidate.backend == "onnx" else TorchBackend(candidate)
     max_tokens = max_tokens or answer_room(backend.count_tokens, samples)
+    chars = [sum(len(m["content"]) for m in p) for p in prompts]  # how long each prompt is, near enough
     step = 1
     if candidate.backend == "pytorch":
-        longest = max(prompts, key=lambda m: sum(len(x["content"]) for x in m))
+        longest = prompts[chars.index(max(chars))]
         step = batch_size or backend.batch_size(len(backend.prompt_ids(longest)) + max_tokens)
     # the reference is scored in the answer's own pass (the prompt is run once, not twice); a
     # constrained row's model is the unconstrained row's, so is its perplexity: it has none
     in_pass = candidate.response_format is None
     order = list(range(len(samples)))
     if step > 1:  # batches of prompts alike in length: less padding, and answers that end closer together
-        order.sort(key=lambda i: sum(len(m["content"]) for m in prompts[i]))
+        order.sort(key=chars.__getitem__)
     predictions: list[dict] = [{}] * len(samples)
     seconds, generated, nll, count = 0.0, 0, 0.0, 0
     for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
