@@ -243,7 +243,7 @@ def summed_loss(model, head, batch: dict):
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             segments=batch["segments"],
-            shared=batch.get("shared", 0),
+            shared=batch["shared"],
             logits_to_keep=batch["keep"],
             use_cache=False,
         ).logits.reshape(())
