@@ -62,6 +62,34 @@ def _quantize_tensor_by_tensor() -> None:
     Model.save_model = save_model
 
 
+def _pack_zero_points_per_row() -> None:
+    """onnxruntime 1.31's weight-only quantizer packs 4-bit zero points two a byte across the whole
+    matrix, but MatMulNBits reads them per row ([N, ceil(blocks / 2)]): when a row has an odd
+    number of blocks (K=576 at block 64: 9) the builder fails. Build the node without them, then
+    add them packed per row."""
+    import numpy as np
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    from edgeft.export.gptq import pack_zero_points
+
+    original = weight_only.make_matmul_weight_only_node
+
+    def make_matmul_weight_only_node(node, weight_shape, num_bits, group_size, k_blocks, *args, **kwargs):
+        names = ("q_weight", "scale", "zero_point", "accuracy_level")
+        kwargs.update(zip(names, args))
+        zero_point = kwargs["zero_point"]
+        if zero_point is None or num_bits != 4 or k_blocks % 2 == 0:
+            return original(node, weight_shape, num_bits, group_size, k_blocks, **kwargs)
+        made, inits = original(node, weight_shape, num_bits, group_size, k_blocks, **{**kwargs, "zero_point": None})
+        packed = pack_zero_points(np.asarray(zero_point).reshape(weight_shape[1], k_blocks).astype(np.uint8))
+        tensor = helper.make_tensor(f"{node.input[1]}_zp", TensorProto.UINT8, packed.shape, packed.tobytes(), raw=True)
+        made.input.append(tensor.name)
+        return made, [*inits, tensor]
+
+    weight_only.make_matmul_weight_only_node = make_matmul_weight_only_node
+
+
 def _streamed_nbits(builder, out_dir: Path):
     """The builder's to_nbits, one MatMul weight at a time (see the module's docstring)."""
     import gc
@@ -153,6 +181,7 @@ if __name__ == "__main__":
     kinds = [k for k in sys.argv[1].split(",") if k and k != "-"]
     if kinds:
         _add_int8_kinds(kinds)
+    _pack_zero_points_per_row()
     if not os.environ.get("EDGEFT_BUILDER_WHOLE_GRAPH"):  # the builder's own way: for the equality test
         _quantize_tensor_by_tensor()
     sys.argv = ["builder", *sys.argv[2:]]

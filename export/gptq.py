@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import ExportError
+from edgeft.export.compact import fp16_exact
 
 WEIGHT_SUFFIX = ".MatMul.weight_Q4G"  # the builder's name for an int4 weight: <torch name>.MatMul.weight_Q4G<block>
 # 64 rounded as well as 128 on the recipe sample (int4 exact match 89.5% vs 89.0%, perplexity 1.029
@@ -115,7 +116,7 @@ def _block_grid(block, top: int):
     best_error = torch.full((block.shape[0],), float("inf"), dtype=block.dtype)
     best_scale, best_zero = torch.ones_like(low), torch.zeros_like(low)
     for ratio in CLIP_RATIOS:
-        scale = torch.clamp((high - low) * ratio / top, min=1e-10)
+        scale = fp16_exact((high - low) * ratio / top)  # the folder stores scales in fp16
         zero = torch.clamp(torch.round(-low * ratio / scale), 0, top)
         rounded = (torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, top) - zero[:, None]) * scale[
             :, None
@@ -132,9 +133,15 @@ def pack(codes: np.ndarray, zeros: np.ndarray, block_size: int) -> tuple[np.ndar
     rows, cols = codes.shape
     blocks = codes.reshape(rows, cols // block_size, block_size)
     packed = (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
+    return packed, pack_zero_points(zeros)
+
+
+def pack_zero_points(zeros: np.ndarray) -> np.ndarray:
+    """4-bit zero points [N, blocks] as MatMulNBits reads them: [N, ceil(blocks / 2)], each row padded."""
+    rows = zeros.shape[0]
     if zeros.shape[1] % 2:
-        zeros = np.concatenate([zeros, np.zeros((rows, 1), dtype=np.uint8)], axis=1)
-    return packed, (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
+        zeros = np.concatenate([zeros, np.zeros((rows, 1), dtype=zeros.dtype)], axis=1)
+    return (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
 
 
 def unpack(packed: np.ndarray, packed_zeros: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -237,8 +244,9 @@ def hessians(model, modules: list[str], batches: list[list[int]]) -> dict:
 # --- applying it to an export -------------------------------------------------------------
 
 
-# The head keeps k_quant: measured on the recipe sample, an int4 head alone costs no exact match
-# (82.5% vs 80.5% fp32), and GPTQ over its 49k rows would take longer than all layers together.
+# An int4 head keeps k_quant (tied models' heads are int8 by default, see embeddings.py): measured on
+# the recipe sample, an int4 head alone costs no exact match (82.5% vs 80.5% fp32), and GPTQ over
+# its 49k rows would take longer than all layers together.
 SKIP = ("lm_head",)
 
 # The builder's fused MatMuls and the torch Linears stacked in them (they read the same input, so

@@ -22,10 +22,13 @@ from pathlib import Path
 from edgeft import artifacts, fidelity, models
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, ExportError, RunError
+from edgeft.export import compact
 from edgeft.export.options import (
-    ATTENTION_MATMULS,
+    INT8_KINDS,
     ExportConfig,
+    block_size,
     describe,
+    embeddings_mode,
     int8_matmuls,
     lm_head_precision,
 )
@@ -108,6 +111,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
         "backend": backend,
         "options": cfg.recorded(),
         "rounding": method if cfg.precision == "int4" else None,
+        "block_size": block_size(replace(cfg, quant_method=method)) if cfg.precision != "fp32" else None,
         **weights,
         "seconds": round(seconds, 1),
         "size_bytes": artifacts.dir_size(out),
@@ -203,12 +207,17 @@ def rework_weights(model_dir: Path, folder: Path, cfg: ExportConfig, method: str
     from edgeft.export import embeddings, gptq
 
     done = {}
-    if cfg.embeddings in ("auto", "int8"):
+    mode = embeddings_mode(cfg)
+    if mode == "int8":
         log.info("Giving the embedding lookup its own int8 table...")
         done["embeddings"] = "int8" if embeddings.separate_int8(model_dir, folder) else "own"
+    elif mode == "int8-shared":
+        log.info("Making the embedding table the lookup and the head share int8...")
+        done["embeddings"] = "int8-shared" if embeddings.share_int8(model_dir, folder) else "own"
     if method == "gptq" and calibration:
         log.info(f"Rounding the int4 weights with GPTQ, calibrated on {calibration}...")
         done["gptq"] = gptq.apply(model_dir, folder, calibration)
+    done["compacted_bytes"] = compact.compact_weights(folder, json.loads((model_dir / "config.json").read_text()))
     return done
 
 
@@ -226,7 +235,7 @@ class UnsupportedByBuilder(Exception):
 
 def builder_options(cfg: ExportConfig, model_config: dict) -> list[str]:
     options = [
-        f"block_size={cfg.block_size}",
+        f"block_size={block_size(cfg)}",
         f"accuracy_level={cfg.accuracy_level}",
         f"is_symmetric={str(cfg.symmetric).lower()}",
     ]
@@ -251,7 +260,8 @@ def build_genai(model_dir: Path, out: Path, cfg: ExportConfig) -> None:
     """Run the onnxruntime-genai model builder in a subprocess (it prints a progress line per tensor)."""
     model_config = json.loads((model_dir / "config.json").read_text())
     cache = out / ".builder-cache"
-    kinds = ",".join(ATTENTION_MATMULS) if int8_matmuls(cfg, model_config) == "attention" else "-"
+    mode = int8_matmuls(cfg, model_config)
+    kinds = ",".join(INT8_KINDS[mode]) if mode != "mixed" else "-"  # the builder places mixed layers itself
     cmd = [
         sys.executable,
         "-m",
@@ -291,6 +301,8 @@ def finish_folder(model_dir: Path, out: Path) -> None:
             shutil.copyfile(model_dir / name, out / name)
     for stale in ("vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json"):
         (out / stale).unlink(missing_ok=True)  # tokenizer.json and tokenizer_config.json say it all
+    if (out / "tokenizer.json").exists():
+        compact.minify_json(out / "tokenizer.json")
     stops = _stop_ids(model_dir)
     path = out / "genai_config.json"
     config = json.loads(path.read_text())

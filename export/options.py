@@ -22,7 +22,10 @@ class ExportConfig:
         "genai = onnxruntime-genai model builder (fused ops, fastest); optimum = Optimum graph + ORT quantizer.",
         choices=("genai", "optimum"),
     )
-    block_size: int = opt(32, "Weights per quantization scale (int4/int8): smaller = more accurate, larger file.")
+    block_size: int = opt(
+        0,
+        "Weights per quantization scale: smaller = more accurate, larger file. 0 = auto: 64 where GPTQ rounds int4 weights (it makes up for the larger blocks), else 32.",
+    )
     accuracy_level: int = opt(
         4, "MatMulNBits compute: 4 = int8 activations (fastest on CPU), 3 = bf16, 2 = fp16, 1 = fp32."
     )
@@ -35,13 +38,13 @@ class ExportConfig:
     calibration: str = opt("", "Chat data (JSONL) that GPTQ calibrates on (default: the run's training data).")
     embeddings: str = opt(
         "auto",
-        "int4 only, for models whose embedding table is the head's matrix (tied): int8 = a separate int8 table (more accurate; +26 MB for SmolLM2-135M), same = the head's int4 matrix (smallest). auto = int8.",
-        choices=("auto", "int8", "same"),
+        "int4 only, for models whose embedding table is the head's matrix (tied): int8-shared = the lookup and the head share one int8 matrix (llama.cpp's Q8_0 token embedding); int8 = the lookup gets its own int8 table, the head stays int4 (+15 MB for SmolLM2-135M); same = both share the head's int4 matrix (smallest, least accurate). auto = int8-shared.",
+        choices=("auto", "int8-shared", "int8", "same"),
     )
     int8_matmuls: str = opt(
         "auto",
-        "int4 only: MatMuls kept in int8. attention = attention projections and MLP down projection in every layer; mixed = those in a third of the layers (llama.cpp's Q4_K_M choice); none = all int4. auto = attention below 1B parameters (tiny models lose the most), mixed above.",
-        choices=("auto", "attention", "mixed", "none"),
+        "int4 only: MatMuls kept in int8. qkv = the query, key and value projections in every layer; attention = those, the output projection and the MLP down projection in every layer; mixed = attention and down projections in a third of the layers (llama.cpp's Q4_K_M choice); none = all int4. auto = below 1B parameters (tiny models lose the most) qkv where GPTQ rounds, else attention; mixed above.",
+        choices=("auto", "attention", "qkv", "mixed", "none"),
     )
     lm_head: str = opt(
         "auto",
@@ -71,8 +74,8 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.block_size not in (16, 32, 64, 128, 256):
-            raise ConfigError(f"block_size = {self.block_size} is invalid: choose 16, 32, 64, 128 or 256.")
+        if self.block_size not in (0, 16, 32, 64, 128, 256):
+            raise ConfigError(f"block_size = {self.block_size} is invalid: choose 16, 32, 64, 128 or 256 (0 = auto).")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"accuracy_level = {self.accuracy_level} is invalid: choose 0 (default), 1, 2, 3 or 4.")
         if self.verify_samples < 1:
@@ -91,8 +94,16 @@ def lm_head_precision(cfg: ExportConfig, model_config: dict) -> str:
     return "fp32" if cfg.precision == "int8" else "same"
 
 
-# The int8 MatMuls of `int8_matmuls=attention`, named as the builder names them (fused or not).
-ATTENTION_MATMULS = ("attn/qkv_proj", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/down_proj")
+def embeddings_mode(cfg: ExportConfig) -> str:
+    if cfg.precision != "int4":
+        return "own"
+    return "int8-shared" if cfg.embeddings == "auto" else cfg.embeddings
+
+
+# The int8 MatMuls of each `int8_matmuls` mode, named as the builder names them (fused or not).
+QKV_MATMULS = ("attn/qkv_proj", "attn/q_proj", "attn/k_proj", "attn/v_proj")
+ATTENTION_MATMULS = (*QKV_MATMULS, "attn/o_proj", "mlp/down_proj")
+INT8_KINDS = {"attention": ATTENTION_MATMULS, "mixed": ATTENTION_MATMULS, "qkv": QKV_MATMULS, "none": ()}
 
 
 def int8_matmuls(cfg: ExportConfig, model_config: dict) -> str:
@@ -100,12 +111,22 @@ def int8_matmuls(cfg: ExportConfig, model_config: dict) -> str:
         return "none"
     if cfg.int8_matmuls != "auto":
         return cfg.int8_matmuls
-    return "attention" if estimate_parameters(model_config) < 1e9 else "mixed"
+    if estimate_parameters(model_config) >= 1e9:
+        return "mixed"
+    return "qkv" if cfg.quant_method == "gptq" else "attention"
+
+
+def block_size(cfg: ExportConfig) -> int:
+    """64 where GPTQ rounds the int4 weights (it makes up for the larger blocks; plain k_quant at
+    64 does not), else 32. `cfg.quant_method` is the rounding that runs (auto resolved)."""
+    if cfg.block_size:
+        return cfg.block_size
+    return 64 if cfg.precision == "int4" and cfg.quant_method == "gptq" else 32
 
 
 def int8_layers(mode: str, num_layers: int) -> set[int]:
-    """The layers whose attention and down projections stay int8 (the builder's rule for `mixed`)."""
-    if mode == "attention":
+    """The layers whose INT8_KINDS stay int8 (for `mixed`, the builder's rule)."""
+    if mode in ("attention", "qkv"):
         return set(range(num_layers))
     if mode == "mixed":
         return {
@@ -123,7 +144,7 @@ def estimate_parameters(config: dict) -> float:
 
 
 def describe(cfg: ExportConfig, model_config: dict) -> str:
-    text = f"{cfg.precision}, block {cfg.block_size}, accuracy level {cfg.accuracy_level}"
+    text = f"{cfg.precision}, block {block_size(cfg)}, accuracy level {cfg.accuracy_level}"
     if cfg.precision == "int4":
         text += f", {cfg.quant_method}, int8 MatMuls: {int8_matmuls(cfg, model_config)}"
     return text

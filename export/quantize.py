@@ -93,18 +93,19 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
         RTNWeightOnlyQuantConfig,
     )
 
-    from edgeft.export.options import ATTENTION_MATMULS, int8_layers, int8_matmuls
+    from edgeft.export.options import INT8_KINDS, int8_layers, int8_matmuls
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per MatMul
     model = _load(src)
     head = _head_node(model)
     head_precision = "int8" if cfg.lm_head == "auto" else cfg.lm_head
-    layers = int8_layers(int8_matmuls(cfg, model_config), model_config.get("num_hidden_layers", 0))
-    kinds = {m.rsplit("/", 1)[-1] for m in ATTENTION_MATMULS}  # Optimum nests them under other parents
+    mode = int8_matmuls(cfg, model_config)
+    layers = int8_layers(mode, model_config.get("num_hidden_layers", 0))
+    kinds = {m.rsplit("/", 1)[-1] for m in INT8_KINDS[mode]}  # Optimum nests them under other parents
     int8 = [n.name for n in model.graph.node if n.op_type == "MatMul" and _layer_kind(n.name, layers, kinds)]
     int8 += [head] if head and head_precision == "int8" else []
     exclude = [head] if head and head_precision == "fp32" else []
-    common = dict(block_size=cfg.block_size, is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level)
+    common = dict(block_size=cfg.block_size or 32, is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level)
     if cfg.quant_method == "default":  # MLAS rounding takes one bit width per pass
         passes = [(4, DefaultWeightOnlyQuantConfig(bits=4, **common), dict(nodes_to_exclude=exclude + int8))]
         if int8:

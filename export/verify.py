@@ -95,11 +95,13 @@ def advice(cfg) -> str:
         return "Try --fp32 to see whether quantization is the cause."
     levers = []
     if cfg.embeddings == "same":
-        levers.append("--embeddings int8 (a separate int8 table for the embedding lookup)")
+        levers.append("--embeddings int8-shared (an int8 matrix for the embedding lookup and the head)")
     if cfg.quant_method != "gptq":
         levers.append("--quant-method gptq --calibration FILE (your training data)")
-    if cfg.int8_matmuls in ("none", "mixed"):
+    if cfg.int8_matmuls != "attention":
         levers.append("--int8-matmuls attention (int8 for the attention and down projections)")
+    if cfg.block_size != 32:
+        levers.append("--block-size 32")
     if levers:
         return f"Options to try: {', '.join(levers)}, or --int8."
     return "--int8 stays closest to PyTorch (a larger folder); check what the loss costs with `edgeft eval`."

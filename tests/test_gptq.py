@@ -81,11 +81,11 @@ def _int4_weights(folder) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
 
 
-def test_default_int4_export_uses_gptq_and_an_int8_table(tiny_llama_run, tmp_path):
+def test_int4_export_with_gptq_and_a_separate_int8_table(tiny_llama_run, tmp_path):
     """The tiny Llama ties its embedding to the head, like SmolLM2; its run has training data to calibrate on."""
     import onnx
 
-    out = export(merged(tiny_llama_run), ExportConfig(verify_samples=2, int8_matmuls="none"))
+    out = export(merged(tiny_llama_run), ExportConfig(verify_samples=2, int8_matmuls="none", embeddings="int8"))
     record = Run.open(tiny_llama_run).stage("export")
     assert record["rounding"] == "gptq" and record["embeddings"] == "int8"
     assert record["gptq"]["matmuls"] == 2 * 5  # per layer: the fused qkv, o, gate, up, down (the head keeps k_quant)
@@ -98,7 +98,12 @@ def test_default_int4_export_uses_gptq_and_an_int8_table(tiny_llama_run, tmp_pat
     plain = export(
         tiny_llama_run,
         ExportConfig(
-            verify=False, int8_matmuls="none", quant_method="k_quant", embeddings="same", output=str(tmp_path / "k")
+            verify=False,
+            int8_matmuls="none",
+            quant_method="k_quant",
+            embeddings="same",
+            block_size=64,  # GPTQ's auto block size, so that the same weights sit under the same names
+            output=str(tmp_path / "k"),
         ),
     )
     assert json.loads((plain / "edgeft-export.json").read_text())["rounding"] == "k_quant"
