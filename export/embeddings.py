@@ -7,7 +7,7 @@ PyTorch with the export's dequantized weights): int4 head alone 82.5% exact matc
 alone 75.5%, fp32 80.5%. Two ways out:
 - `share_int8` (the default): one int8 matrix for both, as llama.cpp's Q8_0 token embedding; the
   head's MatMulNBits reads it at 8 bits and the lookup reads the same bytes. The size of one int8
-  table, 14 MB more than the int4 matrix for SmolLM2-135M.
+  table, about 13 MB more than the int4 matrix for SmolLM2-135M.
 - `separate_int8`: the lookup gets its own int8 table and the head keeps the int4 matrix (+15 MB
   over `share_int8`).
 """

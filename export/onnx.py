@@ -201,7 +201,8 @@ def rounding(cfg: ExportConfig, backend: str, calibration: Path | None, *, fallb
 
 
 def rework_weights(model_dir: Path, folder: Path, cfg: ExportConfig, method: str, calibration: Path | None) -> dict:
-    """After the builder: a separate int8 embedding table (tied models), then GPTQ rounding. Returns what was done."""
+    """After the builder: the int8 embedding table (tied models), GPTQ rounding, then the compact
+    storage. Returns what was done."""
     if cfg.precision != "int4":
         return {}
     from edgeft.export import embeddings, gptq
@@ -212,7 +213,7 @@ def rework_weights(model_dir: Path, folder: Path, cfg: ExportConfig, method: str
         log.info("Giving the embedding lookup its own int8 table...")
         done["embeddings"] = "int8" if embeddings.separate_int8(model_dir, folder) else "own"
     elif mode == "int8-shared":
-        log.info("Making the embedding table the lookup and the head share int8...")
+        log.info("Giving the embedding lookup and the head one int8 matrix...")
         done["embeddings"] = "int8-shared" if embeddings.share_int8(model_dir, folder) else "own"
     if method == "gptq" and calibration:
         log.info(f"Rounding the int4 weights with GPTQ, calibrated on {calibration}...")

@@ -90,7 +90,8 @@ def _check_fp32(result: dict, cfg) -> None:
 def advice(cfg) -> str:
     """What to try when an export drifts: the levers not already in effect."""
     # What moved the needle on SmolLM2-135M (README, "Export"): an int8 embedding table, GPTQ
-    # rounding, int8 for the sensitive MatMuls. Block size 16, an fp32 head and fp32 activations did not.
+    # rounding, int8 for the sensitive MatMuls, blocks of 32 where the rest is int4. Block size 16,
+    # an fp32 head and fp32 activations did not.
     if cfg.precision != "int4":
         return "Try --fp32 to see whether quantization is the cause."
     levers = []
