@@ -62,18 +62,18 @@ class QuickstartConfig:
 # machine. A rough guide: an earlier reference (37.7 min on a machine of the same kind, probe 169
 # GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of what differs
 # between VMs).
-REFERENCE = {  # `make demo` on a fresh clone, 2026-11-24 00:15: quickstart 17.8 min (make demo 18.8 min in all)
-    "gflops": 199.0,
+REFERENCE = {  # `make demo` on a fresh clone, 2026-11-24 03:35: quickstart 18.6 min (make demo 19.7 min in all)
+    "gflops": 200.0,
     "bf16": True,
     "steps": 165,
     "examples": 200,
     "stages": {
-        "fine-tune (QLoRA)": 411.2,
-        "merge": 21.9,
-        "export int4": 85.1,
-        "export the base model": 31.9,
-        "evaluate": 493.0,
-        "benchmark": 27.0,
+        "fine-tune (QLoRA)": 399.0,
+        "merge": 22.9,
+        "export int4": 118.0,
+        "export the base model": 39.0,
+        "evaluate": 509.4,
+        "benchmark": 27.5,
     },
 }
 # A QLoRA step on 12 recipe rows in bf16 against fp32 on one AVX512-BF16 CPU: 1.93 against 2.64-2.70 s a row
