@@ -31,7 +31,7 @@ def main() -> None:
 
     from edgeft.artifacts import Run, dir_size
     from edgeft.bench import machine
-    from edgeft.evaluate import _default_max_tokens, exact_match, load_samples
+    from edgeft.evaluate import answer_room, exact_match, load_samples
     from edgeft.runtime import ChatModel
 
     run = Run.open(Path(args.run))
@@ -45,7 +45,7 @@ def main() -> None:
         "base alone": base,
     }
     samples = load_samples(args.data, args.limit)
-    max_tokens = _default_max_tokens(samples)
+    max_tokens = answer_room(models["merged export"].count_tokens, samples)
     for model in models.values():
         model.chat(samples[0].messages, max_tokens=4, temperature=0.0)  # warm-up
     stats = {name: {"ttft": [], "decode": [], "exact": 0} for name in models}

@@ -28,13 +28,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgeft.bench import machine
-    from edgeft.evaluate import _default_max_tokens, exact_match, infer_json_schema, is_json, load_samples
+    from edgeft.evaluate import answer_room, exact_match, infer_json_schema, is_json, load_samples
     from edgeft.runtime import ChatModel
 
     samples = load_samples(args.data, args.limit)
     schema = infer_json_schema([json.loads(s.reference) for s in samples])
     fmt = {"type": "json_schema", "json_schema": {"name": "reference", "schema": schema}}
-    model, max_tokens = ChatModel.load(args.export), _default_max_tokens(samples)
+    model = ChatModel.load(args.export)
+    max_tokens = answer_room(model.count_tokens, samples)
     model.chat(samples[0].messages, max_tokens=4, temperature=0.0)  # warm-up
     rows = {}
     for mode, response_format in (("free", None), ("json_schema", fmt)):
