@@ -106,7 +106,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
     drifted = bool(verification) and not verification["gate"]["passed"] and not cfg.allow_drift
     record = {
         "status": "drift" if drifted else "done",
-        "path": out.name if source.run else str(out.resolve()),
+        "path": _recorded_path(out, source.run),
         "precision": cfg.precision,
         "backend": backend,
         "options": cfg.recorded(),
@@ -125,6 +125,13 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
     if drifted:
         raise_drift(f"The {cfg.precision} export", out, verification, replace(cfg, quant_method=method))
     return out
+
+
+def _recorded_path(out: Path, run: Run | None) -> str:
+    """Inside the run: its name there (the run can move); elsewhere (--output): the absolute path."""
+    if run and out.resolve().parent == run.path.resolve():
+        return out.name
+    return str(out.resolve())
 
 
 def check_output(out: Path, *, force: bool) -> None:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -268,6 +269,15 @@ def test_no_disk_leaves_nothing(tiny_llama_run, monkeypatch):
         export(tiny_llama_run, cfg())
     assert not (tiny_llama_run / "onnx-int4").exists()
     assert not [p for p in tiny_llama_run.iterdir() if p.name.startswith(".") and p.name != ".edgeft.lock"]
+
+
+def test_a_run_exported_elsewhere_records_where(tiny_llama_run, tmp_path):
+    from edgeft.runtime.engine import resolve_export
+
+    out = export(merged(tiny_llama_run), cfg(verify=False, output=str(tmp_path / "elsewhere")))
+    record = Run.open(tiny_llama_run).stage("export")
+    assert Path(record["path"]) == out.resolve()
+    assert resolve_export(tiny_llama_run)[0].resolve() == out.resolve()  # what chat, serve and bench load
 
 
 def test_export_of_a_bare_model(tiny_phi3, tmp_path):
