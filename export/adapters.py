@@ -319,7 +319,7 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
 
 def export_adapter(run: Run, cfg: ExportConfig, *, force: bool = False) -> Path:
     """The run's adapter for the shared base export (built on first use); returns the adapter folder."""
-    from edgeft.export.onnx import _calibration_file, _eval_file, check_output, raise_drift
+    from edgeft.export.onnx import _calibration_file, _eval_file, check_output, raise_drift, recorded_path
     from edgeft.trained import Trained
 
     out = Path(cfg.output) if cfg.output else run.path / ADAPTER_FOLDER
@@ -359,7 +359,7 @@ def export_adapter(run: Run, cfg: ExportConfig, *, force: bool = False) -> Path:
     entry = {
         "status": "drift" if drifted else "done",
         "kind": "adapter",
-        "path": out.name if out.parent.resolve() == run.path.resolve() else str(out.resolve()),
+        "path": recorded_path(out, run),
         "base": str(base),
         "base_identity": identity,
         "precision": cfg.precision,
@@ -374,5 +374,6 @@ def export_adapter(run: Run, cfg: ExportConfig, *, force: bool = False) -> Path:
     run.record_stage("adapter", **entry)
     artifacts.write_json_atomic(out / "edgeft-export.json", {"source": str(run.path.resolve()), **entry})
     if drifted:
-        raise_drift("The base export + adapter", out, verification, cfg)
+        rounded = replace(cfg, quant_method=base_info["rounding"] or cfg.quant_method)  # what the base ran
+        raise_drift("The base export + adapter", out, verification, rounded, model_config)
     return out

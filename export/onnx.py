@@ -106,7 +106,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
     drifted = bool(verification) and not verification["gate"]["passed"] and not cfg.allow_drift
     record = {
         "status": "drift" if drifted else "done",
-        "path": _recorded_path(out, source.run),
+        "path": recorded_path(out, source.run),
         "precision": cfg.precision,
         "backend": backend,
         "options": cfg.recorded(),
@@ -123,11 +123,12 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
         source.run.record_stage("export", **record)
     artifacts.write_json_atomic(out / "edgeft-export.json", {"source": str(source.model_dir), **record})
     if drifted:
-        raise_drift(f"The {cfg.precision} export", out, verification, replace(cfg, quant_method=method))
+        model_config = json.loads((source.model_dir / "config.json").read_text())
+        raise_drift(f"The {cfg.precision} export", out, verification, replace(cfg, quant_method=method), model_config)
     return out
 
 
-def _recorded_path(out: Path, run: Run | None) -> str:
+def recorded_path(out: Path, run: Run | None) -> str:
     """Inside the run: its name there (the run can move); elsewhere (--output): the absolute path."""
     if run and out.resolve().parent == run.path.resolve():
         return out.name
@@ -145,13 +146,15 @@ def check_output(out: Path, *, force: bool) -> None:
         )
 
 
-def raise_drift(what: str, out: Path, verification: dict, cfg: ExportConfig) -> None:
-    """Show the fidelity table and fail: the export is on disk, recorded as a drift."""
+def raise_drift(what: str, out: Path, verification: dict, cfg: ExportConfig, model_config: dict) -> None:
+    """Show the fidelity table and fail: the export is on disk, recorded as a drift. `cfg` has the
+    rounding that ran (auto resolved)."""
     from edgeft.export.verify import advice
 
     for line in fidelity.table(verification):
         log.info(line)
-    raise fidelity.DriftError(fidelity.drift_message(what, str(out), verification["gate"]["problems"], advice(cfg)))
+    message = fidelity.drift_message(what, str(out), verification["gate"]["problems"], advice(cfg, model_config))
+    raise fidelity.DriftError(message)
 
 
 def _as_trained(run: Run | None):

@@ -93,7 +93,7 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
         RTNWeightOnlyQuantConfig,
     )
 
-    from edgeft.export.options import INT8_KINDS, int8_layers, int8_matmuls
+    from edgeft.export.options import INT8_KINDS, block_size, int8_layers, int8_matmuls
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per MatMul
     model = _load(src)
@@ -105,7 +105,7 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
     int8 = [n.name for n in model.graph.node if n.op_type == "MatMul" and _layer_kind(n.name, layers, kinds)]
     int8 += [head] if head and head_precision == "int8" else []
     exclude = [head] if head and head_precision == "fp32" else []
-    common = dict(block_size=cfg.block_size or 32, is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level)
+    common = dict(block_size=block_size(cfg), is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level)
     if cfg.quant_method == "default":  # MLAS rounding takes one bit width per pass
         passes = [(4, DefaultWeightOnlyQuantConfig(bits=4, **common), dict(nodes_to_exclude=exclude + int8))]
         if int8:

@@ -87,8 +87,11 @@ def _check_fp32(result: dict, cfg) -> None:
         )
 
 
-def advice(cfg) -> str:
-    """What to try when an export drifts: the levers not already in effect."""
+def advice(cfg, model_config: dict) -> str:
+    """What to try when an export drifts: the levers not already in effect (`cfg` has the rounding
+    that ran; auto options are resolved for the model)."""
+    from edgeft.export.options import block_size, int8_matmuls
+
     # What moved the needle on SmolLM2-135M (README, "Export"): an int8 embedding table, GPTQ
     # rounding, int8 for the sensitive MatMuls, blocks of 32 where the rest is int4. Block size 16,
     # an fp32 head and fp32 activations did not.
@@ -99,9 +102,9 @@ def advice(cfg) -> str:
         levers.append("--embeddings int8-shared (an int8 matrix for the embedding lookup and the head)")
     if cfg.quant_method != "gptq":
         levers.append("--quant-method gptq --calibration FILE (your training data)")
-    if cfg.int8_matmuls != "attention":
+    if int8_matmuls(cfg, model_config) != "attention":
         levers.append("--int8-matmuls attention (int8 for the attention and down projections)")
-    if cfg.block_size != 32:
+    if block_size(cfg) != 32:
         levers.append("--block-size 32")
     if levers:
         return f"Options to try: {', '.join(levers)}, or --int8."

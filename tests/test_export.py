@@ -237,13 +237,16 @@ def test_fp32_mismatch_is_an_error_and_int4_advice_lists_the_levers_left():
     with pytest.raises(ExportError, match="does not match PyTorch"):
         _check_fp32(bad, ExportConfig(precision="fp32"))
     _check_fp32(bad, ExportConfig(precision="int4"))  # quantized exports go through the fidelity gate instead
+    small = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152}
     # verify sees the rounding that ran (auto resolved): advice goes from the biggest lever down
-    assert "--quant-method gptq --calibration" in advice(ExportConfig(precision="int4", quant_method="k_quant"))
-    text = advice(ExportConfig(precision="int4", quant_method="gptq", int8_matmuls="none"))
+    text = advice(ExportConfig(precision="int4", quant_method="k_quant"), small)
+    assert "--quant-method gptq --calibration" in text
+    assert "--int8-matmuls" not in text and "--block-size" not in text  # auto gives k_quant both already
+    text = advice(ExportConfig(precision="int4", quant_method="gptq", int8_matmuls="none"), small)
     assert "--int8-matmuls attention" in text and "gptq" not in text
-    assert "--block-size 32" in advice(ExportConfig(precision="int4", quant_method="gptq"))
+    assert "--block-size 32" in advice(ExportConfig(precision="int4", quant_method="gptq"), small)
     closest = ExportConfig(precision="int4", quant_method="gptq", int8_matmuls="attention", block_size=32)
-    assert "--int8 stays closest" in advice(closest)
+    assert "--int8 stays closest" in advice(closest, small)
 
 
 def test_the_export_stage_takes_a_merged_run(tiny_llama_run):
