@@ -56,7 +56,10 @@ class TuneConfig:
     train_on_prompt: bool = opt(
         False, "Also train on system/user tokens (default: only assistant turns and their end-of-turn token)."
     )
-    eval_every: int = opt(0, "Also evaluate every N optimizer steps (0 = once per epoch).")
+    eval_every: int = opt(
+        0,
+        "Also evaluate every N optimizer steps (0 = once per epoch; -1 = never: --eval-file then only serves the merge's and export's checks against the model as trained).",
+    )
     save_every: int = opt(50, "Write a resumable checkpoint every N optimizer steps (and always on Ctrl-C).")
     seed: int = opt(42, "Seed for data order, dropout and LoRA initialisation.")
     device: str = opt("auto", "Where to train: auto picks CUDA when available.", choices=("auto", "cpu", "cuda"))
@@ -91,7 +94,7 @@ class TuneConfig:
             ("batch_tokens", self.batch_tokens >= 16, "at least 16"),
             ("grad_accum", self.grad_accum >= 1, "at least 1"),
             ("val_split", 0.0 <= self.val_split <= 0.5, "in [0, 0.5]"),
-            ("eval_every", self.eval_every >= 0, "0 or more"),
+            ("eval_every", self.eval_every >= -1, "0 or more, or -1 (never)"),
             ("save_every", self.save_every >= 1, "at least 1"),
             ("threads", self.threads >= 0, "0 or more"),
         ]

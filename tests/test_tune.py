@@ -189,6 +189,24 @@ def test_tune_cli_lora_llama(tmp_path, tiny_llama):
     assert not run.checkpoints_dir.exists()  # a finished run keeps only its adapter
 
 
+def test_eval_every_minus_one_keeps_the_held_out_file_but_computes_no_eval_loss(tmp_path, tiny_llama):
+    """The quickstart's setting: its evaluate stage scores the held-out file, so the fine-tune does not."""
+    data = recipes_like(tmp_path / "train.jsonl")
+    evaluation = recipes_like(tmp_path / "eval.jsonl", n=6, seed=1)
+    common = ["tune", "--model", tiny_llama, "--data", data, "--eval-file", evaluation, "--method", "lora"]
+    common += ["--batch-tokens", "128", "--max-seq-len", "64"]
+    out = run_cli(*common, "--eval-every", "-1", "--output", "runs/t").output
+    assert "eval loss" not in out
+    run = Run.open(tmp_path / "runs/t")
+    rows = [json.loads(line) for line in (run.logs_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["type"] == "train" for r in rows)
+    assert run.stage("tune")["metrics"]["eval_loss"] is None
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()  # the final adapter, with no eval to pick one
+    assert run.tune_record().eval_file == evaluation.resolve()  # merge and export still check on it
+    refused = run_cli(*common, "--eval-every", "-2", "--output", "runs/u", ok=False)
+    assert refused.exit_code != 0 and "eval_every" in refused.output and "-1 (never)" in refused.output
+
+
 def test_adapter_loads_with_plain_peft_and_only_lora_weights_changed(tmp_path, tiny_phi3):
     import torch
     from peft import PeftModel

@@ -92,8 +92,10 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
     def save_best():
         checkpoints.save_adapter(run.adapter_dir, world, model, prepared.tokenizer)
 
+    evaluating = bool(prepared.eval) and cfg.eval_every >= 0
+
     def evaluate() -> None:
-        if not prepared.eval or state.last_eval_step == state.step:
+        if not evaluating or state.last_eval_step == state.step:
             return
         state.last_eval_step = state.step
         loss = eval_loss(model, head, world, prepared.eval, cfg.batch_tokens)
@@ -148,7 +150,7 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
                 bar.update(epoch, entry)
                 if on_step:
                     on_step(entry)
-                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                if cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
                     evaluate()
                 stops = world.sum(float(stop.requested))[0]  # a signal to any process stops them all here
                 if state.step % cfg.save_every == 0 or stops:
@@ -168,7 +170,7 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
             if state.step >= plan.total:
                 break
     bar.close()
-    if not prepared.eval:
+    if not evaluating:
         save_best()
     return state
 
