@@ -205,6 +205,9 @@ def test_builder_options_combine():
     assert "matmul_mixed_precision=mixed_layers:int8" in options and "nodes_to_exclude=/lm_head/MatMul" in options
     options = onnx_export.builder_options(ExportConfig(), untied)
     assert "algo_config=k_quant" in options and "matmul_mixed_precision=last_matmul:int8" in options
+    # GPTQ rounds the int4 weights again: plain asymmetric rounding (zero points to fill) stands in
+    options = onnx_export.builder_options(ExportConfig(quant_method="gptq"), untied)
+    assert "algo_config=rtn" in options and "is_symmetric=false" in options
     options = onnx_export.builder_options(
         ExportConfig(), tied
     )  # the builder's int8 head for a tied model fails to load
