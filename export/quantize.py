@@ -95,7 +95,9 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
 
     from edgeft.export.options import INT8_KINDS, block_size, int8_layers, int8_matmuls
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per MatMul
+    # each says a line per MatMul (k_quant's: "consider install cupy to speed up on CUDA")
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     model = _load(src)
     head = _head_node(model)
     head_precision = "int8" if cfg.lm_head == "auto" else cfg.lm_head
