@@ -16,6 +16,8 @@ import numpy as np
 import onnxruntime_genai as og
 from numpy._core._multiarray_umath import __cpu_features__
 
+SEQUENCES = 6  # a rounding step now and then moves one sequence's later rows; a kernel bug moves them all
+
 
 def main() -> None:
     folder, out = sys.argv[1], sys.argv[2]
@@ -23,7 +25,7 @@ def main() -> None:
     vocab = json.loads(Path(folder, "genai_config.json").read_text())["model"]["vocab_size"]
     rng = np.random.default_rng(0)
     saved = {}
-    for i in range(3):
+    for i in range(SEQUENCES):
         prompt = rng.integers(0, vocab, size=40).tolist()
         forced = rng.integers(0, vocab, size=8).tolist()  # fed one by one: no greedy choice can diverge
         params = og.GeneratorParams(model)
