@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 from edgeft.errors import ExportError
@@ -35,25 +38,30 @@ def build_optimum(model_dir: Path, out: Path, cfg) -> None:
 
 
 def _optimum_export(model_dir: Path, raw: Path) -> None:
+    import torch
     from optimum.exporters.onnx import main_export
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     for name in ("optimum", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        main_export(
-            str(model_dir),
-            raw,
-            task="text-generation-with-past",
-            device="cpu",
-            do_validation=False,
-            local_files_only=True,
-        )
-    except Exception as e:
-        raise ExportError(
-            f"Optimum could not export {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from None
+    with warnings.catch_warnings():
+        # the tracer's notes on Python control flow and on lowering aten ops: torch's business, not the user's
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::")
+        try:
+            main_export(
+                str(model_dir),
+                raw,
+                task="text-generation-with-past",
+                device="cpu",
+                do_validation=False,
+                local_files_only=True,
+            )
+        except Exception as e:
+            raise ExportError(
+                f"Optimum could not export {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
 
 
 def _load(path: Path):
@@ -117,7 +125,8 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
         passes = [(4, algo(customized_weight_config={n: {"bits": 8} for n in int8}), dict(nodes_to_exclude=exclude))]
     for bits, algo_config, nodes in passes:
         quantizer = MatMulNBitsQuantizer(model, bits=bits, algo_config=algo_config, **common, **nodes)
-        quantizer.process()
+        with contextlib.redirect_stdout(io.StringIO()):  # k_quant draws its own progress bar on stdout
+            quantizer.process()
         model = quantizer.model.model
     _save(model, dst)
 

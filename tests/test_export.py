@@ -115,7 +115,7 @@ def test_export_cli_prints_the_report(tiny_llama_run):
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_optimum_export_loads_in_ort_model_for_causal_lm(tiny_llama_run, precision, caplog):
+def test_optimum_export_loads_in_ort_model_for_causal_lm(tiny_llama_run, precision, caplog, capfd, recwarn):
     import logging
 
     import onnxruntime_genai as og
@@ -126,7 +126,10 @@ def test_optimum_export_loads_in_ort_model_for_causal_lm(tiny_llama_run, precisi
     caplog.set_level(logging.INFO)
     out = export(merged(tiny_llama_run), cfg(precision=precision, backend="optimum"))
     assert Run.open(tiny_llama_run).stage("export")["backend"] == "optimum"
-    assert "cupy" not in caplog.text  # k_quant's line per MatMul is not the user's business
+    # what the libraries say on the way is not the user's business: k_quant's line per MatMul and
+    # progress bar, the tracer's warnings
+    assert "cupy" not in caplog.text and "Progress: [" not in capfd.readouterr().out
+    assert not [w for w in recwarn if "Tracer" in type(w.message).__name__ or "aten::" in str(w.message)]
     model = ORTModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tok.encode("hello there")])
