@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from edgeft.errors import GenerationError
-from edgeft.runtime.engine import ChatModel, ChatResult, ChatStream
+from edgeft.runtime.engine import ChatModel, ChatResult, ChatStream, PromptCache
 
 COMMANDS = {"/reset": "forget the conversation (keeps --system)", "/exit": "leave (or Ctrl-D)", "/help": "this list"}
 
@@ -55,6 +55,9 @@ def chat_loop(
     out, err = out or sys.stdout, err or sys.stderr
     options = options or {}
     history = _start(system)
+    # Each turn's prompt is the last one plus its answer and a new question: greedy turns run only
+    # what is new (the conversation so far is not prefilled again on every turn).
+    cache = PromptCache()
     if input_fn is input and sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (arrow keys and line editing for input())
@@ -84,7 +87,7 @@ def chat_loop(
             continue
         history.append({"role": "user", "content": line})
         try:
-            result = stream_answer(model, history, options, out)
+            result = stream_answer(model, history, options, out, cache=cache)
         except GenerationError as e:
             history.pop()
             err.write(f"Error: {e}\n(/reset starts a new conversation)\n")
@@ -100,9 +103,16 @@ def chat_loop(
             history.pop()  # nothing was said: drop the question too, so turns keep alternating
 
 
-def stream_answer(model: ChatModel, messages: list[dict[str, str]], options: dict[str, Any], out: TextIO) -> ChatResult:
+def stream_answer(
+    model: ChatModel,
+    messages: list[dict[str, str]],
+    options: dict[str, Any],
+    out: TextIO,
+    *,
+    cache: PromptCache | None = None,
+) -> ChatResult:
     """Stream one answer to `out`; Ctrl-C (SIGINT) cancels it instead of raising."""
-    stream = model.stream(messages, **options)
+    stream = model.stream(messages, cache=cache, **options)
     with _ctrl_c_cancels(stream):
         for piece in stream:
             out.write(piece)
@@ -112,13 +122,18 @@ def stream_answer(model: ChatModel, messages: list[dict[str, str]], options: dic
 
 
 def format_stats(result: ChatResult) -> str:
-    """'[42 tokens, 118.3 tokens/s, first token 0.05 s, stop]'"""
+    """'[42 tokens, 118.3 tokens/s, first token 0.05 s (180 of 200 prompt tokens cached), stop]'"""
     speed = result.tokens_per_second
     ttft = result.time_to_first_token
+    cached = (
+        f" ({result.cached_tokens} of {result.usage['prompt_tokens']} prompt tokens cached)"
+        if result.cached_tokens
+        else ""
+    )
     return (
         f"[{result.usage['completion_tokens']} tokens, "
         f"{f'{speed:.1f}' if speed else '-'} tokens/s, "
-        f"first token {f'{ttft:.2f}' if ttft is not None else '-'} s, {result.finish_reason}]"
+        f"first token {f'{ttft:.2f}' if ttft is not None else '-'} s{cached}, {result.finish_reason}]"
     )
 
 

@@ -280,9 +280,10 @@ class ChatStream:
         # scores the reference, reusing the prompt's prefill; the summed NLL lands in `reference_nll`,
         # over `reference_tokens` tokens (the reference and its end of turn).
         self._score_ids = score_ids
-        # greedy answers can pick up where the cache's last prompt left off (a constrained one reusing its grammar)
+        # greedy answers (asked for, or the model's own default) can pick up where the cache's last
+        # prompt left off (a constrained one reusing its grammar)
         self.reused_tokens = 0  # prompt tokens the cache already held: not run again
-        self._cache = cache if cache is not None and options.temperature == 0 else None
+        self._cache = cache if cache is not None and model.temperature(options) == 0 else None
         self.reference_nll: float | None = None
         self.reference_tokens = len(score_ids or ())
         self._prompt_ids = prompt_ids
@@ -625,13 +626,18 @@ class ChatModel:
                     return token_id
         return min(self.eos_token_ids)
 
+    def temperature(self, opts: GenerationOptions) -> float:
+        """The temperature an answer runs at: the one asked for, else the model's own (0 = greedy)."""
+        if opts.temperature is not None:
+            return opts.temperature
+        defaults = self.genai_config.get("search", {})
+        return float(defaults.get("temperature", 1.0)) if defaults.get("do_sample") else 0.0
+
     def _search_params(self, opts: GenerationOptions, max_length: int) -> Any:
         import onnxruntime_genai as og
 
         defaults = self.genai_config.get("search", {})
-        temperature = opts.temperature
-        if temperature is None:
-            temperature = float(defaults.get("temperature", 1.0)) if defaults.get("do_sample") else 0.0
+        temperature = self.temperature(opts)
         search: dict[str, Any] = {"max_length": max_length, "do_sample": temperature > 0}
         if temperature > 0:
             search["temperature"] = temperature

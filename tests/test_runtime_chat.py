@@ -17,6 +17,7 @@ import pytest
 
 from edgeft.runtime import ChatModel
 from edgeft.runtime.chat import chat_loop
+from edgeft.runtime.engine import GenerationOptions
 from tests.helpers import run_cli
 
 
@@ -128,6 +129,34 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny_llama_export):
     assert "[stopped]" in err.getvalue()
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert history[1]["content"] in out.getvalue()  # the partial answer stays in the conversation
+
+
+def test_a_chat_runs_only_what_is_new_each_turn(tiny_llama_export):
+    """Greedy turns (the model's own default here) reuse the conversation's KV cache and answer as
+    a fresh generator would."""
+    model = ChatModel.load(tiny_llama_export)
+    assert model.temperature(GenerationOptions()) == 0  # the tiny model's own default: greedy
+    lines = iter(["tell me a story", "and another", "one more", "/exit"])
+    out, err = io.StringIO(), io.StringIO()
+    history = chat_loop(
+        model,
+        system="Be brief.",
+        options={"max_tokens": 6, "repetition_penalty": 5.0},  # greedy; the penalty keeps it off blank lines
+        stats=True,
+        input_fn=lambda _: next(lines),
+        out=out,
+        err=err,
+    )
+    assert [m["role"] for m in history] == ["system"] + ["user", "assistant"] * 3
+    stats = [line for line in err.getvalue().splitlines() if line.startswith("[")]
+    assert len(stats) == 3 and "cached" not in stats[0]
+    # the second turn runs only the first answer and the new question (the third outgrows the
+    # generator's room, twice the first prompt and answer, and starts a new one twice as large)
+    cached, total = map(int, re.search(r"\((\d+) of (\d+) prompt tokens cached\)", stats[1]).groups())
+    assert total == model.count_tokens(history[:4]) and cached >= model.count_tokens(history[:2])
+    for turn in (1, 3, 5):  # each answer is what a fresh generator gives for the same conversation
+        answer = model.chat(history[: turn + 1], max_tokens=6, repetition_penalty=5.0).text
+        assert answer == history[turn + 1]["content"]
 
 
 class Terminal:
