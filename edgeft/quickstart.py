@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "recipes"
 
-# The CPU preset: one epoch of QLoRA over the 800 recipes, 6-10 minutes on 2 AVX-512 cores (measured: 447 tokens/s with
-# the system prompt run once per row; 367 and 284 tokens/s before that, on two machines of the same kind).
+# The CPU preset: one epoch of QLoRA over the 800 recipes, 5-10 minutes on 2 AVX-512 cores (measured: 447-528 tokens/s
+# with the system prompt run once per row; 367 and 284 tokens/s before that, on two machines of the same kind).
 CPU_PRESET = dict(
     method="qlora",
     epochs=1.0,
@@ -73,18 +73,18 @@ class QuickstartConfig:
 # machine. A rough guide: an earlier reference (37.7 min on a machine of the same kind, probe 169
 # GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of what differs
 # between VMs).
-REFERENCE = {  # `make demo` on a fresh clone, 2026-11-24 03:35: quickstart 18.6 min (make demo 19.7 min in all)
-    "gflops": 200.0,
+REFERENCE = {  # `make demo` on a fresh clone, 2026-11-24 06:15: quickstart 15.7 min (make demo 16.5 min in all)
+    "gflops": 206.0,
     "bf16": True,
     "steps": 165,
     "examples": 200,
     "stages": {
-        "fine-tune (QLoRA)": 399.0,
-        "merge": 22.9,
-        "export int4": 118.0,
-        "export the base model": 39.0,
-        "evaluate": 509.4,
-        "benchmark": 27.5,
+        "fine-tune (QLoRA)": 319.5,
+        "merge": 20.0,
+        "export int4": 96.5,
+        "export the base model": 33.8,
+        "evaluate": 446.6,
+        "benchmark": 25.2,
     },
 }
 # A QLoRA step on 12 recipe rows in bf16 against fp32 on one AVX512-BF16 CPU: 1.93 against 2.64-2.70 s a row
