@@ -300,7 +300,7 @@ class OnnxBackend:
     def __init__(self, candidate: Candidate):
         from edgeft.runtime import ChatModel, PromptCache
 
-        self.model = ChatModel.load(candidate.path)
+        self.model = ChatModel.load(candidate.path, all_logits=True)  # it scores the references
         self.response_format = candidate.response_format
         # few-shot prompts share their examples, and every prompt its system prompt: run those once
         # (and a constrained row's grammar: compile it once)

@@ -89,6 +89,8 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
         else:
             weights = rework_weights(source.model_dir, tmp, cfg, method, calibration)
         finish_folder(source.model_dir, tmp)
+        if backend == "genai":
+            write_generate_graph(tmp)
         check_export_folder(tmp)
         seconds = time.perf_counter() - start
         verification = None
@@ -321,6 +323,39 @@ def finish_folder(model_dir: Path, out: Path) -> None:
     config = json.loads(path.read_text())
     config["model"]["eos_token_id"] = stops
     artifacts.write_json_atomic(path, config)
+
+
+def write_generate_graph(folder: Path) -> bool:
+    """A second graph for generation, which the folder's genai_config.json names: the same model
+    (the same weights file), with the head fed only the last position's hidden state.
+
+    A prompt pass otherwise computes the vocabulary's logits at every prompt position, where
+    generating reads only the last: for SmolLM2 (49k-token vocabulary) that is a fifth of a
+    512-token prefill's work and 100 MB of fp32 logits (measured: TTFT 0.38 -> 0.31 s, the same
+    greedy answers). model.onnx keeps every position's logits, which scoring needs (perplexity,
+    verification): `ChatModel.load(..., all_logits=True)`. False if the graph has no such head."""
+    import onnx
+    from onnx import helper
+
+    from edgeft.runtime.engine import ALL_LOGITS_GRAPH, GENERATE_GRAPH
+
+    model = onnx.load(str(folder / ALL_LOGITS_GRAPH), load_external_data=False)
+    graph = model.graph
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if head is None or head.op_type not in ("MatMul", "MatMulNBits") or "logits" not in [o.name for o in graph.output]:
+        return False
+    hidden = head.input[0]
+    graph.initializer.append(helper.make_tensor("last_position", onnx.TensorProto.INT64, [1], [-1]))
+    # indices of shape [1] keep the axis: [batch, positions, hidden] -> [batch, 1, hidden]
+    last = helper.make_node("Gather", [hidden, "last_position"], [f"{hidden}/last_position"], axis=1)
+    head.input[0] = last.output[0]
+    graph.node.insert(list(graph.node).index(head), last)
+    onnx.save(model, str(folder / GENERATE_GRAPH))  # initializers still point into the same weights file
+    path = folder / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"]["decoder"]["filename"] = GENERATE_GRAPH
+    artifacts.write_json_atomic(path, config)
+    return True
 
 
 def _stop_ids(model_dir: Path) -> list[int]:

@@ -29,7 +29,9 @@ class OnnxScorer:
     def __init__(self, folder: Path, adapter: Path | None = None):
         import onnxruntime_genai as og
 
-        self.model = og.Model(str(folder))
+        from edgeft.runtime.engine import default_threads, og_config
+
+        self.model = og.Model(og_config(folder, default_threads(), all_logits=True))
         self.adapter = None
         if adapter is not None:  # a runtime adapter, active in every generator
             adapters = og.Adapters(self.model)

@@ -29,6 +29,10 @@ log = logging.getLogger("edgeft")
 ROLES = ("system", "user", "assistant")
 EXPORT_FOLDERS = ("onnx-int4", "onnx-int8", "onnx-fp32")  # preference order inside a run directory
 REQUIRED_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json")
+# An export's two graphs (one weights file): every position's logits, which scoring needs, and the
+# one genai_config.json names for generation, whose prompt pass computes only the last position's.
+ALL_LOGITS_GRAPH = "model.onnx"
+GENERATE_GRAPH = "model-generate.onnx"
 MAX_STOP_STRINGS = 4  # as in OpenAI's API; each one costs a scan per token
 MAX_SEED = 2**31 - 1  # onnxruntime-genai's random_seed is a C++ int
 MAX_TOP_K = 2**31 - 1  # a C++ int too; above the vocabulary it means "no limit"
@@ -491,23 +495,37 @@ class ChatModel:
         self.context_length: int = context
         eos = model_cfg.get("eos_token_id", [])
         self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else eos)
+        # Scoring (a reference's likelihood) reads the logits of every position of a chunk; a model
+        # loaded from the generation graph has only the last one's (see ALL_LOGITS_GRAPH).
+        self.all_logits = _decoder_file(genai_config) == ALL_LOGITS_GRAPH
         self.adapter: str | None = None  # the runtime LoRA adapter this model answers with
         self._adapters: dict[str, Any] = {"og": None, "files": {}}  # shared with every adapter view
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None, adapter: str | Path | None = None) -> ChatModel:
+    def load(
+        cls,
+        path: str | Path,
+        threads: int | None = None,
+        adapter: str | Path | None = None,
+        *,
+        all_logits: bool = False,
+    ) -> ChatModel:
         """Load an export folder (runs/NAME/onnx-int4) or a run directory (runs/NAME); with `adapter`
-        (an .onnx_adapter, its folder or its run), a shared base export answering with that adapter."""
+        (an .onnx_adapter, its folder or its run), a shared base export answering with that adapter.
+        `all_logits`: the graph that computes every prompt position's logits, which scoring
+        (`reference_nll`, `stream(score=...)`) needs; prompts then run slower."""
         import onnxruntime_genai as og
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise GenerationError(f"threads must be a whole number of at least 1, got {threads!r}.")
         folder, name = resolve_export(Path(path).expanduser())
         genai_config = _read_json(folder / "genai_config.json")
+        if all_logits and (folder / ALL_LOGITS_GRAPH).is_file():
+            genai_config["model"]["decoder"]["filename"] = ALL_LOGITS_GRAPH
         template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
         threads = threads or default_threads()
         try:
-            og_model = og.Model(og_config(folder, threads))
+            og_model = og.Model(og_config(folder, threads, all_logits=all_logits))
             tokenizer = og.Tokenizer(og_model)
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load problem
             raise ModelError(
@@ -590,6 +608,8 @@ class ChatModel:
                 f"max_tokens={opts.max_tokens} does not fit: the prompt is {len(prompt_ids)} tokens and {self.name} "
                 f"has a context of {self.context_length}, so at most {room} new tokens fit. Lower max_tokens."
             )
+        if score is not None:
+            self._check_scoring()
         score_ids = None if score is None else self._answer_ids(score)
         if score_ids and len(prompt_ids) + len(score_ids) > self.context_length:
             raise ContextLengthError(f"the prompt and the reference to score do not fit {self.name}'s context.")
@@ -605,10 +625,18 @@ class ChatModel:
     def reference_nll(self, messages: Sequence[dict], reference: str) -> tuple[float, int]:
         """How surprised the model is by `reference` as the answer: summed negative log-likelihood and
         token count (the answer plus the end-of-turn token), feeding the reference, not its own picks."""
+        self._check_scoring()
         prompt = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
         answer = self._answer_ids(reference)
         logits = teacher_forced_logits(self._og_model, prompt, answer, adapter=self._active_adapter())
         return negative_log_likelihood(logits, answer), len(answer)
+
+    def _check_scoring(self) -> None:
+        if not self.all_logits:
+            raise GenerationError(
+                f"scoring a reference needs every position's logits, and {self.name} was loaded for generation "
+                "(its prompt pass computes only the last position's). Load it with ChatModel.load(path, all_logits=True)."
+            )
 
     def _answer_ids(self, reference: str) -> list[int]:
         """A reference answer as the tokens a model should write: its text and the end of its turn."""
@@ -654,15 +682,22 @@ class ChatModel:
         return params
 
 
-def og_config(folder: Path, threads: int) -> Any:
-    """onnxruntime-genai's config for `folder` with `threads` intra-op threads. An overlay changes the
-    session options in memory: a large export is never copied or rewritten to change its threads."""
+def og_config(folder: Path, threads: int, *, all_logits: bool = False) -> Any:
+    """onnxruntime-genai's config for `folder` with `threads` intra-op threads, and with
+    `all_logits` the graph that gives every position's logits. An overlay changes the config in
+    memory: a large export is never copied or rewritten to change its threads."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
-    session = {"intra_op_num_threads": threads}
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+    decoder: dict[str, Any] = {"session_options": {"intra_op_num_threads": threads}}
+    if all_logits and (folder / ALL_LOGITS_GRAPH).is_file():
+        decoder["filename"] = ALL_LOGITS_GRAPH
+    config.overlay(json.dumps({"model": {"decoder": decoder}}))
     return config
+
+
+def _decoder_file(genai_config: dict) -> str:
+    return genai_config.get("model", {}).get("decoder", {}).get("filename", ALL_LOGITS_GRAPH)
 
 
 def default_threads() -> int:

@@ -103,6 +103,41 @@ def test_genai_export_runs_and_verifies(tiny_run_dir, precision):
     assert reply.usage["completion_tokens"] >= 1
 
 
+def test_generation_reads_a_graph_whose_prompt_pass_computes_only_the_last_logits(tiny_llama_run):
+    """Same model, same weights file, same answers; scoring loads the graph with every position's logits."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from edgeft.errors import GenerationError
+    from edgeft.runtime import ChatModel
+    from edgeft.runtime.engine import ALL_LOGITS_GRAPH, GENERATE_GRAPH, og_config
+
+    out = export(merged(tiny_llama_run), cfg(precision="int4", verify=False))
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == GENERATE_GRAPH
+    assert sorted(p.name for p in out.glob("*.data")) == [ALL_LOGITS_GRAPH + ".data"]  # one copy of the weights
+    prompt = list(range(5, 45))
+    shapes = {}
+    for all_logits in (False, True):
+        model = og.Model(og_config(out, 2, all_logits=all_logits))
+        generator = og.Generator(model, og.GeneratorParams(model))
+        generator.append_tokens(prompt)
+        shapes[all_logits] = np.asarray(generator.get_output("logits")).shape
+    assert shapes[False][1] == 1 and shapes[True][1] == len(prompt)
+    generating, scoring = ChatModel.load(out), ChatModel.load(out, all_logits=True)
+    for text in ("hello there", "tomato onion garlic", "a longer question about salt and pepper"):
+        messages = [{"role": "user", "content": text}]
+        assert (
+            generating.chat(messages, max_tokens=12, temperature=0).text
+            == scoring.chat(messages, max_tokens=12, temperature=0).text
+        )
+    nll, tokens = scoring.reference_nll(messages, "salt")
+    assert nll > 0 and tokens == 2
+    with pytest.raises(GenerationError, match="all_logits=True"):
+        generating.reference_nll(messages, "salt")
+    with pytest.raises(GenerationError, match="all_logits=True"):
+        generating.stream(messages, score="salt")
+
+
 def test_export_cli_prints_the_report(tiny_llama_run):
     out = run_cli("export", tiny_llama_run, "--int4", "--verify-samples", "2").output
     assert "Exported int4 (genai backend)" in out and "% of the merged model" in out
