@@ -3,7 +3,8 @@
 ground         errors, config helpers, the run manifest and file safety, chat data and the chat-format
                rules, the model registry, the model as trained, fidelity, plots: any layer may use it
 stages         pipeline (data, tune, merge), export, runtime: each imports the ground and itself only,
-               except that export may use the runtime's check of an export folder
+               except that export may use the runtime's check of an export folder and its loading
+               of one (verification)
 orchestration  the CLI, quickstart, report, evaluate, bench, doctor: may import across stages
 A new edge against this direction fails here, naming the file and the import.
 """
@@ -17,7 +18,10 @@ FOLDERS = {"edgeft": "edgeft", "pipeline": "edgeft.pipeline", "export": "edgeft.
 GROUND = {"errors", "artifacts", "config", "models", "chatdata", "trained", "fidelity", "plots", "progress"}
 ORCHESTRATION = {"cli", "quickstart", "report", "evaluate", "bench", "doctor", "__main__"}
 STAGES = ("edgeft.pipeline", "edgeft.export", "edgeft.runtime")
-ALLOWED_ACROSS = {("edgeft.export.onnx", "edgeft.runtime.engine")}  # the runtime's own check of an export folder
+ALLOWED_ACROSS = {
+    ("edgeft.export.onnx", "edgeft.runtime.engine"),  # the runtime's own check of an export folder, its graph names
+    ("edgeft.export.verify", "edgeft.runtime.engine"),  # verification loads the export as the runtime does
+}
 
 
 def modules() -> dict[str, Path]:
