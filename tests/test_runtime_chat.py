@@ -184,8 +184,9 @@ class Terminal:
 
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # so that Ctrl-C (\x03) becomes SIGINT for the child
         # A person's shell starts the chat with Ctrl-C at its default. A process inherits an ignored
-        # SIGINT (and Python then leaves it ignored), and something in a full test run leaves it
-        # ignored in pytest's process: every Ctrl-C at the prompt was lost then (measured: 24 of 24).
+        # SIGINT (and Python then leaves it ignored), and a shell without job control starts
+        # background commands so (`bash .ci/run &` from a script): every Ctrl-C at the prompt was
+        # lost then (measured: 24 of 24).
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def send(self, text: str) -> None:
