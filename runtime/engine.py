@@ -520,7 +520,7 @@ class ChatModel:
             raise GenerationError(f"threads must be a whole number of at least 1, got {threads!r}.")
         folder, name = resolve_export(Path(path).expanduser())
         genai_config = _read_json(folder / "genai_config.json")
-        if all_logits and (folder / ALL_LOGITS_GRAPH).is_file():
+        if _use_all_logits(folder, all_logits):
             genai_config["model"]["decoder"]["filename"] = ALL_LOGITS_GRAPH
         template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
         threads = threads or default_threads()
@@ -690,10 +690,16 @@ def og_config(folder: Path, threads: int, *, all_logits: bool = False) -> Any:
 
     config = og.Config(str(folder))
     decoder: dict[str, Any] = {"session_options": {"intra_op_num_threads": threads}}
-    if all_logits and (folder / ALL_LOGITS_GRAPH).is_file():
+    if _use_all_logits(folder, all_logits):
         decoder["filename"] = ALL_LOGITS_GRAPH
     config.overlay(json.dumps({"model": {"decoder": decoder}}))
     return config
+
+
+def _use_all_logits(folder: Path, all_logits: bool) -> bool:
+    """Load model.onnx in place of the graph genai_config.json names (exports from before the
+    generation graph have only model.onnx, which already gives every position's logits)."""
+    return all_logits and (folder / ALL_LOGITS_GRAPH).is_file()
 
 
 def _decoder_file(genai_config: dict) -> str:
