@@ -65,26 +65,47 @@ class QuickstartConfig:
     allow_drift: bool = False  # keep a merge or export outside the fidelity gate (a few-step fine-tune is one)
 
 
-# What a full quickstart took on the reference machine, and that machine's fp32 matmul speed (see
-# `probe_speed`). Measured on AMD EPYC, 2 cores, CPU flags avx2 fma avx_vnni avx512f avx512_vnni
-# avx512_bf16 (so training ran in bf16). Another machine's expected time scales each stage by its
-# own fp32 speed, and training by BF16_SPEEDUP where one machine has native bf16 and the other
-# not (1.4: measured on one AVX512-BF16 CPU). Never checked against a probe taken on an AVX2-only
-# machine. A rough guide: an earlier reference (37.7 min on a machine of the same kind, probe 169
-# GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of what differs
-# between VMs).
-REFERENCE = {  # `make demo` on a fresh clone, 2026-11-24 06:15: quickstart 15.7 min (make demo 16.5 min in all)
-    "gflops": 206.0,
-    "bf16": True,
-    "steps": 165,
-    "examples": 200,
-    "stages": {
-        "fine-tune (QLoRA)": 319.5,
-        "merge": 20.0,
-        "export int4": 96.5,
-        "export the base model": 33.8,
-        "evaluate": 446.6,
-        "benchmark": 25.2,
+# What a full quickstart took on each kind of CPU, and that machine's fp32 matmul speed (see
+# `probe_speed`). The kind picks the reference: with VNNI, ONNX Runtime's int8 kernels do a prompt
+# pass in half the time they take with AVX2 alone, which the fp32 probe cannot see (the
+# evaluation's long prompts: 446.6 against 630.0 s on one machine). Within a kind, each stage
+# scales by this machine's fp32 speed, and training by BF16_SPEEDUP where one machine has native
+# bf16 and the other not. A rough guide: an earlier reference (37.7 min on a machine of the same
+# kind, probe 169 GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of
+# what differs between VMs).
+REFERENCES = {
+    # AMD EPYC, 2 cores, CPU flags avx2 fma avx_vnni avx512f avx512_vnni avx512_bf16 (training in
+    # bf16): `make demo` on a fresh clone, 2026-11-24 06:15, quickstart 15.7 min (16.5 in all).
+    "vnni": {
+        "gflops": 206.0,
+        "bf16": True,
+        "steps": 165,
+        "examples": 200,
+        "stages": {
+            "fine-tune (QLoRA)": 319.5,
+            "merge": 20.0,
+            "export int4": 96.5,
+            "export the base model": 33.8,
+            "evaluate": 446.6,
+            "benchmark": 25.2,
+        },
+    },
+    # The same machine with AVX-512 and VNNI hidden from every library (benchmarks/avx2_kind.py:
+    # flags avx2 fma, training in fp32), 2026-11-24 09:30, quickstart 20.1 min, model cache warm.
+    # No native AVX2-only machine has run today's quickstart yet.
+    "avx2": {
+        "gflops": 213.0,
+        "bf16": False,
+        "steps": 165,
+        "examples": 200,
+        "stages": {
+            "fine-tune (QLoRA)": 407.3,
+            "merge": 18.7,
+            "export int4": 90.9,
+            "export the base model": 32.4,
+            "evaluate": 630.0,
+            "benchmark": 27.0,
+        },
     },
 }
 # A QLoRA step on 12 recipe rows in bf16 against fp32 on one AVX512-BF16 CPU: 1.93 against 2.64-2.70 s a row
@@ -93,9 +114,11 @@ BF16_SPEEDUP = 1.4
 
 
 def probe_speed() -> dict:
-    """This CPU's fp32 matmul speed in GFLOPS (~0.5 s), and whether it trains in bf16."""
+    """This CPU's fp32 matmul speed in GFLOPS (~0.5 s), whether it trains in bf16, and its kind
+    (a key of REFERENCES)."""
     import torch
 
+    from edgeft.bench import cpu_flags
     from edgeft.pipeline.tune.model import cpu_has_native_bf16
 
     a, b = torch.randn(512, 576), torch.randn(576, 1536)
@@ -105,13 +128,14 @@ def probe_speed() -> dict:
         torch.matmul(a, b)
         runs += 1
     gflops = 2 * 512 * 576 * 1536 * runs / (time.perf_counter() - start) / 1e9
-    return {"gflops": round(gflops, 1), "bf16": cpu_has_native_bf16()}
+    kind = "vnni" if {"avx512_vnni", "avx_vnni"} & set(cpu_flags()) else "avx2"
+    return {"gflops": round(gflops, 1), "bf16": cpu_has_native_bf16(), "kind": kind}
 
 
 def expected_seconds(probe: dict, steps: int, examples: int) -> dict[str, float]:
     """Each stage's expected time here: the reference's, scaled by the probe and by the work asked
     (training steps, evaluation examples)."""
-    ref = REFERENCE
+    ref = REFERENCES[probe["kind"]]
     speed = ref["gflops"] / probe["gflops"]
     bf16 = BF16_SPEEDUP ** (int(ref["bf16"]) - int(probe["bf16"]))
     expected = {}
@@ -169,11 +193,13 @@ def _announce(cfg: QuickstartConfig) -> dict[str, float]:
 
     probe = probe_speed()
     examples = len(load_samples(cfg.eval_file, cfg.limit or None))
-    expected = expected_seconds(probe, cfg.max_steps or REFERENCE["steps"], examples)
+    ref = REFERENCES[probe["kind"]]
+    expected = expected_seconds(probe, cfg.max_steps or ref["steps"], examples)
+    kind = "VNNI" if probe["kind"] == "vnni" else "AVX2-only"
     log.info(
         f"Expected: about {duration(sum(expected.values()))} on this machine if nothing is reused "
-        f"({', '.join(f'{k} {duration(v)}' for k, v in expected.items())}): the reference run's times scaled by "
-        f"this CPU's fp32 matmul speed ({probe['gflops']:.0f} GFLOPS against {REFERENCE['gflops']:.0f}) and "
+        f"({', '.join(f'{k} {duration(v)}' for k, v in expected.items())}): a {kind} reference run's times scaled by "
+        f"this CPU's fp32 matmul speed ({probe['gflops']:.0f} GFLOPS against {ref['gflops']:.0f}) and "
         f"{'bf16' if probe['bf16'] else 'fp32'} training (flags: {' '.join(cpu_flags()) or 'none of note'})."
     )
     return expected

@@ -76,13 +76,31 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
 
 
 def test_the_expected_duration_scales_with_the_machine_and_the_work():
-    from edgeft.quickstart import BF16_SPEEDUP, REFERENCE, expected_seconds
+    from edgeft.quickstart import BF16_SPEEDUP, REFERENCES, expected_seconds
 
-    same = expected_seconds({"gflops": REFERENCE["gflops"], "bf16": True}, REFERENCE["steps"], REFERENCE["examples"])
-    assert same == pytest.approx(REFERENCE["stages"])
+    ref = REFERENCES["vnni"]
+    same = expected_seconds({"gflops": ref["gflops"], "bf16": True, "kind": "vnni"}, ref["steps"], ref["examples"])
+    assert same == pytest.approx(ref["stages"])
     # half the speed, no bf16, a quarter of the steps and half the examples
-    other = expected_seconds({"gflops": REFERENCE["gflops"] / 2, "bf16": False}, REFERENCE["steps"] // 4 + 1, 100)
-    tune = REFERENCE["stages"]["fine-tune (QLoRA)"]
-    assert other["fine-tune (QLoRA)"] == pytest.approx(tune * 2 * BF16_SPEEDUP * (REFERENCE["steps"] // 4 + 1) / 165)
-    assert other["evaluate"] == pytest.approx(REFERENCE["stages"]["evaluate"])  # 2x slower, half the work
-    assert other["merge"] == pytest.approx(2 * REFERENCE["stages"]["merge"])
+    probe = {"gflops": ref["gflops"] / 2, "bf16": False, "kind": "vnni"}
+    other = expected_seconds(probe, ref["steps"] // 4 + 1, 100)
+    tune = ref["stages"]["fine-tune (QLoRA)"]
+    assert other["fine-tune (QLoRA)"] == pytest.approx(tune * 2 * BF16_SPEEDUP * (ref["steps"] // 4 + 1) / 165)
+    assert other["evaluate"] == pytest.approx(ref["stages"]["evaluate"])  # 2x slower, half the work
+    assert other["merge"] == pytest.approx(2 * ref["stages"]["merge"])
+
+
+def test_an_avx2_only_machine_is_judged_by_the_avx2_reference(monkeypatch):
+    """Its int8 prompt passes take twice as long, which the fp32 probe does not see."""
+    import edgeft.bench
+    from edgeft.quickstart import REFERENCES, expected_seconds, probe_speed
+
+    monkeypatch.setattr(edgeft.bench, "cpu_flags", lambda: ["avx2", "fma"])
+    probe = probe_speed()
+    assert probe["kind"] == "avx2"
+    avx2 = REFERENCES["avx2"]
+    expected = expected_seconds({**probe, "gflops": avx2["gflops"], "bf16": False}, avx2["steps"], avx2["examples"])
+    assert expected == pytest.approx(avx2["stages"])
+    assert expected["evaluate"] > REFERENCES["vnni"]["stages"]["evaluate"] * 1.3
+    monkeypatch.setattr(edgeft.bench, "cpu_flags", lambda: ["avx2", "fma", "avx_vnni"])
+    assert probe_speed()["kind"] == "vnni"
