@@ -91,6 +91,8 @@ def setup(target: Path, source: Path) -> None:
     venv = target / "venv"
     if venv.exists():
         sys.exit(f"{venv} exists: remove it or choose another folder")
+    if not (source / "bin" / "python").exists():
+        sys.exit(f"{source} is not a virtual environment: run `make setup` first, or pass --venv")
     print(f"Copying {source} to {venv}...", flush=True)
     shutil.copytree(source, venv, symlinks=True)
     for script in (venv / "bin").iterdir():  # console scripts name the original interpreter
@@ -181,7 +183,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("setup", help="Copy the virtual environment to DIR/venv and patch it.")
     p.add_argument("dir", type=Path)
-    p.add_argument("--venv", type=Path, default=Path(sys.prefix), help="The environment to copy (default: this one).")
+    p.add_argument(
+        "--venv", type=Path, default=ROOT / ".venv", help="The environment to copy (default: the project's .venv)."
+    )
     p = sub.add_parser("check", help="Compare the copy's logits with qemu -cpu Haswell's.")
     p.add_argument("dir", type=Path)
     p.add_argument("export", help="An ONNX export folder.")
