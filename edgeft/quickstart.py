@@ -114,8 +114,8 @@ BF16_SPEEDUP = 1.4
 
 
 def probe_speed() -> dict:
-    """This CPU's fp32 matmul speed in GFLOPS (~0.5 s), whether it trains in bf16, and its kind
-    (a key of REFERENCES)."""
+    """This CPU's fp32 matmul speed in GFLOPS (~0.5 s), whether it trains in bf16, its kind (a key
+    of REFERENCES) and its speed-relevant flags."""
     import torch
 
     from edgeft.bench import cpu_flags
@@ -128,8 +128,9 @@ def probe_speed() -> dict:
         torch.matmul(a, b)
         runs += 1
     gflops = 2 * 512 * 576 * 1536 * runs / (time.perf_counter() - start) / 1e9
-    kind = "vnni" if {"avx512_vnni", "avx_vnni"} & set(cpu_flags()) else "avx2"
-    return {"gflops": round(gflops, 1), "bf16": cpu_has_native_bf16(), "kind": kind}
+    flags = cpu_flags()
+    kind = "vnni" if {"avx512_vnni", "avx_vnni"} & set(flags) else "avx2"
+    return {"gflops": round(gflops, 1), "bf16": cpu_has_native_bf16(), "kind": kind, "flags": flags}
 
 
 def expected_seconds(probe: dict, steps: int, examples: int) -> dict[str, float]:
@@ -188,7 +189,6 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
 
 def _announce(cfg: QuickstartConfig) -> dict[str, float]:
     """Say, before any work, how long the whole run should take on this machine."""
-    from edgeft.bench import cpu_flags
     from edgeft.evaluate import load_samples
 
     probe = probe_speed()
@@ -200,7 +200,7 @@ def _announce(cfg: QuickstartConfig) -> dict[str, float]:
         f"Expected: about {duration(sum(expected.values()))} on this machine if nothing is reused "
         f"({', '.join(f'{k} {duration(v)}' for k, v in expected.items())}): a {kind} reference run's times scaled by "
         f"this CPU's fp32 matmul speed ({probe['gflops']:.0f} GFLOPS against {ref['gflops']:.0f}) and "
-        f"{'bf16' if probe['bf16'] else 'fp32'} training (flags: {' '.join(cpu_flags()) or 'none of note'})."
+        f"{'bf16' if probe['bf16'] else 'fp32'} training (flags: {' '.join(probe['flags']) or 'none of note'})."
     )
     return expected
 
