@@ -300,9 +300,9 @@ class OnnxBackend:
     def __init__(self, candidate: Candidate):
         from edgeft.runtime import ChatModel, PromptCache
 
-        # a row that scores its references reads every position's logits; a constrained row only
-        # answers, as an app does: the generation graph, whose prompt pass skips the head
-        self.model = ChatModel.load(candidate.path, all_logits=candidate.response_format is None)
+        # a row that scores its references reads the logits of each reference position (the scoring
+        # graph); a constrained row only answers, as an app does: the generation graph
+        self.model = ChatModel.load(candidate.path, scoring=candidate.response_format is None)
         self.response_format = candidate.response_format
         # few-shot prompts share their examples, and every prompt its system prompt: run those once
         # (and a constrained row's grammar: compile it once)

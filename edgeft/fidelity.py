@@ -28,6 +28,9 @@ from edgeft.errors import EdgeftError
 GENERATED = 32  # greedy tokens compared for token agreement
 SHARED_PREFIX_MIN = 16  # a batch's prompts that share at least this many leading tokens run them once
 MIN_EXACT_MATCH_SAMPLES = 20  # below this, one answer is 5+ points: exact match is reported, not gated
+# An export's scoring graph (model-score.onnx) computes the logits of a chunk's last this many
+# positions: a reference to score is fed in pieces no longer, a prompt's last position is all it needs
+SCORE_POSITIONS = 32
 
 
 class DriftError(EdgeftError):
@@ -327,19 +330,29 @@ def _og_generator(og_model, max_length: int, adapter):
 def teacher_forced_logits(og_model, prompt: list[int], answer: list[int], *, adapter=None):
     """The logits that predict each answer token, as a (len(answer), vocab) float32 array.
 
-    Two forward passes: the prompt (its last position predicts the first answer token), then the
-    answer but its last token in one chunk (every position's logits), not one step per token.
+    The prompt (its last position predicts the first answer token), then the answer but its last
+    token in chunks (every position's logits, see forced_logits), not one step per token.
     """
     import numpy as np
 
     generator = _og_generator(og_model, len(prompt) + len(answer) + 1, adapter)
     generator.append_tokens(prompt)
-    rows = [np.asarray(generator.get_logits(), dtype=np.float32).reshape(1, -1)]
-    if len(answer) > 1:
-        generator.append_tokens(answer[:-1])
-        chunk = np.asarray(generator.get_output("logits"), dtype=np.float32)
-        rows.append(chunk.reshape(len(answer) - 1, -1))
-    return np.concatenate(rows)
+    first = np.asarray(generator.get_logits(), dtype=np.float32).reshape(1, -1)
+    return np.concatenate([first, *forced_logits(generator, answer[:-1])])
+
+
+def forced_logits(generator, tokens: list[int]) -> list:
+    """Feed `tokens` to an onnxruntime-genai generator; the logits at each of their positions, as
+    (piece length, vocab) float32 arrays: pieces of SCORE_POSITIONS tokens, all that a scoring graph
+    computes per chunk (a graph with every position's logits gives the same)."""
+    import numpy as np
+
+    rows = []
+    for start in range(0, len(tokens), SCORE_POSITIONS):
+        piece = tokens[start : start + SCORE_POSITIONS]
+        generator.append_tokens(piece)
+        rows.append(np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(len(piece), -1))
+    return rows
 
 
 def negative_log_likelihood(logits, targets: list[int]) -> float:

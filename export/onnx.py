@@ -90,7 +90,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
             weights = rework_weights(source.model_dir, tmp, cfg, method, calibration)
         finish_folder(source.model_dir, tmp)
         if backend == "genai":
-            write_generate_graph(tmp)
+            write_derived_graphs(tmp)
         check_export_folder(tmp)
         seconds = time.perf_counter() - start
         verification = None
@@ -325,37 +325,82 @@ def finish_folder(model_dir: Path, out: Path) -> None:
     artifacts.write_json_atomic(path, config)
 
 
-def write_generate_graph(folder: Path) -> bool:
-    """A second graph for generation, which the folder's genai_config.json names: the same model
-    (the same weights file), with the head fed only the last position's hidden state.
+def write_derived_graphs(folder: Path) -> bool:
+    """Two more graphs of the same model (the same weights file) beside model.onnx, whose head
+    computes the vocabulary's logits at every position of a chunk:
 
-    A prompt pass otherwise computes the vocabulary's logits at every prompt position, where
-    generating reads only the last: for SmolLM2 (49k-token vocabulary) that is a fifth of a
-    512-token prefill's work and 100 MB of fp32 logits (measured: TTFT 0.38 -> 0.31 s, the same
-    greedy answers). model.onnx keeps every position's logits, which scoring needs (perplexity,
-    verification): `ChatModel.load(..., all_logits=True)`. False if the graph has no such head."""
+    - the generation graph, which the folder's genai_config.json names: the head sees only the last
+      position. A prompt pass otherwise computes logits at every prompt position, where generating
+      reads only the last: for SmolLM2 (49k-token vocabulary) a fifth of a 512-token prefill's work
+      (measured: TTFT 0.38 -> 0.31 s, the same greedy answers);
+    - the scoring graph (`ChatModel.load(..., scoring=True)`): the head sees the last
+      SCORE_POSITIONS positions of a chunk, zeros stand for the others. Scoring a reference feeds it
+      in pieces that short and reads every position, while the prompt before it needs only its last
+      (the head over every position of a 640-token prompt was a fifth of each request of eval's
+      retrieval row on the AVX2 code paths).
+
+    False if the graph has no such head (the folder keeps model.onnx alone)."""
     import onnx
-    from onnx import helper
 
-    from edgeft.runtime.engine import ALL_LOGITS_GRAPH, GENERATE_GRAPH
+    from edgeft.runtime.engine import ALL_LOGITS_GRAPH, GENERATE_GRAPH, SCORE_GRAPH
 
-    model = onnx.load(str(folder / ALL_LOGITS_GRAPH), load_external_data=False)
-    graph = model.graph
-    head = next((n for n in graph.node if "logits" in n.output), None)
-    if head is None or head.op_type not in ("MatMul", "MatMulNBits") or "logits" not in [o.name for o in graph.output]:
+    if _head(onnx.load(str(folder / ALL_LOGITS_GRAPH), load_external_data=False)) is None:
         return False
-    hidden = head.input[0]
-    graph.initializer.append(helper.make_tensor("last_position", onnx.TensorProto.INT64, [1], [-1]))
-    # indices of shape [1] keep the axis: [batch, positions, hidden] -> [batch, 1, hidden]
-    last = helper.make_node("Gather", [hidden, "last_position"], [f"{hidden}/last_position"], axis=1)
-    head.input[0] = last.output[0]
-    graph.node.insert(list(graph.node).index(head), last)
-    onnx.save(model, str(folder / GENERATE_GRAPH))  # initializers still point into the same weights file
+    for name, feed in ((GENERATE_GRAPH, _last_position), (SCORE_GRAPH, _last_positions)):
+        model = onnx.load(str(folder / ALL_LOGITS_GRAPH), load_external_data=False)
+        feed(model.graph, _head(model))
+        onnx.save(model, str(folder / name))  # initializers still point into the same weights file
     path = folder / "genai_config.json"
     config = json.loads(path.read_text())
     config["model"]["decoder"]["filename"] = GENERATE_GRAPH
     artifacts.write_json_atomic(path, config)
     return True
+
+
+def _head(model):
+    """The node that computes the graph output `logits` from the last hidden states, if a MatMul."""
+    head = next((n for n in model.graph.node if "logits" in n.output), None)
+    if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
+        return None
+    return head if "logits" in [o.name for o in model.graph.output] else None
+
+
+def _last_position(graph, head) -> None:
+    from onnx import TensorProto, helper
+
+    hidden = head.input[0]
+    graph.initializer.append(helper.make_tensor("last_position", TensorProto.INT64, [1], [-1]))
+    # indices of shape [1] keep the axis: [batch, positions, hidden] -> [batch, 1, hidden]
+    last = helper.make_node("Gather", [hidden, "last_position"], [f"{hidden}/last_position"], axis=1)
+    head.input[0] = last.output[0]
+    graph.node.insert(list(graph.node).index(head), last)
+
+
+def _last_positions(graph, head) -> None:
+    """The head over the last min(positions, SCORE_POSITIONS) hidden states, its logits padded in
+    front with zeros to [batch, positions, vocab]: the shape onnxruntime-genai binds for the output."""
+    from onnx import TensorProto, helper
+
+    from edgeft.fidelity import SCORE_POSITIONS
+
+    hidden, tail = head.input[0], f"{head.input[0]}/scored"
+    for name, value in (("scored_positions", SCORE_POSITIONS), ("scored/zero", 0), ("scored/axis", 1)):
+        graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
+    graph.initializer.append(helper.make_tensor("scored/zeros", TensorProto.INT64, [4], [0, 0, 0, 0]))
+    nodes = [
+        helper.make_node("Shape", [hidden], ["scored/length"], start=1, end=2),
+        helper.make_node("Min", ["scored/length", "scored_positions"], ["scored/kept"]),
+        helper.make_node("Sub", ["scored/length", "scored/kept"], ["scored/skipped"]),
+        helper.make_node("Slice", [hidden, "scored/skipped", "scored/length", "scored/axis"], [tail]),
+        helper.make_node("Concat", ["scored/zero", "scored/skipped", "scored/zeros"], ["scored/pads"], axis=0),
+    ]
+    at = list(graph.node).index(head)
+    for node in reversed(nodes):
+        graph.node.insert(at, node)
+    head.input[0] = tail
+    head.output[list(head.output).index("logits")] = "logits/scored"
+    pad = helper.make_node("Pad", ["logits/scored", "scored/pads"], ["logits"], mode="constant")
+    graph.node.insert(list(graph.node).index(head) + 1, pad)
 
 
 def _stop_ids(model_dir: Path) -> list[int]:

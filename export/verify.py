@@ -29,9 +29,9 @@ class OnnxScorer:
     def __init__(self, folder: Path, adapter: Path | None = None):
         import onnxruntime_genai as og
 
-        from edgeft.runtime.engine import default_threads, og_config
+        from edgeft.runtime.engine import default_threads, og_config, scoring_graph
 
-        self.model = og.Model(og_config(folder, default_threads(), all_logits=True))
+        self.model = og.Model(og_config(folder, default_threads(), graph=scoring_graph(folder)))
         self.adapter = None
         if adapter is not None:  # a runtime adapter, active in every generator
             adapters = og.Adapters(self.model)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import ConfigError, GenerationError, ModelError
-from edgeft.fidelity import common_prefix, negative_log_likelihood, teacher_forced_logits
+from edgeft.fidelity import common_prefix, forced_logits, negative_log_likelihood, teacher_forced_logits
 from edgeft.runtime.template import ChatTemplate
 
 log = logging.getLogger("edgeft")
@@ -29,10 +29,12 @@ log = logging.getLogger("edgeft")
 ROLES = ("system", "user", "assistant")
 EXPORT_FOLDERS = ("onnx-int4", "onnx-int8", "onnx-fp32")  # preference order inside a run directory
 REQUIRED_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json")
-# An export's two graphs (one weights file): every position's logits, which scoring needs, and the
-# one genai_config.json names for generation, whose prompt pass computes only the last position's.
+# An export's graphs (one weights file): the builder's, with every position's logits; the one
+# genai_config.json names for generation, whose prompt pass computes only the last position's; and
+# the one scoring loads, with the logits of a chunk's last few positions (see write_derived_graphs)
 ALL_LOGITS_GRAPH = "model.onnx"
 GENERATE_GRAPH = "model-generate.onnx"
+SCORE_GRAPH = "model-score.onnx"
 MAX_STOP_STRINGS = 4  # as in OpenAI's API; each one costs a scan per token
 MAX_SEED = 2**31 - 1  # onnxruntime-genai's random_seed is a C++ int
 MAX_TOP_K = 2**31 - 1  # a C++ int too; above the vocabulary it means "no limit"
@@ -460,14 +462,13 @@ class PromptCache:
 
 def _score(generator: Any, prompt_tokens: int, first_logits: Any, answer: list[int]) -> float:
     """Summed NLL of `answer` after the prompt: the logits the prefill left for its first token,
-    then the rest in one chunk after rewinding over the generated answer (as teacher_forced_logits)."""
+    then the rest in chunks after rewinding over the generated answer (as teacher_forced_logits)."""
     import numpy as np
 
     rows = [first_logits.reshape(1, -1)]
     if len(answer) > 1:
         generator.rewind_to(prompt_tokens)
-        generator.append_tokens(answer[:-1])
-        rows.append(np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(len(answer) - 1, -1))
+        rows += forced_logits(generator, answer[:-1])
     return negative_log_likelihood(np.concatenate(rows), answer)
 
 
@@ -496,8 +497,8 @@ class ChatModel:
         eos = model_cfg.get("eos_token_id", [])
         self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else eos)
         # Scoring (a reference's likelihood) reads the logits of every position of a chunk; a model
-        # loaded from the generation graph has only the last one's (see ALL_LOGITS_GRAPH).
-        self.all_logits = _decoder_file(genai_config) == ALL_LOGITS_GRAPH
+        # loaded from the generation graph has only the last one's (see SCORE_GRAPH).
+        self.scoring = _decoder_file(genai_config) in (ALL_LOGITS_GRAPH, SCORE_GRAPH)
         self.adapter: str | None = None  # the runtime LoRA adapter this model answers with
         self._adapters: dict[str, Any] = {"og": None, "files": {}}  # shared with every adapter view
 
@@ -508,24 +509,25 @@ class ChatModel:
         threads: int | None = None,
         adapter: str | Path | None = None,
         *,
-        all_logits: bool = False,
+        scoring: bool = False,
     ) -> ChatModel:
         """Load an export folder (runs/NAME/onnx-int4) or a run directory (runs/NAME); with `adapter`
         (an .onnx_adapter, its folder or its run), a shared base export answering with that adapter.
-        `all_logits`: the graph that computes every prompt position's logits, which scoring
-        (`reference_nll`, `stream(score=...)`) needs; prompts then run slower."""
+        `scoring`: the graph that gives the logits scoring reads (`reference_nll`,
+        `stream(score=...)`): a chunk's last positions, not only its last; prompts run a little slower."""
         import onnxruntime_genai as og
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise GenerationError(f"threads must be a whole number of at least 1, got {threads!r}.")
         folder, name = resolve_export(Path(path).expanduser())
         genai_config = _read_json(folder / "genai_config.json")
-        if _use_all_logits(folder, all_logits):
-            genai_config["model"]["decoder"]["filename"] = ALL_LOGITS_GRAPH
+        graph = scoring_graph(folder) if scoring else None
+        if graph:
+            genai_config["model"]["decoder"]["filename"] = graph
         template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
         threads = threads or default_threads()
         try:
-            og_model = og.Model(og_config(folder, threads, all_logits=all_logits))
+            og_model = og.Model(og_config(folder, threads, graph=graph))
             tokenizer = og.Tokenizer(og_model)
         except Exception as e:  # onnxruntime-genai raises plain RuntimeError for every load problem
             raise ModelError(
@@ -632,10 +634,10 @@ class ChatModel:
         return negative_log_likelihood(logits, answer), len(answer)
 
     def _check_scoring(self) -> None:
-        if not self.all_logits:
+        if not self.scoring:
             raise GenerationError(
                 f"scoring a reference needs every position's logits, and {self.name} was loaded for generation "
-                "(its prompt pass computes only the last position's). Load it with ChatModel.load(path, all_logits=True)."
+                "(its prompt pass computes only the last position's). Load it with ChatModel.load(path, scoring=True)."
             )
 
     def _answer_ids(self, reference: str) -> list[int]:
@@ -682,24 +684,24 @@ class ChatModel:
         return params
 
 
-def og_config(folder: Path, threads: int, *, all_logits: bool = False) -> Any:
-    """onnxruntime-genai's config for `folder` with `threads` intra-op threads, and with
-    `all_logits` the graph that gives every position's logits. An overlay changes the config in
+def og_config(folder: Path, threads: int, *, graph: str | None = None) -> Any:
+    """onnxruntime-genai's config for `folder` with `threads` intra-op threads, and `graph` (a file
+    in the folder) in place of the one genai_config.json names. An overlay changes the config in
     memory: a large export is never copied or rewritten to change its threads."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
     decoder: dict[str, Any] = {"session_options": {"intra_op_num_threads": threads}}
-    if _use_all_logits(folder, all_logits):
-        decoder["filename"] = ALL_LOGITS_GRAPH
+    if graph:
+        decoder["filename"] = graph
     config.overlay(json.dumps({"model": {"decoder": decoder}}))
     return config
 
 
-def _use_all_logits(folder: Path, all_logits: bool) -> bool:
-    """Load model.onnx in place of the graph genai_config.json names (exports from before the
-    generation graph have only model.onnx, which already gives every position's logits)."""
-    return all_logits and (folder / ALL_LOGITS_GRAPH).is_file()
+def scoring_graph(folder: Path) -> str | None:
+    """The graph that scoring loads: the scoring graph, else (exports from before it) model.onnx,
+    whose every position's logits serve too; None where the folder has neither (genai_config's)."""
+    return next((name for name in (SCORE_GRAPH, ALL_LOGITS_GRAPH) if (folder / name).is_file()), None)
 
 
 def _decoder_file(genai_config: dict) -> str:

@@ -183,16 +183,18 @@ def test_a_constrained_row_for_the_fine_tuned_export(tiny_llama_run, tmp_path):
         evaluate([str(tiny_llama_run / "onnx-int4")], data, json_schema=str(tmp_path / "missing.json"))
 
 
-def test_only_a_row_that_scores_loads_every_positions_logits(tiny_llama_run):
+def test_only_a_row_that_scores_loads_the_scoring_graph(tiny_llama_run):
     """A constrained row only answers, as an app does: the generation graph, whose prompt pass skips
-    the head; the free row scores its references in the answer's pass and needs every position."""
+    the head; the free row scores its references in the answer's pass: the scoring graph."""
     from edgeft.evaluate import OnnxBackend, candidates, with_constrained_rows
 
     export(merged(tiny_llama_run), ExportConfig(verify=False))
     schema = {"type": "array", "items": {"type": "string"}}
     free, constrained = with_constrained_rows(candidates([str(tiny_llama_run / "onnx-int4")], 0), schema)
-    assert OnnxBackend(free).model.all_logits
-    assert not OnnxBackend(constrained).model.all_logits
+    from edgeft.runtime.engine import SCORE_GRAPH
+
+    assert OnnxBackend(free).model.genai_config["model"]["decoder"]["filename"] == SCORE_GRAPH
+    assert not OnnxBackend(constrained).model.scoring
 
 
 def test_what_a_request_costs_in_one_sentence_and_a_chart(tmp_path):

@@ -103,27 +103,39 @@ def test_genai_export_runs_and_verifies(tiny_run_dir, precision):
     assert reply.usage["completion_tokens"] >= 1
 
 
-def test_generation_reads_a_graph_whose_prompt_pass_computes_only_the_last_logits(tiny_llama_run):
-    """Same model, same weights file, same answers; scoring loads the graph with every position's logits."""
+def test_generation_and_scoring_read_graphs_whose_head_skips_the_prompt(tiny_llama_run):
+    """One weights file, three graphs: model.onnx gives every position's logits, the generation graph
+    the last one's, the scoring graph the last SCORE_POSITIONS' (zeros before them); a reference
+    longer than that, fed in pieces, scores as one chunk through model.onnx does; same answers."""
     import numpy as np
     import onnxruntime_genai as og
 
     from edgeft.errors import GenerationError
+    from edgeft.fidelity import SCORE_POSITIONS, teacher_forced_logits
     from edgeft.runtime import ChatModel
-    from edgeft.runtime.engine import ALL_LOGITS_GRAPH, GENERATE_GRAPH, og_config
+    from edgeft.runtime.engine import ALL_LOGITS_GRAPH, GENERATE_GRAPH, SCORE_GRAPH, og_config
 
     out = export(merged(tiny_llama_run), cfg(precision="int4", verify=False))
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == GENERATE_GRAPH
     assert sorted(p.name for p in out.glob("*.data")) == [ALL_LOGITS_GRAPH + ".data"]  # one copy of the weights
-    prompt = list(range(5, 45))
-    shapes = {}
-    for all_logits in (False, True):
-        model = og.Model(og_config(out, 2, all_logits=all_logits))
+    prompt = list(range(5, 5 + SCORE_POSITIONS + 10))
+    answer = list(range(60, 60 + 2 * SCORE_POSITIONS + 3))  # three pieces
+    models = {graph: og.Model(og_config(out, 2, graph=graph)) for graph in (None, ALL_LOGITS_GRAPH, SCORE_GRAPH)}
+    logits = {}
+    for graph, model in models.items():
         generator = og.Generator(model, og.GeneratorParams(model))
-        generator.append_tokens(prompt)
-        shapes[all_logits] = np.asarray(generator.get_output("logits")).shape
-    assert shapes[False][1] == 1 and shapes[True][1] == len(prompt)
-    generating, scoring = ChatModel.load(out), ChatModel.load(out, all_logits=True)
+        generator.append_tokens(prompt + answer[:-1])
+        logits[graph] = np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
+    full, scored = logits[ALL_LOGITS_GRAPH], logits[SCORE_GRAPH]
+    assert logits[None].shape[0] == 1 and full.shape[0] == scored.shape[0] == len(prompt + answer) - 1
+    np.testing.assert_allclose(logits[None][0], full[-1], atol=1e-3)
+    np.testing.assert_allclose(scored[-SCORE_POSITIONS:], full[-SCORE_POSITIONS:], atol=1e-3)
+    assert not scored[:-SCORE_POSITIONS].any()
+    expected = full[len(prompt) - 1 :]  # the positions that predict each answer token
+    for graph in (ALL_LOGITS_GRAPH, SCORE_GRAPH):
+        np.testing.assert_allclose(teacher_forced_logits(models[graph], prompt, answer), expected, atol=1e-3)
+
+    generating, scoring = ChatModel.load(out), ChatModel.load(out, scoring=True)
     for text in ("hello there", "tomato onion garlic", "a longer question about salt and pepper"):
         messages = [{"role": "user", "content": text}]
         assert (
@@ -132,9 +144,14 @@ def test_generation_reads_a_graph_whose_prompt_pass_computes_only_the_last_logit
         )
     nll, tokens = scoring.reference_nll(messages, "salt")
     assert nll > 0 and tokens == 2
-    with pytest.raises(GenerationError, match="all_logits=True"):
+    long_reference = " ".join(["salt and pepper"] * 30)
+    stream = scoring.stream(messages, score=long_reference, max_tokens=4, temperature=0)
+    stream.text()
+    assert stream.reference_tokens > 2 * SCORE_POSITIONS
+    assert stream.reference_nll == pytest.approx(scoring.reference_nll(messages, long_reference)[0], rel=1e-4)
+    with pytest.raises(GenerationError, match="scoring=True"):
         generating.reference_nll(messages, "salt")
-    with pytest.raises(GenerationError, match="all_logits=True"):
+    with pytest.raises(GenerationError, match="scoring=True"):
         generating.stream(messages, score="salt")
 
 
