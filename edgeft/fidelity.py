@@ -88,12 +88,16 @@ def torch_greedy_scored(
     model, prompts: list[list[int]], max_new: int, stops, pad_token_id: int | None, references=None
 ) -> tuple[list[list[int]], list[tuple[float, int]], float]:
     """torch_greedy, and with `references` (token lists, one per prompt) each reference's summed
-    NLL after its prompt and its token count, scored on the prompts' own KV cache (the prompts run
-    once, not twice), and the seconds that scoring took.
+    NLL after its prompt and its token count, and the seconds that scoring took. The prompts run
+    once, not twice: an answer that is its reference (what a fine-tuned model mostly writes) is
+    scored from the logits its own greedy steps chose by; the other references in one pass over a
+    copy of the prompts' KV cache.
 
     What every prompt begins with (a system prompt, few-shot examples) runs once for the batch:
     rows are laid out as that shared part, then padding, then each prompt's own part.
     """
+    import copy
+
     import torch
 
     pad = pad_token_id if pad_token_id is not None else 0
@@ -119,10 +123,7 @@ def torch_greedy_scored(
                 use_cache=True,
                 logits_to_keep=1,
             ).past_key_values
-        if references is not None:
-            start = time.perf_counter()
-            scores = _score_references(model, cache, batch[:, -1], mask, references, pad)
-            scoring = time.perf_counter() - start
+        prompts_cache = copy.deepcopy(cache) if references is not None else None  # generate() extends its own
         out = model.generate(
             input_ids=batch,
             attention_mask=mask,
@@ -131,12 +132,39 @@ def torch_greedy_scored(
             do_sample=False,
             eos_token_id=sorted(stops),
             pad_token_id=pad,
+            output_logits=references is not None,
+            return_dict_in_generate=True,
         )
+        answers = out.sequences[:, width:].tolist()
+        if references is not None:
+            start = time.perf_counter()
+            scores = [_scored_by_steps(out.logits, i, a, r) for i, (a, r) in enumerate(zip(answers, references))]
+            if todo := [i for i, score in enumerate(scores) if score is None]:
+                if prompts_cache is not None:
+                    prompts_cache.batch_select_indices(torch.tensor(todo))
+                rest = [references[i] for i in todo]
+                for i, score in zip(
+                    todo, _score_references(model, prompts_cache, batch[todo, -1], mask[todo], rest, pad)
+                ):
+                    scores[i] = score
+            scoring = time.perf_counter() - start
     rows = []
-    for row in out[:, width:].tolist():
+    for row in answers:
         stop_at = next((i for i, t in enumerate(row) if t in stops), None)
         rows.append(row if stop_at is None else row[: stop_at + 1])
     return rows, scores, scoring
+
+
+def _scored_by_steps(step_logits, row: int, answer: list[int], reference: list[int]) -> tuple[float, int] | None:
+    """(summed NLL, tokens) of `reference` from the logits of the greedy steps that wrote `answer`,
+    when the answer begins with the whole reference (each step's logits then predict the reference's
+    token after the same tokens); None otherwise."""
+    import torch
+
+    if answer[: len(reference)] != reference:
+        return None
+    logits = torch.stack([step[row] for step in step_logits[: len(reference)]]).float()
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(reference), reduction="sum")), len(reference)
 
 
 def _shared_prefix(prompts: list[list[int]]) -> int:
@@ -162,10 +190,8 @@ def _positions(mask):
 
 
 def _score_references(model, cache, last, mask, references: list[list[int]], pad: int) -> list[tuple[float, int]]:
-    """(summed NLL, tokens) of each row's reference after its prompt, on a copy of the prompts'
-    cache (which holds all but the `last` prompt token of each row)."""
-    import copy
-
+    """(summed NLL, tokens) of each row's reference after its prompt, on the prompts' `cache`
+    (which holds all but the `last` prompt token of each row, and which this extends)."""
     import torch
 
     longest = max(map(len, references))
@@ -175,7 +201,7 @@ def _score_references(model, cache, last, mask, references: list[list[int]], pad
         input_ids=tail,
         attention_mask=torch.cat([mask[:, :-1], tail_mask], dim=1),
         position_ids=_positions(mask)[:, -1:] + torch.arange(1 + longest),
-        past_key_values=copy.deepcopy(cache),
+        past_key_values=cache,
         use_cache=True,
     ).logits
     out = []

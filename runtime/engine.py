@@ -282,9 +282,9 @@ class ChatStream:
         self.model = model
         self.prompt_tokens = len(prompt_ids)
         self.result: ChatResult | None = None
-        # `score_ids` (a reference answer): after the answer, the generator rewinds to the prompt and
-        # scores the reference, reusing the prompt's prefill; the summed NLL lands in `reference_nll`,
-        # over `reference_tokens` tokens (the reference and its end of turn).
+        # `score_ids` (a reference answer): scored on the prompt's own prefill, from the answer's
+        # steps while it writes the reference, then by rewinding for the rest (ReferenceScore); the
+        # summed NLL lands in `reference_nll`, over `reference_tokens` tokens (with its end of turn).
         self._score_ids = score_ids
         # greedy answers (asked for, or the model's own default) can pick up where the cache's last
         # prompt left off (a constrained one reusing its grammar)
@@ -391,8 +391,6 @@ class ChatStream:
             self._pieces.close()
 
     def _generate(self) -> Iterator[str]:
-        import numpy as np
-
         model, started = self.model, time.perf_counter() - self._setup_seconds
         stops = StopStringFilter(self._options.stop)
         parts: list[str] = []
@@ -403,12 +401,15 @@ class ChatStream:
             generator, self.reused_tokens = self._cached_generator()
             # the prefill: the prompt, less what the cache holds
             generator.append_tokens(self._prompt_ids[self.reused_tokens :])
-            # a copy now: sampling may change the generator's logits in place
-            first_logits = np.array(generator.get_logits(), dtype=np.float32) if self._score_ids else None
+            score = ReferenceScore(self._score_ids) if self._score_ids else None
             decoder = model._tokenizer.create_stream()
             while not generator.is_done() and generated < self._max_tokens and not self.cancelled and not stops.stopped:
+                if score:
+                    score.step(generator)
                 generator.generate_next_token()
                 last = int(generator.get_next_tokens()[0])
+                if score:
+                    score.chose(last)
                 generated += 1
                 first_token_at = first_token_at or time.perf_counter()
                 if last in model.eos_token_ids:
@@ -420,9 +421,9 @@ class ChatStream:
             if not stops.stopped and not self.cancelled and (tail := stops.flush()):
                 parts.append(tail)
                 yield tail
-            if self._score_ids and not self.cancelled:
+            if score and not self.cancelled:
                 ended = time.perf_counter()  # the answer's time; scoring is the evaluation's, not the request's
-                self.reference_nll = _score(generator, self.prompt_tokens, first_logits, self._score_ids)
+                self.reference_nll = score.finish(generator, self.prompt_tokens)
         except GeneratorExit:  # the caller stopped iterating (close(), break): a cancelled answer
             self._cancelled.set()
             raise
@@ -460,16 +461,45 @@ class PromptCache:
     made_for: tuple = ()  # the model, runtime adapter and response_format its generator serves
 
 
-def _score(generator: Any, prompt_tokens: int, first_logits: Any, answer: list[int]) -> float:
-    """Summed NLL of `answer` after the prompt: the logits the prefill left for its first token,
-    then the rest in chunks after rewinding over the generated answer (as teacher_forced_logits)."""
-    import numpy as np
+class ReferenceScore:
+    """The summed NLL of a reference answer after the prompt, from the logits the answer's own
+    greedy steps chose by while the answer is the reference's start (all of it, for a fine-tuned
+    model's usual answer), and for the rest from one rewind to where the answer left it, fed in
+    pieces (as teacher_forced_logits): the prompt is never run twice."""
 
-    rows = [first_logits.reshape(1, -1)]
-    if len(answer) > 1:
-        generator.rewind_to(prompt_tokens)
-        rows += forced_logits(generator, answer[:-1])
-    return negative_log_likelihood(np.concatenate(rows), answer)
+    def __init__(self, ids: list[int]):
+        self.ids, self.nll = ids, 0.0
+        self.position = 0  # tokens generated so far
+        self.scored = 0  # reference tokens scored
+        self.on_reference = True  # the answer so far is the reference's start
+
+    def step(self, generator: Any) -> None:
+        """Before a token is chosen: while the answer so far is the reference's start, these
+        logits follow the reference's own tokens and score its token at this position."""
+        import numpy as np
+
+        if self.on_reference and self.position < len(self.ids):
+            logits = np.asarray(generator.get_logits(), dtype=np.float32).reshape(1, -1)
+            self.nll += negative_log_likelihood(logits, self.ids[self.position : self.position + 1])
+            self.scored = self.position + 1
+
+    def chose(self, token: int) -> None:
+        self.on_reference = self.on_reference and self.position < len(self.ids) and token == self.ids[self.position]
+        self.position += 1
+
+    def finish(self, generator: Any, prompt_tokens: int) -> float:
+        """The reference's tokens no step scored: rewind to the last token the answer shares with
+        it and feed the reference from there."""
+        import numpy as np
+
+        if not self.scored:  # no token was generated: the prefill's logits
+            self.step(generator)
+        if self.scored < len(self.ids):
+            generator.rewind_to(prompt_tokens + self.scored - 1)
+            rows = forced_logits(generator, self.ids[self.scored - 1 : -1])
+            self.nll += negative_log_likelihood(np.concatenate(rows), self.ids[self.scored :])
+            self.scored = len(self.ids)
+        return self.nll
 
 
 # --- the model ------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp
 
 @pytest.mark.parametrize("shared", [0, fidelity.SHARED_PREFIX_MIN + 4])
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_phi3"])
-def test_references_scored_on_the_answers_own_cache_match_a_separate_pass(model_fixture, shared, request):
+def test_references_scored_on_the_answers_own_cache_match_a_separate_pass(model_fixture, shared, request, monkeypatch):
     """Padded prompts of different lengths: the in-pass NLL equals a full forward pass per prompt,
     and the answers are the ones generate() gives without the scoring. With a long enough shared
     beginning (a system prompt), that part runs once for the batch, and nothing changes either."""
@@ -297,12 +297,19 @@ def test_references_scored_on_the_answers_own_cache_match_a_separate_pass(model_
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(model_fixture)).eval()
     system = [20 + i for i in range(shared)]
     prompts = [system + p for p in ([5, 9, 2, 7, 3], [4, 8], [6, 1, 3])]
-    references = [[11, 12, 13], [14], [15, 16]]
     assert fidelity._shared_prefix(prompts) == shared
-    rows, scores, _ = fidelity.torch_greedy_scored(model, prompts, 6, {0}, None, references)
-    assert rows == fidelity.torch_greedy(model, prompts, 6, {0}, None)
+    rows = fidelity.torch_greedy(model, prompts, 6, {0}, None)
     assert rows == [fidelity.torch_greedy(model, [p], 6, {0}, None)[0] for p in prompts]  # as each alone
-    for prompt, reference, (nll, n) in zip(prompts, references, scores):
-        logits = _logits(model, torch.tensor([prompt + reference]))[0, len(prompt) - 1 : -1]
-        alone = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(reference), reduction="sum")
-        assert n == len(reference) and nll == pytest.approx(float(alone), rel=1e-6)  # a position off by one: ~2e-5
+    # the greedy answer itself (scored from its own steps' logits), its start, a reference it never wrote
+    passes = []  # references scored by a pass of their own (not the answer's steps)
+    one_pass = fidelity._score_references
+    monkeypatch.setattr(fidelity, "_score_references", lambda *a: passes.extend(a[4]) or one_pass(*a))
+    for references in ([rows[0][:4], [14], [15, 16]], [[11, 12, 13], rows[1][:3], rows[2][:2]]):
+        passes.clear()
+        again, scores, _ = fidelity.torch_greedy_scored(model, prompts, 6, {0}, None, references)
+        assert again == rows
+        assert passes == [r for r, row in zip(references, rows) if row[: len(r)] != r] != references
+        for prompt, reference, (nll, n) in zip(prompts, references, scores):
+            logits = _logits(model, torch.tensor([prompt + reference]))[0, len(prompt) - 1 : -1]
+            alone = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(reference), reduction="sum")
+            assert n == len(reference) and nll == pytest.approx(float(alone), rel=1e-6)  # a position off by one: ~2e-5

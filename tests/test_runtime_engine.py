@@ -243,6 +243,29 @@ def test_scoring_a_reference_in_the_answers_pass_changes_nothing(llama, max_toke
     assert (n > max_tokens) == (max_tokens == 3)  # the room for scoring outgrew the answer's, or not
 
 
+@pytest.mark.parametrize("part", ["all", "start", "none"])
+def test_a_reference_the_answer_writes_is_scored_from_the_answers_own_steps(llama, part, monkeypatch):
+    """While the answer is the reference's start, its steps' logits score the reference; a fine-tuned
+    model's usual answer (the whole reference) needs no other pass. The NLL is the teacher-forced one."""
+    from edgeft import fidelity
+    from edgeft.runtime import engine
+
+    prompt = [int(t) for t in llama._tokenizer.encode(llama.apply_template(HI))]
+    answer = fidelity.og_greedy(llama._og_model, prompt, 8, llama.eos_token_ids)
+    other = next(t for t in range(5, 50) if t not in answer[:4])
+    ids = {"all": answer, "start": [*answer[:3], other, 7, 8], "none": [other, *answer]}[part]
+    monkeypatch.setattr(llama, "_answer_ids", lambda text: ids)
+    passes = []
+    monkeypatch.setattr(
+        engine, "forced_logits", lambda g, tokens: passes.append(tokens) or fidelity.forced_logits(g, tokens)
+    )
+    stream = llama.stream(HI, score="the ids above", max_tokens=len(answer), temperature=0)
+    stream.text()
+    expected = fidelity.negative_log_likelihood(fidelity.teacher_forced_logits(llama._og_model, prompt, ids), ids)
+    assert stream.reference_nll == pytest.approx(expected, rel=1e-4)
+    assert passes == {"all": [], "start": [ids[3:-1]], "none": [ids[:-1]]}[part]
+
+
 @pytest.mark.parametrize("which", ["llama", "phi3"])
 def test_a_prompt_cache_runs_only_what_is_new_and_changes_nothing(which, request):
     """Few-shot prompts share their examples: with a PromptCache the next prompt runs from where it
