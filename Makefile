@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   create .venv, install, run the whole pipeline on the built-in model (edgeft quickstart)
+#   make demo   create .venv, install the tool, run the whole pipeline on the built-in model (edgeft quickstart)
 #   make test   create .venv, install, run the test suite
 #   make lint   ruff check and ruff format --check (CI runs it before the tests)
 # On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip never
@@ -12,12 +12,15 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+comma := ,
 
-.PHONY: setup demo test test-fast lint test-tools clean
+.PHONY: setup setup-tool demo test test-fast lint test-tools clean
 
 setup: $(VENV)/.installed
+setup-tool: $(VENV)/.installed-tool
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# a venv with torch (the CPU build unless an NVIDIA GPU is there), then the project with $(1)
+define install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -28,10 +31,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 		|| $(PY) -m pip install -q --timeout 30 --retries 1 torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS) \
 			--index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e "$(1)"
+endef
+
+# `make demo` installs the tool and what it runs; `make test` and `make lint` the test and lint tools too
+$(VENV)/.installed-tool: pyproject.toml constraints.txt
+	$(call install,.[all])
 	touch $@
 
-demo: setup
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(call install,.[all$(comma)dev])
+	touch $@ $(VENV)/.installed-tool
+
+demo: setup-tool
 	$(VENV)/bin/edgeft doctor
 	$(VENV)/bin/edgeft quickstart
 
