@@ -91,20 +91,20 @@ REFERENCES = {
         },
     },
     # The same machine with AVX-512 and VNNI hidden from every library (benchmarks/avx2_kind.py:
-    # flags avx2 fma, training in fp32), 2026-11-24 09:30, quickstart 20.1 min, model cache warm.
+    # flags avx2 fma, training in fp32), 2026-11-24 14:07, quickstart 18.2 min, model cache warm.
     # No native AVX2-only machine has run today's quickstart yet.
     "avx2": {
-        "gflops": 213.0,
+        "gflops": 225.0,
         "bf16": False,
         "steps": 165,
         "examples": 200,
         "stages": {
-            "fine-tune (QLoRA)": 407.3,
-            "merge": 18.7,
-            "export int4": 90.9,
-            "export the base model": 32.4,
-            "evaluate": 630.0,
-            "benchmark": 27.0,
+            "fine-tune (QLoRA)": 396.0,
+            "merge": 17.1,
+            "export int4": 80.4,
+            "export the base model": 31.5,
+            "evaluate": 540.6,
+            "benchmark": 26.5,
         },
     },
 }
