@@ -86,7 +86,7 @@ def cli(verbose: bool) -> None:
 def quickstart(
     output: str, max_steps: int, limit: int, shots: int, rag: int, bench_runs: int, force: bool, allow_drift: bool
 ) -> None:
-    """The whole path on the built-in model and the recipe sample, with a report (16-19 min on 2 AVX-512 cores, ~20 on AVX2).
+    """The whole path on the built-in model and the recipe sample, with a report (about 16 min on 2 AVX-512 cores, 19 on AVX2).
 
     \b
     fine-tune (QLoRA) -> merge -> export int4 -> evaluate (base zero-shot, base few-shot, base with

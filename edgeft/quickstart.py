@@ -68,26 +68,26 @@ class QuickstartConfig:
 # What a full quickstart took on each kind of CPU, and that machine's fp32 matmul speed (see
 # `probe_speed`). The kind picks the reference: with VNNI, ONNX Runtime's int8 kernels do a prompt
 # pass in half the time they take with AVX2 alone, which the fp32 probe cannot see (the
-# evaluation's long prompts: 446.6 against 630.0 s on one machine). Within a kind, each stage
+# evaluation's long prompts: 424.7 against 540.6 s on one machine). Within a kind, each stage
 # scales by this machine's fp32 speed, and training by BF16_SPEEDUP where one machine has native
 # bf16 and the other not. A rough guide: an earlier reference (37.7 min on a machine of the same
 # kind, probe 169 GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of
 # what differs between VMs).
 REFERENCES = {
     # AMD EPYC, 2 cores, CPU flags avx2 fma avx_vnni avx512f avx512_vnni avx512_bf16 (training in
-    # bf16): `make demo` on a fresh clone, 2026-11-24 06:15, quickstart 15.7 min (16.5 in all).
+    # bf16): `make demo` on a fresh clone, 2026-11-24 14:22, quickstart 15.2 min (15.8 in all).
     "vnni": {
-        "gflops": 206.0,
+        "gflops": 236.0,
         "bf16": True,
         "steps": 165,
         "examples": 200,
         "stages": {
-            "fine-tune (QLoRA)": 319.5,
-            "merge": 20.0,
-            "export int4": 96.5,
-            "export the base model": 33.8,
-            "evaluate": 446.6,
-            "benchmark": 25.2,
+            "fine-tune (QLoRA)": 321.2,
+            "merge": 21.8,
+            "export int4": 89.3,
+            "export the base model": 31.8,
+            "evaluate": 424.7,
+            "benchmark": 22.3,
         },
     },
     # The same machine with AVX-512 and VNNI hidden from every library (benchmarks/avx2_kind.py:

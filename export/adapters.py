@@ -121,7 +121,7 @@ def ensure_base(trained, cfg: ExportConfig, identity: str, calibration: Path | N
         weights = rework_weights(hf, tmp, cfg, method, calibration)
         finish_folder(hf, tmp)
         slots = add_lora_slots(tmp / "model.onnx")
-        write_derived_graphs(tmp)  # after the slots: both graphs take the adapters
+        write_derived_graphs(tmp)  # after the slots: every graph takes the adapters
         check_export_folder(tmp)
         artifacts.write_json_atomic(
             tmp / BASE_FILE,

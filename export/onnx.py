@@ -336,8 +336,8 @@ def write_derived_graphs(folder: Path) -> bool:
     - the scoring graph (`ChatModel.load(..., scoring=True)`): the head sees the last
       SCORE_POSITIONS positions of a chunk, zeros stand for the others. Scoring a reference feeds it
       in pieces that short and reads every position, while the prompt before it needs only its last
-      (the head over every position of a 640-token prompt was a fifth of each request of eval's
-      retrieval row on the AVX2 code paths).
+      (eval's retrieval row, 640-token prompts on the AVX2 code paths: 1.09 -> 0.96 s a request
+      against model.onnx, the same answers and reference NLL).
 
     False if the graph has no such head (the folder keeps model.onnx alone)."""
     import onnx
