@@ -123,7 +123,9 @@ def torch_greedy_scored(
                 use_cache=True,
                 logits_to_keep=1,
             ).past_key_values
+        start = time.perf_counter()  # the copy is the scoring's, not the answers' time
         prompts_cache = copy.deepcopy(cache) if references is not None else None  # generate() extends its own
+        scoring = time.perf_counter() - start
         out = model.generate(
             input_ids=batch,
             attention_mask=mask,
@@ -147,7 +149,7 @@ def torch_greedy_scored(
                     todo, _score_references(model, prompts_cache, batch[todo, -1], mask[todo], rest, pad)
                 ):
                     scores[i] = score
-            scoring = time.perf_counter() - start
+            scoring += time.perf_counter() - start
     rows = []
     for row in answers:
         stop_at = next((i for i, t in enumerate(row) if t in stops), None)
