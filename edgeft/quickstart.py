@@ -195,10 +195,10 @@ def _announce(cfg: QuickstartConfig) -> dict[str, float]:
     examples = len(load_samples(cfg.eval_file, cfg.limit or None))
     ref = REFERENCES[probe["kind"]]
     expected = expected_seconds(probe, cfg.max_steps or ref["steps"], examples)
-    kind = "VNNI" if probe["kind"] == "vnni" else "AVX2-only"
+    kind = "a VNNI" if probe["kind"] == "vnni" else "an AVX2-only"
     log.info(
         f"Expected: about {duration(sum(expected.values()))} on this machine if nothing is reused "
-        f"({', '.join(f'{k} {duration(v)}' for k, v in expected.items())}): a {kind} reference run's times scaled by "
+        f"({', '.join(f'{k} {duration(v)}' for k, v in expected.items())}): {kind} reference run's times scaled by "
         f"this CPU's fp32 matmul speed ({probe['gflops']:.0f} GFLOPS against {ref['gflops']:.0f}) and "
         f"{'bf16' if probe['bf16'] else 'fp32'} training (flags: {' '.join(probe['flags']) or 'none of note'})."
     )
