@@ -187,12 +187,11 @@ def test_only_a_row_that_scores_loads_the_scoring_graph(tiny_llama_run):
     """A constrained row only answers, as an app does: the generation graph, whose prompt pass skips
     the head; the free row scores its references in the answer's pass: the scoring graph."""
     from edgeft.evaluate import OnnxBackend, candidates, with_constrained_rows
+    from edgeft.runtime.engine import SCORE_GRAPH
 
     export(merged(tiny_llama_run), ExportConfig(verify=False))
     schema = {"type": "array", "items": {"type": "string"}}
     free, constrained = with_constrained_rows(candidates([str(tiny_llama_run / "onnx-int4")], 0), schema)
-    from edgeft.runtime.engine import SCORE_GRAPH
-
     assert OnnxBackend(free).model.genai_config["model"]["decoder"]["filename"] == SCORE_GRAPH
     assert not OnnxBackend(constrained).model.scoring
 
