@@ -90,14 +90,12 @@ def torch_greedy_scored(
     """torch_greedy, and with `references` (token lists, one per prompt) each reference's summed
     NLL after its prompt and its token count, and the seconds that scoring took. The prompts run
     once, not twice: an answer that is its reference (what a fine-tuned model mostly writes) is
-    scored from the logits its own greedy steps chose by; the other references in one pass over a
-    copy of the prompts' KV cache.
+    scored from the logits its own greedy steps chose by; the other references in one pass over the
+    prompts' KV cache (generate()'s own, cropped back to the prompts).
 
     What every prompt begins with (a system prompt, few-shot examples) runs once for the batch:
     rows are laid out as that shared part, then padding, then each prompt's own part.
     """
-    import copy
-
     import torch
 
     pad = pad_token_id if pad_token_id is not None else 0
@@ -123,9 +121,6 @@ def torch_greedy_scored(
                 use_cache=True,
                 logits_to_keep=1,
             ).past_key_values
-        start = time.perf_counter()  # the copy is the scoring's, not the answers' time
-        prompts_cache = copy.deepcopy(cache) if references is not None else None  # generate() extends its own
-        scoring = time.perf_counter() - start
         out = model.generate(
             input_ids=batch,
             attention_mask=mask,
@@ -142,14 +137,13 @@ def torch_greedy_scored(
             start = time.perf_counter()
             scores = [_scored_by_steps(out.logits, i, a, r) for i, (a, r) in enumerate(zip(answers, references))]
             if todo := [i for i, score in enumerate(scores) if score is None]:
-                if prompts_cache is not None:
-                    prompts_cache.batch_select_indices(torch.tensor(todo))
+                if cache is not None:  # generate() extended the prompts' cache in place: back to the prompts
+                    cache.crop(width - 1)
+                    cache.batch_select_indices(torch.tensor(todo))
                 rest = [references[i] for i in todo]
-                for i, score in zip(
-                    todo, _score_references(model, prompts_cache, batch[todo, -1], mask[todo], rest, pad)
-                ):
+                for i, score in zip(todo, _score_references(model, cache, batch[todo, -1], mask[todo], rest, pad)):
                     scores[i] = score
-            scoring += time.perf_counter() - start
+            scoring = time.perf_counter() - start
     rows = []
     for row in answers:
         stop_at = next((i for i, t in enumerate(row) if t in stops), None)
