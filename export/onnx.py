@@ -344,11 +344,11 @@ def write_derived_graphs(folder: Path) -> bool:
 
     from edgeft.runtime.engine import ALL_LOGITS_GRAPH, GENERATE_GRAPH, SCORE_GRAPH
 
-    if _head(onnx.load(str(folder / ALL_LOGITS_GRAPH), load_external_data=False)) is None:
-        return False
     for name, feed in ((GENERATE_GRAPH, _last_position), (SCORE_GRAPH, _last_positions)):
         model = onnx.load(str(folder / ALL_LOGITS_GRAPH), load_external_data=False)
-        feed(model.graph, _head(model))
+        if (head := _head(model)) is None:
+            return False
+        feed(model.graph, head)
         onnx.save(model, str(folder / name))  # initializers still point into the same weights file
     path = folder / "genai_config.json"
     config = json.loads(path.read_text())

@@ -666,7 +666,7 @@ class ChatModel:
     def _check_scoring(self) -> None:
         if not self.scoring:
             raise GenerationError(
-                f"scoring a reference needs every position's logits, and {self.name} was loaded for generation "
+                f"scoring a reference needs the logits of every reference position, and {self.name} was loaded for generation "
                 "(its prompt pass computes only the last position's). Load it with ChatModel.load(path, scoring=True)."
             )
 
