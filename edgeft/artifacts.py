@@ -22,6 +22,7 @@ from edgeft import __version__
 from edgeft.errors import DiskSpaceError, RunError
 
 MANIFEST = "edgeft.json"
+HELD_OUT = "data/validation.jsonl"  # the validation split tune holds out of --data, inside the run
 SCHEMA_VERSION = 1
 
 
@@ -176,6 +177,7 @@ class TuneRecord:
     device: str | None
     metrics: dict
     nf4_double_quant: bool = True  # QLoRA's block scales quantized again (not recorded before it became a choice)
+    held_out: Path | None = None  # the validation split of the training data, when one was held out and is there
 
     @property
     def method(self) -> str:
@@ -190,6 +192,11 @@ class TuneRecord:
     def eval_file(self) -> Path | None:
         """The held-out data file, when the run has one and it is still there."""
         return _existing(self.config.get("eval_file"))
+
+    def check_files(self) -> list[Path]:
+        """Where the prompts that check this run's model come from, best first: its held-out data (the
+        eval file, else the validation split), then the training data."""
+        return [p for p in (self.eval_file or self.held_out, self.data) if p is not None]
 
 
 def _existing(path: str | None) -> Path | None:
@@ -218,6 +225,10 @@ class Run:
     @property
     def checkpoints_dir(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def held_out_file(self) -> Path:
+        return self.path / HELD_OUT
 
     @property
     def logs_dir(self) -> Path:
@@ -319,7 +330,8 @@ class Run:
         if r is None:
             return None
         fields = (r.get(k, default) for k, default in (("status", "running"), ("config", {}), ("precision", None)))
-        return TuneRecord(*fields, r.get("device"), r.get("metrics", {}), r.get("nf4_double_quant", True))
+        held_out = _existing(str(self.path / HELD_OUT)) if (r.get("data") or {}).get("held_out") else None
+        return TuneRecord(*fields, r.get("device"), r.get("metrics", {}), r.get("nf4_double_quant", True), held_out)
 
     @contextlib.contextmanager
     def lock(self, what: str) -> Iterator[None]:

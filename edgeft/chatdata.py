@@ -1,7 +1,9 @@
 """Chat data and the chat-format rules every stage shares.
 
 Reading: four formats, all normalized to chat messages (plain text excepted):
-- chat:       {"messages": [{"role": "system"|"user"|"assistant", "content": "...", "weight": 0|1}]}
+- chat:       {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "...", "weight": 0|1}]}
+              OpenAI's fine-tuning format in full: `tools` (or `functions`) on the example, assistant
+              `tool_calls`, `tool` results, `parallel_tool_calls` (rendered by edgeft.toolcalls)
 - alpaca:     {"instruction": "...", "input": "...", "output": "..."}  (input and system optional)
 - completion: {"prompt": "...", "completion": "..."}
 - text:       {"text": "..."}  (continued pre-training: every token is trained)
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeft import toolcalls
 from edgeft.errors import DataError
 
 # Tokens that close an assistant turn in the chat formats we know, most specific first.
@@ -25,8 +29,8 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|end|>", "<|eot_id|>", "<end_of_turn>", "<
 
 
 FORMATS = ("chat", "alpaca", "completion", "text")
-ROLES = ("system", "user", "assistant")
-MESSAGE_KEYS = {"role", "content", "weight", "name"}
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = {"role", "content", "weight", "name", "tool_calls", "tool_call_id", "function_call"}
 MAX_EXAMPLE_BYTES = 8_000_000  # one example this large is a data bug; it would be truncated anyway
 IGNORE = -100  # label that the loss skips
 
@@ -53,6 +57,7 @@ class Example:
     where: str
     messages: list[dict] = field(default_factory=list)
     text: str | None = None  # set for the plain-text format
+    tools: list[dict] = field(default_factory=list)  # the functions it declares (see edgeft.toolcalls)
 
 
 @dataclass
@@ -183,6 +188,9 @@ def _text_problem(value: Any, name: str) -> str | None:
 
 
 def _chat(where: str, obj: Any) -> tuple[Example | None, list[Problem]]:
+    """OpenAI's chat format in full: system/user/assistant messages, `weight` on assistant messages,
+    `tools` (or `functions`) with assistant `tool_calls` and `tool` results (edgeft.toolcalls renders
+    them as text any chat template can hold)."""
     if not isinstance(obj, dict):
         return None, [Problem(where, f"entry is not a JSON object (found {type(obj).__name__})")]
     messages = obj.get("messages")
@@ -190,33 +198,86 @@ def _chat(where: str, obj: Any) -> tuple[Example | None, list[Problem]]:
         return None, [Problem(where, "missing 'messages'")]
     if not isinstance(messages, list) or not messages:
         return None, [Problem(where, "'messages' must be a non-empty list")]
-    problems = []
+    functions, trouble = toolcalls.declared_tools(obj)
+    if obj.get("parallel_tool_calls", True) not in (True, False):
+        trouble.append("'parallel_tool_calls' must be true or false")
+    problems = [Problem(where, p) for p in trouble]
+    clean: list[dict] = []
+    awaiting: dict[str, str] = {}  # the last assistant message's calls that no tool message answered yet: id -> name
     for i, m in enumerate(messages, start=1):
         label = f"message {i}"
         if not isinstance(m, dict):
             problems.append(Problem(where, f"{label} is not an object"))
             continue
-        if "role" not in m or "content" not in m:
-            problems.append(Problem(where, f"{label} is missing {'role' if 'role' not in m else 'content'}"))
+        role = "tool" if m.get("role") == "function" else m.get("role")  # OpenAI's older name for a result
+        calls, trouble = toolcalls.read_calls(m, functions) if role == "assistant" else ([], [])
+        problems += [Problem(where, f"{label}: {p}") for p in trouble]
+        if role is None or ("content" not in m and not (calls or trouble)):
+            problems.append(Problem(where, f"{label} is missing {'role' if role is None else 'content'}"))
             continue
-        if m["role"] not in ROLES:
-            problems.append(Problem(where, f"{label} has unrecognized role {m['role']!r} (use {', '.join(ROLES)})"))
+        if role not in ROLES:
+            problems.append(Problem(where, f"{label} has unrecognized role {role!r} (use {', '.join(ROLES)})"))
+            continue
         if unknown := sorted(set(m) - MESSAGE_KEYS):
             problems.append(Problem(where, f"{label} has unrecognized key(s) {', '.join(map(repr, unknown))}"))
-        if problem := _text_problem(m["content"], f"{label} content"):
-            problems.append(Problem(where, problem))
-        if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or m["role"] != "assistant"):
+        if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or role != "assistant"):
             problems.append(Problem(where, f"{label} weight must be 0 or 1, on assistant messages only"))
-    if not problems and not any(m["role"] == "assistant" for m in messages):
+        content = m.get("content")
+        if role == "tool":
+            problem = _answered_call(m, awaiting) or (
+                None if isinstance(content, str) else f"content must be a string, found {type(content).__name__}"
+            )
+            if problem:
+                problems.append(Problem(where, f"{label} (tool result) {problem}"))
+            elif clean and clean[-1].get("results"):  # results of one turn's calls share a user message
+                clean[-1]["content"] += "\n" + toolcalls.result_text(content)
+            else:
+                clean.append({"role": "user", "content": toolcalls.result_text(content), "weight": 0, "results": True})
+            continue
+        if calls or trouble:
+            if content is not None and not isinstance(content, str):
+                problems.append(Problem(where, f"{label} content must be a string or null"))
+                continue
+            if len(calls) > 1 and obj.get("parallel_tool_calls") is False:
+                problems.append(Problem(where, f"{label} makes {len(calls)} calls, but parallel_tool_calls is false"))
+            awaiting = {c["id"]: c["name"] for c in calls}
+            content = "\n".join(part for part in ((content or "").strip(), toolcalls.calls_text(calls)) if part)
+        elif problem := _text_problem(content, f"{label} content"):
+            problems.append(Problem(where, problem))
+            continue
+        clean.append({"role": role, "content": content, "weight": m.get("weight", 1)})
+    if not problems and not any(m["role"] == "assistant" for m in clean):
         problems.append(Problem(where, "no assistant message: nothing to learn from this example"))
-    if not problems and not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+    if not problems and not any(m["role"] == "assistant" and m["weight"] for m in clean):
         problems.append(Problem(where, "every assistant message has weight 0: nothing to learn from this example"))
-    clean = (
-        [{"role": m["role"], "content": m["content"], "weight": m.get("weight", 1)} for m in messages]
-        if not problems
-        else []
-    )
-    return Example(where, clean), problems
+    if problems:
+        return Example(where, [], tools=functions), problems
+    if functions:  # the tools close the system message (one is added where there is none)
+        block = toolcalls.tools_block(functions)
+        if clean[0]["role"] == "system":
+            clean[0]["content"] = f"{clean[0]['content'].rstrip()}\n\n{block}"
+        else:
+            clean.insert(0, {"role": "system", "content": block, "weight": 1})
+    return Example(where, [{k: m[k] for k in ("role", "content", "weight")} for m in clean], tools=functions), []
+
+
+def _answered_call(message: dict, awaiting: dict[str, str]) -> str | None:
+    """Pair a tool result with the call it answers (by `tool_call_id`, or by `name`, or the only one
+    waiting); what is wrong when it answers none."""
+    if not awaiting:
+        return "has no assistant tool call before it to answer"
+    call_id = message.get("tool_call_id")
+    if call_id is None and isinstance(message.get("name"), str):
+        call_id = next((i for i, name in awaiting.items() if name == message["name"]), None)
+    if call_id is None and len(awaiting) == 1:
+        call_id = next(iter(awaiting))
+    if call_id not in awaiting:
+        shown = repr(message.get("tool_call_id")) if message.get("tool_call_id") is not None else "no tool_call_id"
+        return (
+            f"has {shown}, which matches no call of the assistant message before it ({', '.join(map(repr, awaiting))})"
+        )
+    del awaiting[call_id]
+    return None
 
 
 def _pairs(
@@ -361,7 +422,7 @@ def end_of_turn_for(tokenizer) -> str:
     return end_of_turn_token(tokenizer.chat_template or "", tokenizer.get_vocab()) or tokenizer.eos_token
 
 
-# Prompts for checking a model when there is no held-out data.
+# Prompts for checking a model that has no data of its own (a base model's export).
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -376,22 +437,26 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def reference_pairs(tokenizer, eval_file: str | Path | None, n: int) -> list[tuple[list[int], list[int] | None]]:
-    """(prompt ids, reference answer ids or None) pairs rendered with the model's chat template: the
-    held-out chat examples first (answer + end-of-turn token), then built-in prompts without answers."""
-    pairs = []
+def reference_pairs(tokenizer, files: Sequence[str | Path], n: int) -> list[tuple[list[int], list[int] | None]]:
+    """Up to `n` (prompt ids, reference answer ids) pairs rendered with the model's chat template, from
+    the user's own data: `files` in order (held-out data first, then the training data), the last
+    assistant message as the answer (+ end-of-turn token). Only where those give no chat example
+    (no files, plain text) are the built-in prompts used, without answers: a narrowly fine-tuned
+    model's answers to generic prompts say nothing about its task."""
+    pairs, seen = [], set()
     eot = tokenizer.convert_tokens_to_ids(end_of_turn_for(tokenizer))
-    if eval_file and Path(eval_file).exists():
-        for example in load_dataset(eval_file).examples[:n]:
+    for path in files:
+        for example in load_dataset(path).examples:
+            if len(pairs) >= n:
+                return pairs
             if (pair := prompt_and_reference(example)) is None:
                 continue
             messages, reference = pair
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            answer = tokenizer.encode(reference, add_special_tokens=False) + [eot]
-            pairs.append((list(prompt), answer))
-    for text in BUILTIN_PROMPTS:
-        if len(pairs) >= n:
-            break
+            prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+            if tuple(prompt) not in seen:  # an eval file may repeat a training prompt
+                seen.add(tuple(prompt))
+                pairs.append((prompt, tokenizer.encode(reference, add_special_tokens=False) + [eot]))
+    for text in BUILTIN_PROMPTS[: n if not pairs else 0]:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
         )

@@ -256,10 +256,12 @@ def data_check(file, model, fmt, max_seq_len, train_on_prompt, method, epochs, d
     \b
     Formats (detected from the keys; --format forces one):
       chat        {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "...", "weight": 1}]}
+                  OpenAI's format in full: "tools" on the example, assistant "tool_calls", "tool" messages
       alpaca      {"instruction": "...", "input": "...", "output": "..."}
       completion  {"prompt": "...", "completion": "..."}
       text        {"text": "..."}
-    Exits with status 1 if any example has a problem.
+    Prints one example as the model sees it, its trained text marked. Exits with status 1 if any
+    example has a problem.
     """
     from edgeft.chatdata import load_dataset
     from edgeft.models import resolve_model
@@ -445,9 +447,9 @@ def _report_adapter(out: Path) -> None:
 @click.argument("models", nargs=-1, required=True)
 @click.option(
     "--data",
-    required=True,
     type=click.Path(dir_okay=False),
-    help="Held-out chat data; the last assistant message is the reference.",
+    help="Held-out chat data; the last assistant message is the reference.  "
+    "[default: the run's --eval-file, else the validation split it held out]",
 )
 @click.option(
     "--shots",
@@ -521,7 +523,7 @@ def eval_cmd(models, data, shots, rag, shots_file, limit, max_tokens, batch_size
         json_schema=json_schema,
         merged=merged,
     )
-    click.echo(f"{report['samples']} examples from {data}, greedy, up to {report['max_tokens']} new tokens:")
+    click.echo(f"{report['samples']} examples from {report['data']}, greedy, up to {report['max_tokens']} new tokens:")
     for line in table(report):
         click.echo(line)
     click.echo(f"Report: {report['path']}")

@@ -151,6 +151,27 @@ def _fine_tuned_export(folder: Path) -> bool:
     return Run.is_run(folder.parent)
 
 
+def held_out_data(todo: list[Candidate]) -> Path:
+    """The held-out data of the run among the candidates: its --eval-file, else the validation split
+    tune held out of its training data."""
+    for run in (c.run or _run_of(c.path) for c in todo):
+        record = run.tune_record() if run else None
+        if record and (found := record.eval_file or record.held_out):
+            return found
+    raise ConfigError(
+        "no held-out data to evaluate on: pass --data FILE (chat examples whose last message is the answer). "
+        "A run holds some out by itself when trained without --eval-file on 100 examples or more."
+    )
+
+
+def _run_of(path: Path) -> Run | None:
+    """The run an export or merged folder belongs to, if any."""
+    for folder in (path, path.parent, path.parent.parent):
+        if Run.is_run(folder):
+            return Run.open(folder)
+    return None
+
+
 def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
     from edgeft.chatdata import prompt_and_reference
 
@@ -338,7 +359,7 @@ class OnnxBackend:
 
 def evaluate(
     specs: list[str],
-    data: str | Path,
+    data: str | Path | None = None,
     *,
     shots: int = 0,
     shots_file: str | Path | None = None,
@@ -364,8 +385,9 @@ def evaluate(
         )
     if shots < 0 or rag < 0 or (limit is not None and limit < 1) or (batch_size is not None and batch_size < 1):
         raise ConfigError("--shots and --rag must be 0 or more, --limit and --batch-size at least 1.")
-    samples = load_samples(data, limit)
     todo = candidates(specs, shots, rag, merged=merged)
+    data = data or held_out_data(todo)
+    samples = load_samples(data, limit)
     if json_schema is not None:
         todo = with_constrained_rows(todo, load_json_schema(json_schema, samples))
     pool = _example_pool(todo, shots_file, data) if shots or rag else []
@@ -474,7 +496,13 @@ def _example_pool(todo: list[Candidate], shots_file, data) -> list[Sample]:
         )
     if Path(source).resolve() == Path(data).resolve():
         raise ConfigError("--shots-file must not be the evaluation data: the answers would leak into the prompts.")
-    return load_samples(source)
+    # the validation split tune held out is part of the training file: never show its answers
+    held = {_key(s) for s in load_samples(data)}
+    return [s for s in load_samples(source) if _key(s) not in held]
+
+
+def _key(sample: Sample) -> str:
+    return json.dumps([sample.messages, sample.reference], sort_keys=True)
 
 
 ANSWER_MARGIN = 8  # tokens past the longest reference: its end of turn, and room for other spacing

@@ -321,7 +321,7 @@ def export(target: str | Path, cfg: ExportConfig, *, force: bool = False) -> Pat
 
 def export_adapter(run: Run, cfg: ExportConfig, *, force: bool = False) -> Path:
     """The run's adapter for the shared base export (built on first use); returns the adapter folder."""
-    from edgeft.export.onnx import _calibration_file, _eval_file, check_output, raise_drift, recorded_path
+    from edgeft.export.onnx import _calibration_file, _check_files, check_output, raise_drift, recorded_path
     from edgeft.trained import Trained
 
     out = Path(cfg.output) if cfg.output else run.path / ADAPTER_FOLDER
@@ -353,7 +353,7 @@ def export_adapter(run: Run, cfg: ExportConfig, *, force: bool = False) -> Path:
                 tokenizer_dir(trained),
                 base,
                 cfg,
-                eval_file=_eval_file(run),
+                check_files=_check_files(run),
                 reference=as_trained_model(trained),
                 adapter=tmp / ADAPTER_FILE,
             )

@@ -102,7 +102,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
                 source.model_dir,
                 tmp,
                 replace(cfg, quant_method=method),
-                eval_file=_eval_file(source.run),
+                check_files=_check_files(source.run),
                 reference=_as_trained(source.run),
             )
     drifted = bool(verification) and not verification["gate"]["passed"] and not cfg.allow_drift
@@ -234,9 +234,9 @@ def rework_weights(model_dir: Path, folder: Path, cfg: ExportConfig, method: str
     return done
 
 
-def _eval_file(run: Run | None) -> Path | None:
+def _check_files(run: Run | None) -> list[Path]:
     record = run.tune_record() if run else None
-    return record.eval_file if record else None
+    return record.check_files() if record else []
 
 
 # --- the genai builder --------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Verification: does the ONNX folder behave like the model as trained?
 
 The reference is the model as trained (for a run: the base as training loaded it, NF4 for QLoRA,
-plus the adapter, unmerged), else the PyTorch model that was exported. On held-out prompts (the
-run's eval data, else built-in prompts) `edgeft.fidelity` measures token agreement, perplexity,
-token-exact answers and the largest logit difference; an fp32 export that disagrees is a bug (an
-error), a quantized one outside the fidelity gate is a drift the user must accept.
+plus the adapter, unmerged), else the PyTorch model that was exported. On the user's own prompts
+(the run's held-out data, else its training data; built-in prompts only for a model without data)
+`edgeft.fidelity` measures token agreement, perplexity, token-exact answers and the largest logit
+difference; an fp32 export that disagrees is a bug (an error), a quantized one outside the fidelity
+gate is a drift the user must accept.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ class OnnxScorer:
 
 
 def verify(
-    model_dir: Path, onnx_dir: Path, cfg, *, eval_file: Path | None = None, reference=None, adapter: Path | None = None
+    model_dir: Path, onnx_dir: Path, cfg, *, check_files=(), reference=None, adapter: Path | None = None
 ) -> dict:
     """Compare the export (with `adapter` active, if given) with `reference` (a loaded PyTorch model;
-    default: the one in `model_dir`).
+    default: the one in `model_dir`) on prompts from `check_files` (the run's held-out data, then its
+    training data; see chatdata.reference_pairs).
 
     An fp32 export that disagrees raises ExportError; the fidelity gate's verdict is in result["gate"].
     """
@@ -63,7 +65,7 @@ def verify(
     if reference is None:
         reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     stops = set(json.loads((onnx_dir / "genai_config.json").read_text())["model"]["eos_token_id"])
-    pairs = reference_pairs(tokenizer, eval_file, cfg.verify_samples)
+    pairs = reference_pairs(tokenizer, check_files, cfg.verify_samples)
     result = fidelity.compare(
         fidelity.TorchScorer(reference, tokenizer.pad_token_id),
         OnnxScorer(onnx_dir, adapter),

@@ -23,7 +23,11 @@ class TuneConfig:
     model: str = opt("smollm2-135m", "Base model: built-in name, HF folder, .gguf file or Hub id.")
     data: str = opt("", "Training data: JSONL or JSON array (chat, alpaca, prompt/completion or text).")
     eval_file: str = opt("", "Held-out data for eval loss/perplexity (same formats as --data).")
-    val_split: float = opt(0.0, "Hold out this fraction of --data for evaluation when there is no --eval-file.")
+    val_split: float = opt(
+        0.1,
+        "Without --eval-file, hold out this fraction of --data (at most 200 examples, only from 100 examples up) for "
+        "eval loss, the best checkpoint, and the merge's and export's checks. 0 = train on all.",
+    )
     format: str = opt(
         "auto", "Data format; auto detects it from the keys.", choices=("auto", "chat", "alpaca", "completion", "text")
     )

@@ -10,6 +10,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeft import toolcalls
 from edgeft.chatdata import IGNORE, ChatRenderer, Dataset, Example, Problem, Tokenized, end_of_turn_for, load_dataset
 from edgeft.errors import DataError
 
@@ -44,17 +45,50 @@ class DataStats:
         )
 
 
-def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out a deterministic fraction of the examples (at least one, if any are asked for)."""
+# A validation split is held out by default only from data this large; it never takes more than
+# MAX_HELD_OUT examples (enough for a steady loss and the checks' exact match, cheap to score).
+MIN_FOR_SPLIT = 100
+MAX_HELD_OUT = 200
+
+
+def held_out_count(examples: int, fraction: float) -> int:
+    """How many of `examples` a validation split of `fraction` holds out: none below MIN_FOR_SPLIT
+    examples, at most MAX_HELD_OUT."""
+    if fraction <= 0 or examples < MIN_FOR_SPLIT:
+        return 0
+    return min(MAX_HELD_OUT, max(1, round(examples * fraction)))
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a deterministic random part of `items` (held_out_count of them), both parts in file order."""
     import random
 
-    if fraction <= 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
+    n_val = held_out_count(len(items), fraction)
+    if not n_val:
+        return items, []
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(examples) * fraction))
     held = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+    return [e for i, e in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def write_examples(path: Path, examples: list[Example]) -> None:
+    """Chat examples as a JSONL file any command reads back (written whole, or not at all)."""
+    import json
+
+    from edgeft.artifacts import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def saved(m: dict) -> dict:  # a weight only where it says "not trained", as the format allows
+        return {
+            "role": m["role"],
+            "content": m["content"],
+            **({"weight": 0} if m["role"] == "assistant" and not m["weight"] else {}),
+        }
+
+    lines = [json.dumps({"messages": [saved(m) for m in e.messages]}, ensure_ascii=False) for e in examples]
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 # --- the report `edgeft data check` prints and `edgeft tune` refuses bad data with ----------
@@ -66,6 +100,7 @@ class DataReport:
     tokenized: list[Tokenized]
     stats: DataStats | None
     problems: list[Problem]
+    shown: str = ""  # one example as the model sees it, trained text marked (see `marked`)
 
     @property
     def ok(self) -> bool:
@@ -74,7 +109,16 @@ class DataReport:
     @property
     def usable(self) -> list[Tokenized]:
         """Examples with at least one trained target after truncation."""
-        return [t for t in self.tokenized if any(label != IGNORE for label in t.labels[1:])]
+        return [t for _, t in self.usable_examples]
+
+    @property
+    def usable_examples(self) -> list[tuple[Example, Tokenized]]:
+        """The usable examples, each with its tokens."""
+        return [
+            (e, t)
+            for e, t in zip(self.dataset.examples, self.tokenized)
+            if any(label != IGNORE for label in t.labels[1:])
+        ]
 
     def lines(self, max_seq_len: int, max_problems: int = 20) -> list[str]:
         d = self.dataset
@@ -88,6 +132,8 @@ class DataReport:
                 f"  longer than {max_seq_len:<8} {s.truncated} (truncated to {max_seq_len} tokens)",
                 f"  tokens per epoch     {s.tokens_per_epoch:,}",
             ]
+        if self.shown and not self.problems:
+            out += ["", *self.shown.splitlines(), ""]
         if self.problems:
             out.append(f"{len(self.problems)} problem(s):")
             out += [f"  {p}" for p in self.problems[:max_problems]]
@@ -122,7 +168,7 @@ def check_data(
             tokenized.append(renderer.tokenize(example))
         except DataError as e:
             problems.append(Problem(example.where, str(e).split(": ", 1)[-1]))
-    report = DataReport(dataset, tokenized, DataStats.of(tokenized), problems)
+    report = DataReport(dataset, tokenized, DataStats.of(tokenized), problems, _shown(renderer, dataset.examples))
     if tokenized and not report.usable:
         problems.append(
             Problem(
@@ -130,3 +176,34 @@ def check_data(
             )
         )
     return report
+
+
+SHOWN_CHARS = 2500  # a longer example is cut in the middle of what `data check` shows
+
+
+def _shown(renderer: ChatRenderer, examples: list[Example]) -> str:
+    """One example (the first that calls a tool, else the first) rendered as the model sees it, its
+    trained text marked."""
+    example = next((e for e in examples if any(toolcalls.CALL_OPEN in m["content"] for m in e.messages)), None)
+    example = example or examples[0]
+    try:
+        text, spans = renderer.spans(example)
+    except DataError:
+        return ""
+    shown = marked(text, spans)
+    if len(shown) > SHOWN_CHARS:
+        shown = f"{shown[: SHOWN_CHARS // 2]}\n[... {len(shown) - SHOWN_CHARS:,} characters ...]\n{shown[-SHOWN_CHARS // 2 :]}"
+    body = "\n".join(f"    {line}" for line in shown.splitlines())
+    return f"  {example.where} as the model sees it; trained text between {TRAINED[0]} and {TRAINED[1]}:\n{body}"
+
+
+TRAINED = ("⟦", "⟧")  # the marks around trained text in `data check`'s example
+
+
+def marked(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with each trained span between the TRAINED marks."""
+    out, cursor = [], 0
+    for start, end in sorted(spans):
+        out += [text[cursor:start], TRAINED[0], text[start:end], TRAINED[1]]
+        cursor = end
+    return "".join(out) + text[cursor:]

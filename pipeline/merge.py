@@ -100,10 +100,11 @@ def _merge(run: Run, *, force: bool, base_weights: str, allow_drift: bool) -> Pa
 
 
 def reference_answers(run: Run, as_trained, tokenizer) -> fidelity.Recorded:
-    """What the model as trained answers on the run's held-out data (teacher-forced), kept for the check."""
+    """What the model as trained answers on the run's own prompts (held-out data first, then training
+    data; teacher-forced), kept for the check."""
     from edgeft.chatdata import reference_pairs, stop_ids
 
-    pairs = reference_pairs(tokenizer, run.tune_record().eval_file, MERGE_CHECK_SAMPLES)
+    pairs = reference_pairs(tokenizer, run.tune_record().check_files(), MERGE_CHECK_SAMPLES)
     stops = set(stop_ids(tokenizer))
     scorer = fidelity.TorchScorer(as_trained, tokenizer.pad_token_id)
     return fidelity.Recorded(scorer, pairs, stops, progress="scoring the model as trained")

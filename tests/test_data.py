@@ -69,7 +69,7 @@ def test_every_problem_is_reported_with_its_line(tmp_path):
         "line 2: entry is not a JSON object (found list)",
         "line 3: missing 'messages'",
         "line 4: message 1 is missing content",
-        "line 5: message 1 has unrecognized role 'robot' (use system, user, assistant)",
+        "line 5: message 1 has unrecognized role 'robot' (use system, user, assistant, tool)",
         "line 6: message 1 has unrecognized key(s) 'mood'",
         "line 7: message 1 content is empty",
         "line 8: message 1 content must be a string, found int",

@@ -15,7 +15,18 @@ from pathlib import Path
 from tests.conftest import REPO
 
 FOLDERS = {"edgeft": "edgeft", "pipeline": "edgeft.pipeline", "export": "edgeft.export", "runtime": "edgeft.runtime"}
-GROUND = {"errors", "artifacts", "config", "models", "chatdata", "trained", "fidelity", "plots", "progress"}
+GROUND = {
+    "errors",
+    "artifacts",
+    "config",
+    "models",
+    "chatdata",
+    "toolcalls",
+    "trained",
+    "fidelity",
+    "plots",
+    "progress",
+}
 ORCHESTRATION = {"cli", "quickstart", "report", "evaluate", "bench", "doctor", "__main__"}
 STAGES = ("edgeft.pipeline", "edgeft.export", "edgeft.runtime")
 ALLOWED_ACROSS = {

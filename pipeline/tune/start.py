@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft import artifacts, models
-from edgeft.artifacts import Run
-from edgeft.chatdata import Tokenized, load_dataset
+from edgeft.artifacts import HELD_OUT, Run
+from edgeft.chatdata import Example, Tokenized, load_dataset
 from edgeft.config import load_config
 from edgeft.errors import ConfigError, DataError
 from edgeft.pipeline.config import TuneConfig
-from edgeft.pipeline.data import DataReport, check_data, split_validation
+from edgeft.pipeline.data import MIN_FOR_SPLIT, DataReport, check_data, split_validation, write_examples
 from edgeft.pipeline.tune import distributed
 from edgeft.pipeline.tune.checkpoints import latest_checkpoint
 from edgeft.pipeline.tune.distributed import LaunchError, World
@@ -39,6 +39,7 @@ class Prepared:
     eval: list[Tokenized]
     report: DataReport
     eval_report: DataReport | None
+    held_out: list[Example]  # the validation split of --data (empty with --eval-file or --val-split 0)
 
 
 def prepare_data(cfg: TuneConfig) -> Prepared:
@@ -56,7 +57,7 @@ def prepare_data(cfg: TuneConfig) -> Prepared:
     )
     if not report.ok:
         raise DataError(_refusal(report, cfg))
-    train_set, eval_report = report.usable, None
+    usable, eval_report, held_out = report.usable_examples, None, []
     if cfg.eval_file:
         eval_report = check_data(
             cfg.eval_file, tokenizer, fmt=cfg.format, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt
@@ -65,9 +66,28 @@ def prepare_data(cfg: TuneConfig) -> Prepared:
             raise DataError(_refusal(eval_report, cfg))
         evaluation = eval_report.usable
     else:
-        train_set, evaluation = split_validation(train_set, cfg.val_split, cfg.seed)
+        usable, held = split_validation(usable, cfg.val_split, cfg.seed)
+        held_out, evaluation = [e for e, _ in held], [t for _, t in held]
     log.info("\n".join(report.lines(cfg.max_seq_len)))
-    return Prepared(resolved, tokenizer, train_set, evaluation, report, eval_report)
+    log.info(_validation_line(cfg, len(usable), len(held_out)))
+    return Prepared(resolved, tokenizer, [t for _, t in usable], evaluation, report, eval_report, held_out)
+
+
+def _validation_line(cfg: TuneConfig, trained: int, held: int) -> str:
+    """What the run is checked on, in one line of the tune's output."""
+    uses = ("the eval loss, the best checkpoint, " if cfg.eval_every >= 0 else "") + "the merge's and export's checks"
+    if cfg.eval_file:
+        return f"Validation: {cfg.eval_file} ({uses})."
+    if held:
+        return (
+            f"Validation: {held} of {trained + held} examples held out (--val-split {cfg.val_split:g}) for {uses}; "
+            "--val-split 0 trains on all."
+        )
+    why = "--val-split 0" if cfg.val_split <= 0 else f"fewer than {MIN_FOR_SPLIT} examples"
+    return (
+        f"Validation: none ({why}); the merge's and export's checks will use training prompts. "
+        "Pass --eval-file for held-out data."
+    )
 
 
 def _refusal(report: DataReport, cfg: TuneConfig) -> str:
@@ -132,7 +152,9 @@ def _create_run(output: Path, force: bool, cfg: TuneConfig, prepared: Prepared, 
             "path": str(prepared.model.path.resolve()),
             "kind": prepared.model.kind,
         }
-        Run.create(output, force=force, base_model=base_model, stages={"tune": tune_record})
+        run = Run.create(output, force=force, base_model=base_model, stages={"tune": tune_record})
+        if prepared.held_out:
+            write_examples(run.held_out_file, prepared.held_out)
     world.barrier()
     try:
         world.agree(_visibility_problem(output, world))
@@ -263,6 +285,8 @@ def _data_record(p: Prepared) -> dict:
     }
     if p.eval_report:
         record["eval_file"] = {"path": str(p.eval_report.dataset.path), "sha256": p.eval_report.dataset.sha256}
+    if p.held_out:
+        record["held_out"] = {"path": HELD_OUT, "examples": len(p.held_out)}
     return record
 
 
@@ -319,6 +343,10 @@ def summary(run_dir: Path) -> list[str]:
     if m.get("eval_loss") is not None:
         lines.append(
             f"  eval loss   {m['eval_loss']} (perplexity {m['eval_ppl']}); best {m['best_eval_loss']} at step {m['best_step']}, kept"
+        )
+    if held := (rec.get("data") or {}).get("held_out"):
+        lines.append(
+            f"  validation  {held['examples']} examples held out of the training data ({run.path / held['path']})"
         )
     lines += [
         f"  adapter     {run.adapter_dir}",
