@@ -130,11 +130,26 @@ def load_base(trained: Trained, *, keep_4bit: bool = False):
             # NF4 codes x block scales in fp32: the weights training dequantized, in full precision
             # (not rounded to the storage dtype, never quantized again).
             module.weight.quant_state.dtype = torch.float32
-            # fp32 compute, and not bitsandbytes' packed bf16 inference kernel, which also rounds the
-            # block scales to bf16 (AVX512-BF16 CPUs): the function as trained, not an approximation.
+            # fp32 compute (and, below, not the packed bf16 inference kernel): the function as
+            # trained, not an approximation.
             module.compute_dtype, module.compute_type_is_set = torch.float32, True
-            module.support_avx512bf16_for_cpu = False
+    without_packed_inference(model)
     return model if keep_4bit else dequantized(model)
+
+
+def without_packed_inference(model) -> None:
+    """Keep bitsandbytes from repacking a model's NF4 weights for its bf16 inference kernel.
+
+    On CPUs with AVX512-BF16, a Linear4bit's first forward in eval mode without gradients rewrites
+    its weight in place into that kernel's layout (and rounds the block scales to bf16). The model
+    as trained must stay the function training computed; a model still training must stay
+    trainable: a training step on repacked weights computes garbage (measured: QLoRA loss 0.35 ->
+    19 right after the eval loss at an epoch's end)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def dequantized(model):

@@ -86,6 +86,42 @@ def test_shared_prefix_is_only_leading_untrained_tokens_every_example_has():
     assert tuning.collate([a, b], "cpu", share=False)["targets"].tolist() == [3, 6]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_eval_loss_leaves_a_qlora_model_trainable(tiny_llama, precision):
+    """An eval pass (eval mode, no gradients) between steps: the next training step computes the same
+    loss and gradients as before it. bitsandbytes repacks NF4 weights in place for its bf16 inference
+    kernel on AVX512-BF16 CPUs; training on them then gave loss 19 instead of 0.35 (a real run)."""
+    import torch
+
+    from edgeft.pipeline.tune import distributed
+    from edgeft.pipeline.tune.loop import eval_loss
+
+    cfg = TuneConfig(data="x", method="qlora")
+    world = distributed.start("cpu", precision, cfg)
+    model = load_model(tiny_llama, cfg, "cpu", precision)
+    for name, p in model.named_parameters():  # LoRA B starts at zero: give every weight a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    head = loss_head(model)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (12, 9)]
+    examples = [Tokenized(i, [IGNORE] + i[1:], len(i)) for i in ids]
+
+    def step():
+        model.zero_grad()
+        with world.accelerator.autocast():
+            loss = summed_loss(model, head, tuning.collate(examples, "cpu"))
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    before, grads = step()
+    eval_loss(model, head, world, examples, 128)
+    after, grads_after = step()
+    assert after == pytest.approx(before, rel=1e-5)
+    assert all(torch.allclose(grads[n], grads_after[n], rtol=1e-4, atol=1e-6) for n in grads)
+
+
 @pytest.mark.parametrize("method,checkpointing", [("lora", "off"), ("qlora", "on")])
 def test_a_shared_prefix_gives_the_same_loss_and_gradients(tiny_model, method, checkpointing):
     """The training step with the examples' common beginning run once equals the step with each

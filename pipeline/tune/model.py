@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from edgeft.errors import DeviceError, ModelError
 from edgeft.pipeline.config import TuneConfig
-from edgeft.trained import NF4_DOUBLE_QUANT, base_load_kwargs
+from edgeft.trained import NF4_DOUBLE_QUANT, base_load_kwargs, without_packed_inference
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,8 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
         model.enable_input_require_grads()
     model.config.use_cache = False
+    if cfg.method == "qlora" and device == "cpu":
+        without_packed_inference(model)  # the eval loss between steps must leave the weights trainable
     targets = (
         cfg.target_modules if cfg.target_modules == "all-linear" else [m.strip() for m in cfg.target_modules.split(",")]
     )
