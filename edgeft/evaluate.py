@@ -226,6 +226,14 @@ def is_json(text: str) -> bool:
 
 
 def exact_match(prediction: str, reference: str) -> bool:
+    """The same answer: JSON compared parsed; function calls compared by name and parsed arguments
+    (and the text beside them); other text up to spacing."""
+    from edgeft.toolcalls import parse_calls
+
+    text, calls = parse_calls(reference)
+    if calls:
+        said, made = parse_calls(prediction)
+        return made == calls and " ".join(said.split()) == " ".join(text.split())
     ref = _parse_json(reference.strip())
     if ref is not None:
         return _parse_json(prediction.strip()) == ref

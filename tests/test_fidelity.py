@@ -287,6 +287,29 @@ def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp
     )  # int4: 24 answers, measured 24/24 the same
 
 
+@pytest.mark.real
+def test_real_gate_judges_a_narrow_task_on_its_own_prompts(smollm2, tmp_path):
+    """A narrow task and no eval file: its export is checked on the split held out of the training data
+    and passes; an export with the adapter dropped (the base model's) fails on those same prompts."""
+    from edgeft.export.onnx import ExportConfig, export
+    from edgeft.export.verify import verify
+    from edgeft.pipeline.config import TuneConfig
+    from edgeft.pipeline.tune import tune
+
+    train = recipes_like(tmp_path / "train.jsonl", n=120)
+    config = dict(method="qlora", max_steps=30, batch_tokens=256, max_seq_len=128, learning_rate=1e-3)
+    run_dir = tune(TuneConfig(model="smollm2-135m", data=str(train), output=str(tmp_path / "run"), **config))
+    run = Run.open(run_dir)
+    assert run.tune_record().held_out == run.held_out_file
+    export(run_dir, ExportConfig())  # no --allow-drift: a DriftError fails the test
+    verification = Run.open(run_dir).stage("export")["verification"]
+    assert verification["gate"]["passed"] and verification["exact_match_samples"] == verification["samples"] == 24
+    assert verification["reference_exact_match"] >= 75  # the prompts are the task's: the model as trained knows them
+    base = export("smollm2-135m", ExportConfig(output=str(tmp_path / "base-int4"), verify=False))
+    dropped = verify(run.merged_dir, base, ExportConfig(), check_files=run.tune_record().check_files())
+    assert not dropped["gate"]["passed"] and dropped["candidate_exact_match"] < 20, dropped
+
+
 @pytest.mark.parametrize("shared", [0, fidelity.SHARED_PREFIX_MIN + 4])
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_phi3"])
 def test_references_scored_on_the_answers_own_cache_match_a_separate_pass(model_fixture, shared, request, monkeypatch):

@@ -1,0 +1,178 @@
+"""The task suite: tasks of the shapes users bring, each run the README way with default settings.
+
+    python benchmarks/task_suite.py                      # every task, full runs (about an hour on 2 cores)
+    python benchmarks/task_suite.py --tasks intents --compare-no-split
+    python benchmarks/task_suite.py --quick              # a few training steps each: the path, not the quality
+
+Per task (samples/TASK/train.jsonl; no eval file, as a user with one data file has):
+    edgeft tune --data samples/TASK/train.jsonl --output WORK/TASK
+    edgeft export WORK/TASK --int4
+    edgeft eval WORK/TASK WORK/TASK/onnx-int4 smollm2-135m --data samples/TASK/test.jsonl --shots 3 --no-merged
+test.jsonl is never seen by training: the hidden test set. The table gives each command's exit
+code, the export's fidelity gate, the task metric (exact match; token F1 for the free-text task) of
+the model as trained, its int4 export and the best base-model row, and the time. `--compare-no-split`
+also trains each task with `--val-split 0` (all data, last epoch kept: the default before the
+validation split) and evaluates it beside the default. Results: benchmarks/results/task_suite.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TASKS = {  # task -> (shape, the metric that judges it)
+    "tools": ("function calling, 3 tools, OpenAI format", "exact_match"),
+    "multiturn": ("multi-turn chat, answers need earlier turns", "exact_match"),
+    "intents": ("30-label classification, unseen phrasings in the test set", "exact_match"),
+    "freetext": ("free-text answers from a passage", "token_f1"),
+}
+# the path only: a few steps, plain rounding, a few test prompts (the gate is reported, not enforced)
+QUICK = {"tune": ["--max-steps", "8"], "export": ["--quant-method", "rtn", "--allow-drift"], "eval": ["--limit", "4"]}
+
+
+def edgeft(*args: str, log: Path) -> tuple[int, float]:
+    """Run one edgeft command as a user would; its exit code and seconds (output appended to `log`)."""
+    start = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"\n$ edgeft {' '.join(args)}\n")
+        out.flush()
+        command = [sys.executable, "-m", "edgeft", *args]
+        code = subprocess.run(command, check=False, stdout=out, stderr=subprocess.STDOUT).returncode
+    return code, round(time.perf_counter() - start, 1)
+
+
+def run_task(task: str, work: Path, *, quick: bool = False, tune_args: tuple[str, ...] = (), name: str = "") -> dict:
+    """The README path on one task: tune, export --int4, eval; every exit code, time and number."""
+    data = ROOT / "samples" / task
+    run = work / (name or task)
+    log = work / f"{name or task}.log"
+    log.unlink(missing_ok=True)
+    extra = QUICK if quick else {}
+    result = {"task": task, "variant": " ".join(tune_args) or "defaults", "shape": TASKS[task][0], "exit": {}}
+    steps = [
+        ("tune", ["tune", "--data", str(data / "train.jsonl"), "--output", str(run), "--force", *tune_args]),
+        ("export", ["export", str(run), "--int4"]),
+        (
+            "eval",
+            [
+                "eval",
+                *(str(run), str(run / "onnx-int4"), "smollm2-135m"),
+                *("--data", str(data / "test.jsonl"), "--shots", "3", "--no-merged"),
+                "--output",
+                str(work / f"{name or task}-eval.json"),
+            ],
+        ),
+    ]
+    for stage, args in steps:
+        code, seconds = edgeft(*args, *extra.get(stage, []), log=log)
+        result["exit"][stage], result[f"{stage}_s"] = code, seconds
+        if code not in (0, 3):  # 3: the export drifted; its folder is there, and eval tells by how much
+            break
+    result.update(_numbers(run, work / f"{name or task}-eval.json", TASKS[task][1]))
+    return result
+
+
+def _numbers(run: Path, report: Path, metric: str) -> dict:
+    manifest = json.loads((run / "edgeft.json").read_text()) if (run / "edgeft.json").is_file() else {}
+    stages = manifest.get("stages", {})
+    data = stages.get("tune", {}).get("data", {})
+    verification = stages.get("export-int4", stages.get("export", {})).get("verification") or {}
+    out = {
+        "metric": metric,
+        "train_examples": data.get("train_examples"),
+        "held_out": (data.get("held_out") or {}).get("examples", 0),
+        "best_step": stages.get("tune", {}).get("metrics", {}).get("best_step"),
+        "steps": stages.get("tune", {}).get("metrics", {}).get("steps"),
+        "gate": (verification.get("gate") or {}).get("passed"),
+        "gate_problems": (verification.get("gate") or {}).get("problems"),
+        "token_agreement": verification.get("token_agreement"),
+        "ppl_change_pct": verification.get("ppl_change_pct"),
+    }
+    if report.is_file():
+        rows = json.loads(report.read_text())["rows"]
+        pick = {
+            "as_trained": [r for r in rows if r["kind"] == "as-trained"],
+            "int4": [r for r in rows if r["backend"] == "onnx" and r["kind"] == "fine-tuned"],
+            "base": [r for r in rows if r["kind"] == "base"],
+        }
+        for key, found in pick.items():
+            best = max(found, key=lambda r: r[metric], default=None)
+            out[key] = round(best[metric], 1) if best else None
+            if key == "base" and best:
+                out["base_row"] = best["label"]
+    return out
+
+
+def markdown(results: list[dict], machine: str, quick: bool) -> list[str]:
+    lines = [
+        f"Machine: {machine}. "
+        + ("Quick runs (a few steps): the path only." if quick else "Full runs, default settings."),
+        "",
+        (
+            "| task | shape | variant | train / held out | exits tune, export, eval | gate | metric | as trained "
+            "| int4 | int4 - as trained | best base row | tune min | export min | eval min |"
+        ),
+        "|---|---|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        delta = (
+            f"{r['int4'] - r['as_trained']:+.1f}"
+            if r.get("int4") is not None and r.get("as_trained") is not None
+            else "-"
+        )
+        exits = ", ".join(str(r["exit"].get(s, "-")) for s in ("tune", "export", "eval"))
+        base = f"{r['base']} ({r['base_row']})" if r.get("base") is not None else "-"
+        gate = {True: "passed", False: "FAILED", None: "-"}[r.get("gate")]
+        minutes = [f"{r.get(f'{s}_s', 0) / 60:.1f}" for s in ("tune", "export", "eval")]
+        lines.append(
+            f"| {r['task']} | {r['shape']} | {r['variant']} | {r['train_examples']} / {r['held_out']} | {exits} | {gate} "
+            f"| {r['metric']} | {r.get('as_trained', '-')} | {r.get('int4', '-')} | {delta} | {base} | "
+            + " | ".join(minutes)
+            + " |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated tasks (default: all).")
+    parser.add_argument("--work", default="/tmp/edgeft-task-suite", help="Where the runs go.")
+    parser.add_argument("--quick", action="store_true", help="A few training steps each: checks the path only.")
+    parser.add_argument(
+        "--compare-no-split", action="store_true", help="Also train each task with --val-split 0, side by side."
+    )
+    args = parser.parse_args()
+
+    from edgeft.bench import machine
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for task in args.tasks.split(","):
+        results.append(run_task(task, work, quick=args.quick))
+        print(json.dumps(results[-1]), flush=True)
+        if args.compare_no_split:
+            results.append(run_task(task, work, quick=args.quick, tune_args=("--val-split", "0"), name=f"{task}-all"))
+            print(json.dumps(results[-1]), flush=True)
+    suffix = "-quick" if args.quick else ""
+    saved = RESULTS / f"task_suite{suffix}.json"
+    # runs of other tasks stay in the table: a task run again replaces its own row
+    done = {(r["task"], r["variant"]) for r in results}
+    earlier = json.loads(saved.read_text())["results"] if saved.is_file() else []
+    results = [r for r in earlier if (r["task"], r["variant"]) not in done] + results
+    report = {"machine": machine(), "quick": args.quick, "results": results}
+    RESULTS.mkdir(exist_ok=True)
+    saved.write_text(json.dumps(report, indent=2) + "\n")
+    text = "\n".join(markdown(results, report["machine"], args.quick)) + "\n"
+    (RESULTS / f"task_suite{suffix}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
