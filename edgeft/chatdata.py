@@ -224,15 +224,13 @@ def _chat(where: str, obj: Any) -> tuple[Example | None, list[Problem]]:
             problems.append(Problem(where, f"{label} weight must be 0 or 1, on assistant messages only"))
         content = m.get("content")
         if role == "tool":
-            problem = _answered_call(m, awaiting) or (
+            problem = toolcalls.answered_call(m, awaiting) or (
                 None if isinstance(content, str) else f"content must be a string, found {type(content).__name__}"
             )
             if problem:
                 problems.append(Problem(where, f"{label} (tool result) {problem}"))
-            elif clean and clean[-1].get("results"):  # results of one turn's calls share a user message
-                clean[-1]["content"] += "\n" + toolcalls.result_text(content)
             else:
-                clean.append({"role": "user", "content": toolcalls.result_text(content), "weight": 0, "results": True})
+                toolcalls.add_result(clean, content)
             continue
         if calls or trouble:
             if content is not None and not isinstance(content, str):
@@ -252,32 +250,8 @@ def _chat(where: str, obj: Any) -> tuple[Example | None, list[Problem]]:
         problems.append(Problem(where, "every assistant message has weight 0: nothing to learn from this example"))
     if problems:
         return Example(where, [], tools=functions), problems
-    if functions:  # the tools close the system message (one is added where there is none)
-        block = toolcalls.tools_block(functions)
-        if clean[0]["role"] == "system":
-            clean[0]["content"] = f"{clean[0]['content'].rstrip()}\n\n{block}"
-        else:
-            clean.insert(0, {"role": "system", "content": block, "weight": 1})
+    clean = toolcalls.with_tools(clean, functions)
     return Example(where, [{k: m[k] for k in ("role", "content", "weight")} for m in clean], tools=functions), []
-
-
-def _answered_call(message: dict, awaiting: dict[str, str]) -> str | None:
-    """Pair a tool result with the call it answers (by `tool_call_id`, or by `name`, or the only one
-    waiting); what is wrong when it answers none."""
-    if not awaiting:
-        return "has no assistant tool call before it to answer"
-    call_id = message.get("tool_call_id")
-    if call_id is None and isinstance(message.get("name"), str):
-        call_id = next((i for i, name in awaiting.items() if name == message["name"]), None)
-    if call_id is None and len(awaiting) == 1:
-        call_id = next(iter(awaiting))
-    if call_id not in awaiting:
-        shown = repr(message.get("tool_call_id")) if message.get("tool_call_id") is not None else "no tool_call_id"
-        return (
-            f"has {shown}, which matches no call of the assistant message before it ({', '.join(map(repr, awaiting))})"
-        )
-    del awaiting[call_id]
-    return None
 
 
 def _pairs(

@@ -26,6 +26,8 @@ import json
 import re
 from typing import Any
 
+from edgeft.errors import GenerationError
+
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESULT_OPEN, RESULT_CLOSE = "<tool_response>", "</tool_response>"
 TOOLS_HEADER = (
@@ -78,6 +80,71 @@ def declared_tools(obj: dict) -> tuple[list[dict], list[str]]:
         functions.append({"name": name, "description": description if isinstance(description, str) else ""})
         functions[-1]["parameters"] = parameters
     return functions, problems
+
+
+def with_tools(messages: list[dict], functions: list[dict]) -> list[dict]:
+    """The conversation with the tools at the end of its system message (one is added where there is none)."""
+    if not functions:
+        return messages
+    block = tools_block(functions)
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content'].rstrip()}\n\n{block}"}, *messages[1:]]
+    return [{"role": "system", "content": block, "weight": 1}, *messages]
+
+
+def add_result(messages: list[dict], content: str) -> None:
+    """Append a tool result: to the user message of the results before it (one turn's calls), else as a new one."""
+    if messages and messages[-1].get("results"):
+        messages[-1]["content"] += "\n" + result_text(content)
+    else:
+        messages.append({"role": "user", "content": result_text(content), "weight": 0, "results": True})
+
+
+def answered_call(message: dict, awaiting: dict[str, str]) -> str | None:
+    """Pair a tool result with the call it answers (by `tool_call_id`, or by `name`, or the only one
+    waiting); what is wrong when it answers none."""
+    if not awaiting:
+        return "has no assistant tool call before it to answer"
+    call_id = message.get("tool_call_id")
+    if call_id is None and isinstance(message.get("name"), str):
+        call_id = next((i for i, name in awaiting.items() if name == message["name"]), None)
+    if call_id is None and len(awaiting) == 1:
+        call_id = next(iter(awaiting))
+    if call_id not in awaiting:
+        shown = repr(message.get("tool_call_id")) if message.get("tool_call_id") is not None else "no tool_call_id"
+        return (
+            f"has {shown}, which matches no call of the assistant message before it ({', '.join(map(repr, awaiting))})"
+        )
+    del awaiting[call_id]
+    return None
+
+
+def plain_conversation(messages: list[dict], functions: list[dict]) -> list[dict]:
+    """An OpenAI conversation (assistant tool_calls, tool results; already checked) as plain
+    {'role', 'content'} messages rendered the way training renders them."""
+    plain: list[dict] = []
+    awaiting: dict[str, str] = {}
+    for i, m in enumerate(messages):
+        role = "tool" if m.get("role") == "function" else m.get("role")
+        if role == "tool":
+            if problem := answered_call(m, awaiting):
+                raise GenerationError(f"messages[{i}] (a tool result) {problem}.")
+            add_result(plain, m.get("content") if isinstance(m.get("content"), str) else json.dumps(m.get("content")))
+            continue
+        content = m.get("content") or ""
+        if role == "assistant" and (m.get("tool_calls") or m.get("function_call")):
+            calls, problems = read_calls(m, [{"name": n, "parameters": {}} for n in _called_names(m)])
+            if problems:
+                raise GenerationError(f"messages[{i}]: {problems[0]}.")
+            awaiting = {c["id"]: c["name"] for c in calls}
+            content = "\n".join(part for part in (content.strip(), calls_text(calls)) if part)
+        plain.append({"role": role, "content": content})
+    return [{"role": m["role"], "content": m["content"]} for m in with_tools(plain, functions)]
+
+
+def _called_names(message: dict) -> list[str]:
+    raw = message.get("tool_calls") or [{"function": message.get("function_call")}]
+    return [c["function"]["name"] for c in raw if isinstance(c, dict) and isinstance(c.get("function"), dict)]
 
 
 def tools_block(functions: list[dict]) -> str:
@@ -162,6 +229,34 @@ def parse_calls(text: str) -> tuple[str, list[dict] | None]:
     if CALL_OPEN in _CALLS.sub("", text):  # an opened call that never closed
         return text.strip(), None
     return _CALLS.sub("", text).strip(), calls
+
+
+def calls_grammar(functions: list[dict], *, parallel: bool = True) -> str:
+    """A Lark grammar (llguidance's, with %json) for what follows the opening `<tool_call>`: one call
+    (or several, with `parallel`) of the declared functions, each with arguments that fit the
+    function's schema, laid out as training lays them out. A call that does not parse, names an
+    undeclared function or breaks its schema cannot be generated."""
+    layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": _closed(f["parameters"])},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    schema = json.dumps({"x-guidance": layout, "anyOf": options}, ensure_ascii=False)
+    more = f' ("{CALL_CLOSE}\\n{CALL_OPEN}" call)*' if parallel else ""
+    return f'start: call{more} "{CALL_CLOSE}"\ncall: %json {schema}'
+
+
+def _closed(parameters: dict) -> dict:
+    """Parameters that allow no argument they do not name (unless they say otherwise): a call with
+    an argument no function reads is a wrong call."""
+    if parameters.get("type", "object") == "object" and "additionalProperties" not in parameters:
+        return {"type": "object", **parameters, "additionalProperties": False}
+    return parameters
 
 
 # --- a JSON Schema subset: what function parameters use -------------------------------------

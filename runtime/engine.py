@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edgeft import toolcalls
 from edgeft.errors import ConfigError, GenerationError, ModelError
 from edgeft.fidelity import common_prefix, forced_logits, negative_log_likelihood, teacher_forced_logits
 from edgeft.runtime.template import ChatTemplate
@@ -203,6 +204,9 @@ class ChatResult:
     time_to_first_token: float | None = None  # seconds from the start of generation to the first token
     elapsed: float = 0.0  # seconds from the start of generation (not counting a wait in a queue) to the end
     cached_tokens: int = 0  # prompt tokens a PromptCache already held (not run again)
+    tool_calls: list[dict] | None = (
+        None  # OpenAI's tool_calls, when the answer calls functions (finish_reason "tool_calls")
+    )
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -228,6 +232,7 @@ class StopStringFilter:
         self.stops = tuple(stops)
         self.buffer = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the answer
 
     def push(self, piece: str) -> str:
         """Add a decoded piece; return the text that is now safe to show."""
@@ -236,7 +241,9 @@ class StopStringFilter:
         self.buffer += piece
         hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.buffer, self.stopped = self.buffer[: min(hits)], "", True
+            at = min(hits)
+            self.matched = next(s for s in self.stops if self.buffer.find(s) == at)
+            out, self.buffer, self.stopped = self.buffer[:at], "", True
             return out
         keep = self._held_back()
         out = self.buffer[: len(self.buffer) - keep]
@@ -298,6 +305,7 @@ class ChatStream:
         # what a generator must hold: the prompt and the longer of the answer and the reference to score
         self._length = self.prompt_tokens + max(max_tokens, len(score_ids or ()))
         self._cancelled = threading.Event()
+        self.stopped_on: str | None = None  # the stop string that ended the answer, if one did
         self._pieces: Iterator[str] | None = None
         self._generator, self._setup_seconds = None, 0.0
         if options.guidance is not None and not self._reuses_cache():
@@ -418,6 +426,7 @@ class ChatStream:
                 if piece:
                     parts.append(piece)
                     yield piece
+            self.stopped_on = stops.matched
             if not stops.stopped and not self.cancelled and (tail := stops.flush()):
                 parts.append(tail)
                 yield tail
@@ -615,7 +624,15 @@ class ChatModel:
 
     # --- generation -------------------------------------------------------------------------
     def stream(
-        self, messages: Sequence[dict], *, score: str | None = None, cache: PromptCache | None = None, **options: Any
+        self,
+        messages: Sequence[dict],
+        *,
+        tools: Sequence[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+        score: str | None = None,
+        cache: PromptCache | None = None,
+        **options: Any,
     ) -> ChatStream:
         """Start an answer; iterate the returned ChatStream for text pieces, then read `.result`.
 
@@ -626,8 +643,23 @@ class ChatModel:
         it, as `reference_nll` computes it, without running the prompt again. `cache` (a
         PromptCache; greedy answers): the part of the prompt the cache's last prompt shares is not
         run again, nor a response_format compiled again.
+
+        `tools` (OpenAI's function definitions), `tool_choice` ("auto", "none", "required" or a named
+        function) and `parallel_tool_calls`: the answer may call them; `.result.tool_calls` then holds
+        the calls (OpenAI's form), each one parsed and fitting its function's schema (see tooluse).
+        Messages may hold assistant `tool_calls` and `tool` results.
         """
+        from edgeft.runtime import tooluse
+
         opts = GenerationOptions.from_kwargs(options)
+        functions = tooluse.functions_of(tools) if tools else []
+        choice, callable_functions = tooluse.resolve_choice(tool_choice, functions)
+        if functions or any(
+            isinstance(m, dict) and (m.get("tool_calls") or m.get("role") in ("tool", "function"))
+            for m in messages or ()
+        ):
+            # "none": the tools stay out of the prompt, so the model answers in text
+            messages = toolcalls.plain_conversation(list(messages), functions if choice != "none" else [])
         prompt_ids = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
         room = self.context_length - len(prompt_ids)
         if room < 1:
@@ -645,6 +677,21 @@ class ChatModel:
         score_ids = None if score is None else self._answer_ids(score)
         if score_ids and len(prompt_ids) + len(score_ids) > self.context_length:
             raise ContextLengthError(f"the prompt and the reference to score do not fit {self.name}'s context.")
+        if choice != "none":
+            if score is not None or opts.guidance is not None:
+                raise GenerationError("tools cannot be combined with a response_format or a reference to score.")
+            return tooluse.ToolCallStream(
+                self,
+                prompt_ids,
+                opts,
+                opts.max_tokens or room,
+                choice=choice,
+                functions=callable_functions,
+                parallel=parallel_tool_calls is not False,
+                cache=cache,
+            )
+        if functions:  # tool_choice "none": the tools are described, but an answer never calls one
+            opts.stop = (*opts.stop, toolcalls.CALL_OPEN)
         return ChatStream(self, prompt_ids, opts, opts.max_tokens or room, score_ids=score_ids, cache=cache)
 
     def chat(self, messages: Sequence[dict], **options: Any) -> ChatResult:

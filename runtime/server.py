@@ -54,17 +54,13 @@ IGNORED_FIELDS = {
     "store",
     "metadata",
     "service_tier",
-    "parallel_tool_calls",
-    "tool_choice",
     "frequency_penalty",
     "presence_penalty",
-    "tools",
-    "functions",
-    "function_call",
     "reasoning_effort",
     "modalities",
 }
 OPTION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "response_format")
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 # Fields that ask for something this server does not do: refused unless they ask for nothing.
 UNSUPPORTED_FIELDS = {
     "logprobs": "log probabilities are not returned by this server",
@@ -240,6 +236,7 @@ def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bo
         "stream_options",
         "n",
         *OPTION_FIELDS,
+        *TOOL_FIELDS,
         *IGNORED_FIELDS,
         *UNSUPPORTED_FIELDS,
     }
@@ -258,8 +255,7 @@ def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bo
     for name, why in UNSUPPORTED_FIELDS.items():
         if body.get(name) not in (None, False, 0, {}):
             raise ApiError(400, f"{name}: {why}.", param=name)
-    if body.get("tools") or body.get("functions"):
-        raise ApiError(400, "tools and function calling are not supported by this server.", param="tools")
+    options = _tool_options(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise ApiError(400, "stream must be true or false.", param="stream")
@@ -267,11 +263,29 @@ def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bo
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object.", param="stream_options")
 
-    options = {k: body[k] for k in OPTION_FIELDS if body.get(k) is not None}
+    options |= {k: body[k] for k in OPTION_FIELDS if body.get(k) is not None}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         options["max_tokens"] = max_tokens
     return _messages(body.get("messages")), options, bool(stream), bool(stream_options.get("include_usage"))
+
+
+def _tool_options(body: dict) -> dict[str, Any]:
+    """tools, tool_choice and parallel_tool_calls for ChatModel.stream (OpenAI's older functions /
+    function_call read as tools)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None and body.get("functions") is not None:
+        functions = body["functions"]
+        tools = [{"type": "function", "function": f} for f in functions] if isinstance(functions, list) else functions
+        legacy = body.get("function_call")
+        choice = {"type": "function", "function": legacy} if isinstance(legacy, dict) else legacy
+    if tools is not None and not isinstance(tools, list):
+        raise ApiError(400, "tools must be an array of function definitions.", param="tools")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ApiError(400, "parallel_tool_calls must be true or false.", param="parallel_tool_calls")
+    out = {"tools": tools or None, "tool_choice": choice}
+    return out | ({"parallel_tool_calls": parallel} if parallel is not None else {})
 
 
 def _messages(messages: Any) -> list[dict]:
@@ -291,7 +305,12 @@ def _messages(messages: Any) -> list[dict]:
                     400, f"messages[{i}].content: only text parts are supported.", param=f"messages[{i}].content"
                 )
             content = "\n".join(p["text"] for p in content)
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        # a function-calling conversation: the assistant's calls, the results that answer them
+        message |= {k: m[k] for k in ("tool_calls", "tool_call_id", "function_call", "name") if m.get(k) is not None}
+        if role == "assistant" and content is None and (message.get("tool_calls") or message.get("function_call")):
+            message["content"] = ""
+        out.append(message)
     return out
 
 
@@ -452,7 +471,7 @@ def create_app(
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
         except GenerationError as e:
             ticket.release()
-            raise ApiError(400, str(e), param="response_format" if "response_format" in str(e) else None) from None
+            raise ApiError(400, str(e), param=_param_of(str(e))) from None
         except BaseException:
             ticket.release()
             raise
@@ -590,13 +609,28 @@ def _completion(result: ChatResult, completion_id: str, created: int, name: str)
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result.text},
+                "message": _message(result),
                 "finish_reason": result.finish_reason,
                 "logprobs": None,
             }
         ],
         "usage": _usage(result),
     }
+
+
+def _param_of(message: str) -> str | None:
+    """The request field a GenerationError is about, for OpenAI's error.param."""
+    for name in ("response_format", "tool_choice", "parallel_tool_calls", "tools"):
+        if message.startswith(name) or f"{name}'" in message or f" {name}" in message:
+            return name
+    return None
+
+
+def _message(result: ChatResult) -> dict:
+    """The answer as OpenAI's assistant message: its text, and its calls when it makes some."""
+    if result.tool_calls:
+        return {"role": "assistant", "content": result.text or None, "tool_calls": result.tool_calls}
+    return {"role": "assistant", "content": result.text}
 
 
 def _usage(result: ChatResult) -> dict:
@@ -630,6 +664,8 @@ async def _sse(
                 if kind == "piece":
                     yield chunk({"content": value})
                 else:
+                    for i, call in enumerate(value.tool_calls or ()):  # each call whole, in one delta
+                        yield chunk({"tool_calls": [{"index": i, **call}]})
                     # usage rides on the last chunk always, and on a chunk of its own when asked for, as OpenAI does
                     yield chunk({}, value.finish_reason, usage=_usage(value))
                     if include_usage:

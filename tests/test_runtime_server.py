@@ -202,7 +202,10 @@ BAD_REQUESTS = [
     ({"messages": []}, "messages must be a non-empty array"),
     ({}, "messages must be a non-empty array"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "role must be one of system, user, assistant"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "role must be one of"),
+    (
+        {"messages": [{"role": "tool", "content": "x"}]},
+        "messages[0] (a tool result) has no assistant tool call before it to answer",
+    ),
     ({"messages": [{"role": "user", "content": ""}]}, "content is empty"),
     ({"messages": [{"role": "user", "content": 42}]}, "content must be a string"),
     (
