@@ -77,6 +77,8 @@ class Row:
     latency_p95_s: float = 0.0
     constrained: bool = False  # answers constrained to a JSON schema (--json-schema)
     max_tokens: int = 0  # new tokens allowed per answer
+    # where references call functions: how the answers did, counted apart (see call_outcomes)
+    function_calls: dict | None = None
     predictions: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -598,10 +600,39 @@ def evaluate_one(
         latency_p95_s=round(_percentile([p["latency_s"] for p in predictions], 95), 4),
         constrained=candidate.response_format is not None,
         max_tokens=max_tokens,
+        function_calls=call_outcomes(predictions),
         predictions=predictions,
     )
     log.info(f"  {row.label}: exact match {row.exact_match}%, {row.stop_rate}% stopped, {seconds:.0f} s")
     return row
+
+
+CALL_OUTCOMES = ("right", "wrong_call", "missing_call", "unexpected_call", "broken_call")
+
+
+def call_outcomes(predictions: list[dict]) -> dict | None:
+    """For data whose answers call functions (edgeft.toolcalls' form), each answer counted once:
+    right (the calls and text of the reference), wrong_call (calls, but not the reference's: another
+    function or other arguments), missing_call (text where the reference calls), unexpected_call (a
+    call where the reference answers in text), broken_call (a call that does not parse); the rest
+    are text answers to text references. None when no reference calls a function."""
+    from edgeft.toolcalls import parse_calls
+
+    references = [parse_calls(p["reference"])[1] for p in predictions]
+    if not any(references):
+        return None
+    counts = dict.fromkeys(CALL_OUTCOMES, 0) | {"calls_expected": sum(bool(r) for r in references)}
+    for p, expected in zip(predictions, references):
+        _, made = parse_calls(p["prediction"])
+        if made is None:
+            outcome = "broken_call"
+        elif expected:
+            outcome = "right" if p["exact_match"] else "wrong_call" if made else "missing_call"
+        else:
+            outcome = "unexpected_call" if made else None
+        if outcome:
+            counts[outcome] += 1
+    return counts
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -633,6 +664,19 @@ def table(report: dict) -> list[str]:
             f"{r.get('latency_p50_s', r['latency_s']):.2f} | {r.get('latency_p95_s', r['latency_s']):.2f} | "
             f"{r['tokens_per_second']:.1f} |"
         )
+    if any(r.get("function_calls") for r in report["rows"]):
+        lines += [
+            "",
+            "| model | calls right | wrong call | missing call | call where text was expected | broken call |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in report["rows"]:
+            if c := r.get("function_calls"):
+                expected = c["calls_expected"]
+                lines.append(
+                    f"| {r['label']} | {c['right']}/{expected} | {c['wrong_call']} | {c['missing_call']} "
+                    f"| {c['unexpected_call']} | {c['broken_call']} |"
+                )
     return lines
 
 

@@ -205,3 +205,32 @@ def test_data_check_shows_an_example_with_its_trained_text_marked(tiny_llama, tm
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"tools": [WEATHER], "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call("nope", {})]}]}])  # fmt: skip
     result = run_cli("data", "check", bad, "--model", tiny_llama, ok=False)
     assert result.exit_code == 1 and "line 1: message 2: tool call 1 calls 'nope'" in result.output
+
+
+def test_eval_counts_each_kind_of_call_mistake_apart():
+    from edgeft.evaluate import call_outcomes, table
+
+    light = toolcalls.calls_text([{"name": "set_light", "arguments": {"room": "hall", "on": True}}])
+    other = toolcalls.calls_text([{"name": "set_light", "arguments": {"room": "hall", "on": False}}])
+    cases = [  # (prediction, reference)
+        (light, light),  # right
+        (other, light),  # wrong call: other arguments
+        ("The hall light is on.", light),  # missing call
+        (light, "Hello!"),  # a call where text was expected
+        ('<tool_call>{"name": "set_light", "arguments": </tool_call>', light),  # broken
+        ("Hello!", "Hello!"),  # text for text: none of the above
+    ]
+    predictions = [{"prediction": p, "reference": r, "exact_match": exact_match(p, r)} for p, r in cases]
+    counts = call_outcomes(predictions)
+    assert counts == {
+        "right": 1,
+        "wrong_call": 1,
+        "missing_call": 1,
+        "unexpected_call": 1,
+        "broken_call": 1,
+        "calls_expected": 4,
+    }
+    assert call_outcomes([{"prediction": "a", "reference": "a", "exact_match": True}]) is None
+    report = {"rows": [{"label": "m", "exact_match": 0, "token_f1": 0, "json_valid": None, "perplexity": None,
+                        "stop_rate": 0, "latency_s": 0, "tokens_per_second": 0, "function_calls": counts}]}  # fmt: skip
+    assert "| m | 1/4 | 1 | 1 | 1 | 1 |" in table(report)
