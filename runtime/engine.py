@@ -38,6 +38,7 @@ GENERATE_GRAPH = "model-generate.onnx"
 SCORE_GRAPH = "model-score.onnx"
 MAX_STOP_STRINGS = 4  # as in OpenAI's API; each one costs a scan per token
 MAX_SEED = 2**31 - 1  # onnxruntime-genai's random_seed is a C++ int
+MAX_TOP_LOGPROBS = 20  # as in OpenAI's API
 MAX_TOP_K = 2**31 - 1  # a C++ int too; above the vocabulary it means "no limit"
 
 
@@ -63,6 +64,8 @@ class GenerationOptions:
     # or edgeft's {"type": "regex", "regex": ...} / {"type": "lark_grammar", "grammar": ...}: every
     # token is constrained to fit (llguidance, inside onnxruntime-genai).
     response_format: dict | None = None
+    logprobs: bool = False  # each answer token's log probability (after temperature, as it was chosen)
+    top_logprobs: int | None = None  # and the most likely alternatives at each position, 0 to 20 (needs logprobs)
 
     def __post_init__(self):
         self.max_tokens = _check_int("max_tokens", self.max_tokens, low=1)
@@ -79,6 +82,11 @@ class GenerationOptions:
         self.seed = _check_int("seed", self.seed, low=0, high=MAX_SEED)
         self.stop = _check_stop(self.stop)
         self.guidance = guidance(self.response_format)
+        if not isinstance(self.logprobs, bool):
+            raise GenerationError(f"logprobs must be true or false, got {self.logprobs!r}.")
+        self.top_logprobs = _check_int("top_logprobs", self.top_logprobs, low=0, high=MAX_TOP_LOGPROBS)
+        if self.top_logprobs and not self.logprobs:
+            raise GenerationError("top_logprobs needs logprobs set to true.")
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> GenerationOptions:
@@ -204,9 +212,10 @@ class ChatResult:
     time_to_first_token: float | None = None  # seconds from the start of generation to the first token
     elapsed: float = 0.0  # seconds from the start of generation (not counting a wait in a queue) to the end
     cached_tokens: int = 0  # prompt tokens a PromptCache already held (not run again)
-    tool_calls: list[dict] | None = (
-        None  # OpenAI's tool_calls, when the answer calls functions (finish_reason "tool_calls")
-    )
+    # OpenAI's tool_calls, when the answer calls functions (finish_reason "tool_calls")
+    tool_calls: list[dict] | None = None
+    # with logprobs=True: one entry per answer token (OpenAI's logprobs.content)
+    logprobs: list[dict] | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -306,6 +315,8 @@ class ChatStream:
         self._length = self.prompt_tokens + max(max_tokens, len(score_ids or ()))
         self._cancelled = threading.Event()
         self.stopped_on: str | None = None  # the stop string that ended the answer, if one did
+        self._logprobs: list[dict] | None = [] if options.logprobs else None
+        self._logprobs_taken = 0
         self._pieces: Iterator[str] | None = None
         self._generator, self._setup_seconds = None, 0.0
         if options.guidance is not None and not self._reuses_cache():
@@ -414,6 +425,7 @@ class ChatStream:
             while not generator.is_done() and generated < self._max_tokens and not self.cancelled and not stops.stopped:
                 if score:
                     score.step(generator)
+                logits = generator.get_logits() if self._logprobs is not None else None
                 generator.generate_next_token()
                 last = int(generator.get_next_tokens()[0])
                 if score:
@@ -422,6 +434,8 @@ class ChatStream:
                 first_token_at = first_token_at or time.perf_counter()
                 if last in model.eos_token_ids:
                     break  # the end-of-turn token itself is not part of the answer
+                if logits is not None:
+                    self._logprobs.append(self._logprob_entry(logits, last))
                 piece = stops.push(decoder.decode(last))
                 if piece:
                     parts.append(piece)
@@ -454,7 +468,39 @@ class ChatStream:
                 time_to_first_token=None if first_token_at is None else first_token_at - started,
                 elapsed=(ended or time.perf_counter()) - started,
                 cached_tokens=self.reused_tokens,
+                logprobs=self._logprobs,
             )
+
+    def _logprob_entry(self, logits: Any, token: int) -> dict:
+        """OpenAI's logprobs entry for a chosen token: its log probability under the distribution it
+        was drawn from (the logits over the temperature; greedy: the logits), and the top alternatives."""
+        import numpy as np
+
+        scores = np.asarray(logits, dtype=np.float64).reshape(-1)
+        temperature = self.model.temperature(self._options)
+        if temperature > 0:
+            scores = scores / temperature
+        shifted = scores - scores.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        entry = self._token_entry(token, float(logprobs[token]))
+        if n := self._options.top_logprobs:
+            best = np.argpartition(-logprobs, n)[:n]
+            best = best[np.argsort(-logprobs[best])]
+            entry["top_logprobs"] = [self._token_entry(int(t), float(logprobs[t])) for t in best]
+        else:
+            entry["top_logprobs"] = []
+        return entry
+
+    def _token_entry(self, token: int, logprob: float) -> dict:
+        text = self.model._tokenizer.decode([token])
+        return {"token": text, "logprob": round(logprob, 6), "bytes": list(text.encode("utf-8"))}
+
+    def take_logprobs(self) -> list[dict]:
+        """The logprobs entries of the tokens generated since the last call (for streaming)."""
+        if self._logprobs is None:
+            return []
+        taken, self._logprobs_taken = self._logprobs[self._logprobs_taken :], len(self._logprobs)
+        return taken
 
 
 @dataclass

@@ -59,12 +59,21 @@ IGNORED_FIELDS = {
     "reasoning_effort",
     "modalities",
 }
-OPTION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "response_format")
+OPTION_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "stop",
+    "seed",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+)
+MAX_N = 16  # answers one request may ask for (n); each is generated in turn, in the request's one slot
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")
 # Fields that ask for something this server does not do: refused unless they ask for nothing.
 UNSUPPORTED_FIELDS = {
-    "logprobs": "log probabilities are not returned by this server",
-    "top_logprobs": "log probabilities are not returned by this server",
     "logit_bias": "logit_bias is not supported; constrain the answer with response_format instead",
 }
 
@@ -168,9 +177,14 @@ def _pump(stream: Any, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -
         except RuntimeError:  # the loop is closed: the server is shutting down
             stream.cancel()
 
+    take_logprobs = getattr(stream, "take_logprobs", list)
     try:
         for piece in stream:
+            if entries := take_logprobs():  # the tokens that made this piece, sent with it
+                put(("logprobs", entries))
             put(("piece", piece))
+        if entries := take_logprobs():
+            put(("logprobs", entries))
         put(("done", stream.result))
     except Exception as e:  # reported to the client by the request that owns the stream
         put(("error", e))
@@ -226,7 +240,8 @@ async def read_json(request: Request, max_body: int, timeout: float = 30.0) -> d
 
 
 def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bool]:
-    """OpenAI chat request -> (messages, generation options, stream, include_usage)."""
+    """OpenAI chat request -> (messages, generation options, stream, include_usage); `n` is read by
+    `choices_of`."""
     known = {
         "model",
         "messages",
@@ -245,8 +260,9 @@ def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bo
         raise ApiError(400, f"unrecognized request argument: {unknown[0]}.", param=unknown[0])
     if "model" in body and not isinstance(body["model"], str):
         raise ApiError(400, "model must be a string.", param="model")
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, "n must be 1: this server generates one answer per request.", param="n")
+    n = body.get("n", 1) if body.get("n") is not None else 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be an integer from 1 to {MAX_N}, got {n!r}.", param="n")
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise ApiError(
@@ -465,7 +481,7 @@ def create_app(
         try:
             # Renders and tokenizes (off the event loop: a long prompt takes a moment) and checks
             # every option and the context length before any generation.
-            stream = await run_in_threadpool(model.stream, messages, cache=cache, **options)
+            streams = await run_in_threadpool(choices_of, model, messages, cache, options, body.get("n") or 1)
         except ContextLengthError as e:
             ticket.release()
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
@@ -476,15 +492,18 @@ def create_app(
             ticket.release()
             raise
         completion_id, started = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        logprobs = bool(options.get("logprobs"))
         if stream_it:
-            events = _sse(scheduler.run(stream, ticket), completion_id, started, model.name, include_usage)
+            events = _sse(
+                _in_turn(scheduler, streams, ticket), completion_id, started, model.name, include_usage, logprobs
+            )
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of events
             return _TicketedStreamingResponse(events, ticket, media_type="text/event-stream", headers=headers)
         try:
-            result = await _collect(scheduler.run(stream, ticket), request, stream)
+            results = [await _collect(scheduler.run(s, ticket), request, s) for s in streams]
         finally:
             ticket.release()
-        return _completion(result, completion_id, started, model.name)
+        return _completion(results, completion_id, started, model.name, logprobs)
 
     app.include_router(v1)
     return app
@@ -600,7 +619,25 @@ async def _collect(events: AsyncIterator[tuple[str, Any]], request: Request, str
         watcher.cancel()
 
 
-def _completion(result: ChatResult, completion_id: str, created: int, name: str) -> dict:
+def choices_of(model: ChatModel, messages: list[dict], cache: PromptCache, options: dict, n: int) -> list[Any]:
+    """The request's `n` answers as streams, checked before any runs: with a seed, answer i samples
+    with seed + i (n different answers that a second request repeats); greedy answers are alike."""
+    seed = options.get("seed")
+    return [
+        model.stream(messages, cache=cache, **(options | ({"seed": seed + i} if seed is not None and i else {})))
+        for i in range(n)
+    ]
+
+
+async def _in_turn(scheduler: Scheduler, streams: list[Any], ticket: Ticket) -> AsyncIterator[tuple[int, str, Any]]:
+    """The answers' events one answer after the other, each tagged with its choice index."""
+    for index, stream in enumerate(streams):
+        async with contextlib.aclosing(scheduler.run(stream, ticket)) as events:
+            async for kind, value in events:
+                yield index, kind, value
+
+
+def _completion(results: list[ChatResult], completion_id: str, created: int, name: str, logprobs: bool) -> dict:
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -608,19 +645,20 @@ def _completion(result: ChatResult, completion_id: str, created: int, name: str)
         "model": name,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": _message(result),
                 "finish_reason": result.finish_reason,
-                "logprobs": None,
+                "logprobs": {"content": result.logprobs or []} if logprobs else None,
             }
+            for i, result in enumerate(results)
         ],
-        "usage": _usage(result),
+        "usage": _usage(results),
     }
 
 
 def _param_of(message: str) -> str | None:
     """The request field a GenerationError is about, for OpenAI's error.param."""
-    for name in ("response_format", "tool_choice", "parallel_tool_calls", "tools"):
+    for name in ("response_format", "tool_choice", "parallel_tool_calls", "tools", "top_logprobs", "logprobs"):
         if message.startswith(name) or f"{name}'" in message or f" {name}" in message:
             return name
     return None
@@ -633,20 +671,34 @@ def _message(result: ChatResult) -> dict:
     return {"role": "assistant", "content": result.text}
 
 
-def _usage(result: ChatResult) -> dict:
-    """OpenAI's usage, with the prompt tokens the server's cache already held as cached_tokens."""
-    return {**result.usage, "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
+def _usage(results: list[ChatResult]) -> dict:
+    """OpenAI's usage over a request's answers (the prompt counted once), with the prompt tokens the
+    server's cache already held as cached_tokens."""
+    prompt = results[0].usage["prompt_tokens"]
+    completion = sum(r.usage["completion_tokens"] for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens},
+    }
 
 
 async def _sse(
-    events: AsyncIterator[tuple[str, Any]], completion_id: str, created: int, name: str, include_usage: bool
+    events: AsyncIterator[tuple[int, str, Any]],
+    completion_id: str,
+    created: int,
+    name: str,
+    include_usage: bool,
+    logprobs: bool = False,
 ) -> AsyncIterator[str]:
-    """ChatStream events as OpenAI chat.completion.chunk server-sent events, ending with [DONE]."""
+    """The answers' events as OpenAI chat.completion.chunk server-sent events, ending with [DONE]."""
 
-    def chunk(delta: dict | None, finish_reason: str | None = None, **extra: Any) -> str:
+    def chunk(index: int | None, delta: dict | None, finish_reason: str | None = None, entries=None, **extra) -> str:
         choices = []
         if delta is not None:
-            choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+            shown = {"content": entries or []} if logprobs else None
+            choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": shown}]
         data = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -657,19 +709,29 @@ async def _sse(
         }
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
+    results: list[ChatResult] = []
+    pending: list[dict] = []  # logprobs of tokens whose text comes in the next piece
+    started = -1
     try:
         async with contextlib.aclosing(events):
-            async for kind, value in events:
-                if kind == "piece":
-                    yield chunk({"content": value})
+            async for index, kind, value in events:
+                if index != started:  # each answer opens with the assistant role
+                    started = index
+                    yield chunk(index, {"role": "assistant", "content": ""})
+                if kind == "logprobs":
+                    pending += value
+                elif kind == "piece":
+                    yield chunk(index, {"content": value}, entries=pending)
+                    pending = []
                 else:
+                    results.append(value)
                     for i, call in enumerate(value.tool_calls or ()):  # each call whole, in one delta
-                        yield chunk({"tool_calls": [{"index": i, **call}]})
+                        yield chunk(index, {"tool_calls": [{"index": i, **call}]})
                     # usage rides on the last chunk always, and on a chunk of its own when asked for, as OpenAI does
-                    yield chunk({}, value.finish_reason, usage=_usage(value))
-                    if include_usage:
-                        yield chunk(None, usage=_usage(value))
+                    yield chunk(index, {}, value.finish_reason, entries=pending, usage=_usage(results))
+                    pending = []
+        if include_usage and results:
+            yield chunk(None, None, usage=_usage(results))
     except Exception as e:  # headers are sent already: report in the stream, then end it properly
         log.exception("generation failed mid-stream")
         yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}', type='server_error').body())}\n\n"

@@ -218,7 +218,8 @@ BAD_REQUESTS = [
     ({"messages": HI, "temperature": 2.5}, "temperature must be 0 to 2"),
     ({"messages": HI, "temperature": "warm"}, "temperature must be a number"),
     ({"messages": HI, "top_p": 0}, "top_p must be greater than 0"),
-    ({"messages": HI, "n": 3}, "n must be 1"),
+    ({"messages": HI, "n": 17}, "n must be an integer from 1 to 16"),
+    ({"messages": HI, "n": 0}, "n must be an integer from 1 to 16"),
     ({"messages": HI, "stream": "yes"}, "stream must be true or false"),
     ({"messages": HI, "presence_penalty": 1.0}, "presence_penalty is not supported"),
     ({"messages": HI, "model": 5}, "model must be a string"),
@@ -453,8 +454,8 @@ def test_the_other_response_formats(client, fmt, check):
         ({"response_format": {"type": "regex", "regex": "(["}}, "regex cannot be used"),
         ({"response_format": {"type": "lark_grammar", "grammar": "start: ???"}}, "lark grammar cannot be used"),
         ({"response_format": "json"}, "must be an object with a type"),
-        ({"logprobs": True}, "log probabilities are not returned"),
-        ({"top_logprobs": 3}, "log probabilities are not returned"),
+        ({"top_logprobs": 3}, "top_logprobs needs logprobs set to true"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be 0 to 20"),
         ({"logit_bias": {"50": -100}}, "logit_bias is not supported"),
     ],
 )
@@ -633,3 +634,44 @@ def test_edgeft_serve_rejects_bad_flags(tiny_llama_export):
 
     result = run_cli("serve", tiny_llama_export, "--parallel", "0", ok=False)
     assert result.exit_code == 1 and "--parallel must be at least 1" in result.output
+
+
+# --- logprobs, n, seed -----------------------------------------------------------------------
+
+
+def test_logprobs_through_the_openai_client(client, model):
+    r = client.chat.completions.create(
+        model=model.name, messages=HI, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens == 6
+    assert "".join(e.token for e in entries) == r.choices[0].message.content
+    for e in entries:  # greedy: the chosen token is the most likely one, and the alternatives come in order
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and e.logprob == pytest.approx(tops[0])
+        assert e.logprob <= 0 and e.top_logprobs[0].token == e.token
+    # streamed: the same entries, each with the piece it made
+    chunks = list(
+        client.chat.completions.create(
+            model=model.name, messages=HI, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True
+        )
+    )
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    plain = client.chat.completions.create(model=model.name, messages=HI, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_n_answers_with_a_seed_are_repeatable(client, model):
+    ask = dict(model=model.name, messages=HI, max_tokens=8, temperature=1.0, seed=5, n=3)
+    first, again = client.chat.completions.create(**ask), client.chat.completions.create(**ask)
+    answers = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2] and answers == [c.message.content for c in again.choices]
+    assert len(set(answers)) > 1  # sampled with seeds 5, 6, 7: not three copies
+    assert answers[0] == model.chat(HI, max_tokens=8, temperature=1.0, seed=5).text
+    assert first.usage.completion_tokens == 24 and first.usage.prompt_tokens == model.count_tokens(HI)
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)}  # fmt: skip
+    assert list(streamed.values()) == answers
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"] * 3
