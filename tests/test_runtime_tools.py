@@ -69,7 +69,7 @@ def test_the_openai_tool_loop(client, model):
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
     assert all(valid(c) and c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
     # the app appends the assistant message as the client returns it, then one result per call
-    messages = [*ASK, choice.message.model_dump(exclude_none=True)]
+    messages = [*ASK, choice.message]  # the message object as the client returns it, as its docs show
     messages += [{"role": "tool", "tool_call_id": c.id, "content": '{"ok": true}'} for c in choice.message.tool_calls]
     second = client.chat.completions.create(
         model=model.name, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0
@@ -77,7 +77,8 @@ def test_the_openai_tool_loop(client, model):
     assert second.choices[0].message.tool_calls is None and isinstance(second.choices[0].message.content, str)
     assert second.choices[0].finish_reason in ("stop", "length")
     # what the server saw is the conversation as training renders it: the same answer from ChatModel
-    direct = model.chat(messages, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0)
+    as_dicts = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in messages]
+    direct = model.chat(as_dicts, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0)
     assert second.choices[0].message.content == direct.text
     assert second.usage.prompt_tokens == direct.usage["prompt_tokens"]
 
