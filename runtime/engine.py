@@ -707,17 +707,7 @@ class ChatModel:
             # "none": the tools stay out of the prompt, so the model answers in text
             messages = toolcalls.plain_conversation(list(messages), functions if choice != "none" else [])
         prompt_ids = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
-        room = self.context_length - len(prompt_ids)
-        if room < 1:
-            raise ContextLengthError(
-                f"the prompt is {len(prompt_ids)} tokens, but {self.name} has a context of {self.context_length} "
-                "tokens and needs room for at least one new token. Shorten the conversation or start a new one."
-            )
-        if opts.max_tokens is not None and opts.max_tokens > room:
-            raise ContextLengthError(
-                f"max_tokens={opts.max_tokens} does not fit: the prompt is {len(prompt_ids)} tokens and {self.name} "
-                f"has a context of {self.context_length}, so at most {room} new tokens fit. Lower max_tokens."
-            )
+        room = self._room_after(prompt_ids, opts)
         if score is not None:
             self._check_scoring()
         score_ids = None if score is None else self._answer_ids(score)
@@ -736,9 +726,34 @@ class ChatModel:
                 parallel=parallel_tool_calls is not False,
                 cache=cache,
             )
-        if functions:  # tool_choice "none": the tools are described, but an answer never calls one
+        if functions:  # tool_choice "none": should the model begin a call anyway, the answer ends there
             opts.stop = (*opts.stop, toolcalls.CALL_OPEN)
         return ChatStream(self, prompt_ids, opts, opts.max_tokens or room, score_ids=score_ids, cache=cache)
+
+    def complete_stream(self, prompt: str, *, cache: PromptCache | None = None, **options: Any) -> ChatStream:
+        """Continue `prompt` as it is, without the chat template (OpenAI's completions); the same
+        options as `stream`."""
+        if not isinstance(prompt, str) or not prompt:
+            raise GenerationError("prompt must be a non-empty string.")
+        opts = GenerationOptions.from_kwargs(options)
+        prompt_ids = [int(t) for t in self._tokenizer.encode(prompt)]
+        return ChatStream(self, prompt_ids, opts, opts.max_tokens or self._room_after(prompt_ids, opts), cache=cache)
+
+    def _room_after(self, prompt_ids: list[int], opts: GenerationOptions) -> int:
+        """How many new tokens fit after the prompt; a ContextLengthError when none do, or fewer
+        than max_tokens."""
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt_ids)} tokens, but {self.name} has a context of {self.context_length} "
+                "tokens and needs room for at least one new token. Shorten the conversation or start a new one."
+            )
+        if opts.max_tokens is not None and opts.max_tokens > room:
+            raise ContextLengthError(
+                f"max_tokens={opts.max_tokens} does not fit: the prompt is {len(prompt_ids)} tokens and {self.name} "
+                f"has a context of {self.context_length}, so at most {room} new tokens fit. Lower max_tokens."
+            )
+        return room
 
     def chat(self, messages: Sequence[dict], **options: Any) -> ChatResult:
         """Answer a conversation in one go; same options as `stream`."""

@@ -1,6 +1,7 @@
 """`edgeft serve`: an OpenAI-compatible chat API and a web chat page, on FastAPI + uvicorn.
 
     POST /v1/chat/completions   non-streaming, or `"stream": true` as server-sent events
+    POST /v1/completions        a text prompt continued as it is (no chat template), same options
     GET  /v1/models             the model served, and each runtime adapter on it
     GET  /health                liveness and load (no API key needed)
     GET  /                      the web chat page
@@ -286,6 +287,48 @@ def parse_chat_request(body: dict) -> tuple[list[dict], dict[str, Any], bool, bo
     return _messages(body.get("messages")), options, bool(stream), bool(stream_options.get("include_usage"))
 
 
+COMPLETION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed")
+# completions fields that ask for nothing unless set: refused when they ask for something
+COMPLETION_REFUSED = {
+    "echo": (False, "echo is not supported: the text returned is the continuation only"),
+    "suffix": (None, "suffix (insertion) is not supported"),
+    "best_of": (1, "best_of is not supported; ask for n answers and choose"),
+}
+MAX_COMPLETION_LOGPROBS = 5  # as in OpenAI's completions API
+
+
+def parse_completion_request(body: dict) -> tuple[list[str], dict[str, Any], int, bool, bool]:
+    """OpenAI completions request -> (prompts, generation options, n, stream, include_usage)."""
+    known = {"model", "prompt", "max_tokens", "n", "stream", "stream_options", "logprobs", "logit_bias", "user"}
+    known |= {*COMPLETION_FIELDS, *COMPLETION_REFUSED, "frequency_penalty", "presence_penalty"}
+    if unknown := sorted(set(body) - known):
+        raise ApiError(400, f"unrecognized request argument: {unknown[0]}.", param=unknown[0])
+    for name, (allowed, why) in COMPLETION_REFUSED.items():
+        if body.get(name, allowed) not in (allowed, None):
+            raise ApiError(400, f"{why}.", param=name)
+    for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
+        if body.get(name) not in (None, 0, 0.0, {}):
+            raise ApiError(400, f"{name} is not supported.", param=name)
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ApiError(400, "prompt must be a non-empty string or an array of them.", param="prompt")
+    n = body.get("n") or 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n * len(prompts) <= MAX_N:
+        raise ApiError(400, f"n must be an integer, and n times the prompts at most {MAX_N}.", param="n")
+    options = {k: body[k] for k in COMPLETION_FIELDS if body.get(k) is not None}
+    options["max_tokens"] = body.get("max_tokens", 16)  # OpenAI's default for completions
+    top = body.get("logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_COMPLETION_LOGPROBS:
+            raise ApiError(400, f"logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}.", param="logprobs")
+        options |= {"logprobs": True, "top_logprobs": top}
+    stream, stream_options = body.get("stream") or False, body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(stream_options, dict):
+        raise ApiError(400, "stream must be true or false, and stream_options an object.", param="stream")
+    return prompts, options, n, stream, bool(stream_options.get("include_usage"))
+
+
 def _tool_options(body: dict) -> dict[str, Any]:
     """tools, tool_choice and parallel_tool_calls for ChatModel.stream (OpenAI's older functions /
     function_call read as tools)."""
@@ -469,15 +512,7 @@ def create_app(
         # A place in the queue first: rendering and tokenizing cost CPU, which a full server must not spend.
         ticket = scheduler.admit()
         if ticket is None:
-            raise ApiError(
-                503,
-                f"the server is busy: {scheduler.running} answers running and "
-                f"{max(0, scheduler.admitted - scheduler.running)} waiting (the most is {parallel} + {max_queue}). "
-                f"Retry in a few seconds.",
-                type="server_error",
-                code="server_busy",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise _busy(scheduler)
         try:
             # Renders and tokenizes (off the event loop: a long prompt takes a moment) and checks
             # every option and the context length before any generation.
@@ -505,8 +540,62 @@ def create_app(
             ticket.release()
         return _completion(results, completion_id, started, model.name, logprobs)
 
+    @v1.post("/completions")
+    async def completions(request: Request):
+        body = await read_json(request, max_body, body_timeout)
+        prompts, options, n, stream_it, include_usage = parse_completion_request(body)
+        model = pick(body.get("model"))
+        ticket = scheduler.admit()
+        if ticket is None:
+            raise _busy(scheduler)
+        try:
+            streams = await run_in_threadpool(completion_choices, model, prompts, cache, options, n)
+        except ContextLengthError as e:
+            ticket.release()
+            raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
+        except GenerationError as e:
+            ticket.release()
+            raise ApiError(400, str(e), param=_param_of(str(e))) from None
+        except BaseException:
+            ticket.release()
+            raise
+        completion_id, started = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        logprobs = "logprobs" in options
+        if stream_it:
+            events = _text_sse(_in_turn(scheduler, streams, ticket), completion_id, started, model.name, include_usage, logprobs, len(prompts))  # fmt: skip
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return _TicketedStreamingResponse(events, ticket, media_type="text/event-stream", headers=headers)
+        try:
+            results = [await _collect(scheduler.run(s, ticket), request, s) for s in streams]
+        finally:
+            ticket.release()
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": started,
+            "model": model.name,
+            "choices": [
+                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": _text_logprobs(r.logprobs) if logprobs else None}
+                for i, r in enumerate(results)
+            ],
+            "usage": _usage(results, prompts=len(prompts)),
+        }  # fmt: skip
+
     app.include_router(v1)
     return app
+
+
+def _busy(scheduler: Scheduler) -> ApiError:
+    """503 with Retry-After: every slot and place in the queue is taken."""
+    return ApiError(
+        503,
+        f"the server is busy: {scheduler.running} answers running and "
+        f"{max(0, scheduler.admitted - scheduler.running)} waiting (the most is {scheduler.parallel} + "
+        f"{scheduler.max_queue}). Retry in a few seconds.",
+        type="server_error",
+        code="server_busy",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 class BrowserGuard:
@@ -619,6 +708,62 @@ async def _collect(events: AsyncIterator[tuple[str, Any]], request: Request, str
         watcher.cancel()
 
 
+def completion_choices(model: ChatModel, prompts: list[str], cache, options: dict, n: int) -> list[Any]:
+    """n streams per prompt, in OpenAI's order (prompt by prompt), seeded as `choices_of` seeds them."""
+    seed = options.get("seed")
+    return [
+        model.complete_stream(prompt, cache=cache, **(options | ({"seed": seed + i} if seed is not None and i else {})))
+        for prompt in prompts
+        for i in range(n)
+    ]
+
+
+def _text_logprobs(entries: list[dict] | None) -> dict:
+    """Chat logprobs entries in the completions API's shape."""
+    entries = entries or []
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+async def _text_sse(
+    events, completion_id: str, created: int, name: str, include_usage: bool, logprobs: bool, prompts: int = 1
+):
+    """Completions as OpenAI text_completion server-sent events, ending with [DONE]."""
+
+    def chunk(choices: list[dict], **extra: Any) -> str:
+        data = {"id": completion_id, "object": "text_completion", "created": created, "model": name}
+        return f"data: {json.dumps(data | {'choices': choices, **extra}, ensure_ascii=False)}\n\n"
+
+    results: list[ChatResult] = []
+    pending: list[dict] = []
+    try:
+        async with contextlib.aclosing(events):
+            async for index, kind, value in events:
+                if kind == "logprobs":
+                    pending += value
+                elif kind in ("piece", "done"):
+                    text, finish = (value, None) if kind == "piece" else ("", value.finish_reason)
+                    shown = _text_logprobs(pending) if logprobs else None
+                    yield chunk([{"index": index, "text": text, "finish_reason": finish, "logprobs": shown}])
+                    pending = []
+                    if kind == "done":
+                        results.append(value)
+        if include_usage and results:
+            yield chunk([], usage=_usage(results, prompts))
+    except Exception as e:
+        log.exception("generation failed mid-stream")
+        yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}', type='server_error').body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
 def choices_of(model: ChatModel, messages: list[dict], cache: PromptCache, options: dict, n: int) -> list[Any]:
     """The request's `n` answers as streams, checked before any runs: with a seed, answer i samples
     with seed + i (n different answers that a second request repeats); greedy answers are alike."""
@@ -671,10 +816,11 @@ def _message(result: ChatResult) -> dict:
     return {"role": "assistant", "content": result.text}
 
 
-def _usage(results: list[ChatResult]) -> dict:
-    """OpenAI's usage over a request's answers (the prompt counted once), with the prompt tokens the
-    server's cache already held as cached_tokens."""
-    prompt = results[0].usage["prompt_tokens"]
+def _usage(results: list[ChatResult], prompts: int = 1) -> dict:
+    """OpenAI's usage over a request's answers (each of its `prompts` counted once), with the prompt
+    tokens the server's cache already held as cached_tokens."""
+    per = len(results) // prompts
+    prompt = sum(r.usage["prompt_tokens"] for r in results[::per])
     completion = sum(r.usage["completion_tokens"] for r in results)
     return {
         "prompt_tokens": prompt,

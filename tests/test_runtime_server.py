@@ -675,3 +675,27 @@ def test_n_answers_with_a_seed_are_repeatable(client, model):
     assert list(streamed.values()) == answers
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == ["length"] * 3
+
+
+def test_completions_through_the_openai_client(client, model):
+    """/v1/completions: the prompt continued as it is (no chat template), with OpenAI's fields."""
+    r = client.completions.create(model=model.name, prompt="The capital of France is", max_tokens=5, temperature=0)
+    direct = model.complete_stream("The capital of France is", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == direct.text()
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    assert r.usage.prompt_tokens == direct.prompt_tokens < model.count_tokens([{"role": "user", "content": "x"}]) + 6
+    two = client.completions.create(
+        model=model.name, prompt=["a b c", "1 2 3"], n=2, max_tokens=4, temperature=1.0, seed=3, logprobs=2
+    )
+    assert [c.index for c in two.choices] == [0, 1, 2, 3] and two.usage.completion_tokens == 16
+    for c in two.choices:  # a token of part of a character shows as U+FFFD alone (its bytes are in chat's logprobs)
+        assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == 4
+        # (two tokens that both show as U+FFFD share one key of the dict)
+        assert all(1 <= len(top) <= 2 for top in c.logprobs.top_logprobs) and max(c.logprobs.token_logprobs) <= 0
+        offsets = c.logprobs.text_offset
+        assert offsets[0] == 0 and offsets == sorted(offsets)
+    streamed = list(client.completions.create(model=model.name, prompt="a b c", max_tokens=4, temperature=1.0, seed=3, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == two.choices[0].text
+    for bad, param in (({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"logprobs": 9}, "logprobs")):
+        with pytest.raises(openai.BadRequestError, match=param):
+            client.completions.create(model=model.name, prompt="x", max_tokens=2, **bad)
