@@ -163,3 +163,21 @@ def test_the_older_functions_form(client, model):
     )  # fmt: skip
     calls = r.choices[0].message.tool_calls
     assert calls and calls[0].function.name == "set_light" and valid(calls[0])
+
+
+def test_langchain_chat_openai_with_bind_tools(client, model):
+    """A third-party client people point at local servers: LangChain's ChatOpenAI, tools bound."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=str(client.base_url), api_key="unused", model=model.name, temperature=0, max_tokens=60)
+    tool_llm = llm.bind_tools(TOOLS, tool_choice="required")
+    call = tool_llm.invoke([HumanMessage("Turn the kitchen light off.")])
+    assert call.tool_calls and all(c["name"] in ("set_light", "read_sensor") for c in call.tool_calls)
+    schemas = {t["function"]["name"]: {**t["function"]["parameters"], "additionalProperties": False} for t in TOOLS}
+    assert all(not schema_problems(c["args"], schemas[c["name"]]) for c in call.tool_calls)
+    results = [ToolMessage('{"ok": true}', tool_call_id=c["id"]) for c in call.tool_calls]
+    answer = llm.bind_tools(TOOLS, tool_choice="none").invoke(
+        [HumanMessage("Turn the kitchen light off."), call, *results]
+    )
+    assert isinstance(answer.content, str) and not answer.tool_calls
