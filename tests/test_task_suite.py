@@ -1,0 +1,27 @@
+"""The task suite's path, reduced: each task shape of samples/ goes through the README's commands
+(tune with its defaults but a few steps, export --int4, eval on its hidden test set) and every
+command ends with exit 0. The full runs, and their numbers, are benchmarks/task_suite.py's."""
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("task_suite", REPO / "benchmarks" / "task_suite.py")
+task_suite = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(task_suite)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("task", sorted(task_suite.TASKS))
+def test_each_task_shape_goes_the_readme_way(task, smollm2, tmp_path):
+    result = task_suite.run_task(task, tmp_path, quick=True)
+    log = (tmp_path / f"{task}.log").read_text()
+    assert result["exit"] == {"tune": 0, "export": 0, "eval": 0}, log[-3000:]
+    assert result["held_out"] > 0 and result["train_examples"] > result["held_out"]  # no eval file: a split
+    manifest = json.loads((tmp_path / task / "edgeft.json").read_text())
+    verification = manifest["stages"]["export"]["verification"]
+    assert verification["exact_match_samples"] == verification["samples"]  # checked on the task's own prompts
+    assert None not in (result["as_trained"], result["int4"], result["base"])  # every row answered
