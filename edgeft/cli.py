@@ -594,6 +594,12 @@ def bench(
     type=click.Path(path_type=Path),
     help="Answer with this runtime LoRA adapter (runs/NAME, its onnx-adapter folder or .onnx_adapter file) on PATH, the shared base it was exported for.",
 )
+@click.option(
+    "--tools",
+    "tools_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A JSON file of OpenAI function definitions the model may call; you type each call's result.",
+)
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime.  [default: all cores]")
 @click.option("--stats", is_flag=True, help="After each answer, print tokens/s and time to first token.")
 def chat(
@@ -605,6 +611,7 @@ def chat(
     stats: bool,
     json_object: bool,
     json_schema: Path | None,
+    tools_file: Path | None,
     **generation,
 ) -> None:
     """Chat with an exported model in the terminal: PATH is runs/NAME or runs/NAME/onnx-int4.
@@ -614,6 +621,7 @@ def chat(
     For scripts: edgeft chat runs/NAME --prompt "..."   or   echo "..." | edgeft chat runs/NAME
     A runtime adapter (edgeft export runs/NAME --as-adapter) on its shared base:
       edgeft chat ~/.cache/edgeft/bases/BASE --adapter runs/NAME
+    Function calling (a model trained on calls): edgeft chat runs/NAME --tools tools.json
     """
     from edgeft.runtime import ChatModel, GenerationOptions, json_schema_format
     from edgeft.runtime.chat import answer_once, chat_loop
@@ -624,6 +632,10 @@ def chat(
     elif json_object:
         options["response_format"] = {"type": "json_object"}
     GenerationOptions(**options)  # bad options fail before the model loads
+    if tools_file is not None:
+        from edgeft.runtime.tooluse import load_tools
+
+        options["tools"] = load_tools(tools_file)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     model = ChatModel.load(path, threads=threads, adapter=adapter)

@@ -2,12 +2,14 @@
 
 Answers stream to stdout as they are generated. In the loop, Ctrl-C stops the current answer and
 keeps the conversation going (the ONNX Runtime call in progress finishes its token first, so the
-stop is immediate in practice); Ctrl-D or /exit leaves; /reset starts a new conversation.
+stop is immediate in practice); Ctrl-D or /exit leaves; /reset starts a new conversation. With --tools, a call the model makes is
+shown and you type its result; the model then goes on with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
 import threading
@@ -35,6 +37,11 @@ def answer_once(
     if not prompt.strip():
         raise GenerationError("the prompt is empty: pass --prompt TEXT or pipe some text on stdin.")
     result = stream_answer(model, _start(system) + [{"role": "user", "content": prompt.strip()}], options or {}, out)
+    for call in result.tool_calls or ():  # a script reads the calls as JSON lines
+        out.write(
+            json.dumps({"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])})
+            + "\n"
+        )
     out.write("\n")
     if stats:
         err.write(format_stats(result) + "\n")
@@ -85,22 +92,41 @@ def chat_loop(
             else:
                 err.write("".join(f"  {c:<7} {what}\n" for c, what in COMMANDS.items()))
             continue
+        turn = len(history)
         history.append({"role": "user", "content": line})
-        try:
-            result = stream_answer(model, history, options, out, cache=cache)
-        except GenerationError as e:
-            history.pop()
-            err.write(f"Error: {e}\n(/reset starts a new conversation)\n")
-            continue
-        out.write("\n")
-        if result.finish_reason == "cancelled":
-            err.write("[stopped]\n")
-        if stats:
-            err.write(format_stats(result) + "\n")
-        if result.text.strip():
-            history.append({"role": "assistant", "content": result.text})
-        else:
-            history.pop()  # nothing was said: drop the question too, so turns keep alternating
+        while True:  # an answer that calls functions: you give each result, then the model goes on
+            try:
+                result = stream_answer(model, history, options, out, cache=cache)
+            except GenerationError as e:
+                del history[turn:]
+                err.write(f"Error: {e}\n(/reset starts a new conversation)\n")
+                break
+            out.write("\n")
+            if result.finish_reason == "cancelled":
+                err.write("[stopped]\n")
+            if stats:
+                err.write(format_stats(result) + "\n")
+            if result.tool_calls:
+                history.append({"role": "assistant", "content": result.text, "tool_calls": result.tool_calls})
+                try:
+                    history += [_tool_result(call, input_fn, out) for call in result.tool_calls]
+                except (EOFError, KeyboardInterrupt):
+                    del history[turn:]
+                    err.write("\n(the call was not answered: the turn is dropped)\n")
+                    break
+                continue
+            if result.text.strip():
+                history.append({"role": "assistant", "content": result.text})
+            elif len(history) == turn + 1:
+                history.pop()  # nothing was said: drop the question too, so turns keep alternating
+            break
+
+
+def _tool_result(call: dict, input_fn: Callable[[str], str], out: TextIO) -> dict:
+    """Show a call the model made and ask for its result (what your function would return)."""
+    function = call["function"]
+    out.write(f"-> {function['name']}({function['arguments']})\n")
+    return {"role": "tool", "tool_call_id": call["id"], "content": input_fn(f"result of {function['name']}> ")}
 
 
 def stream_answer(

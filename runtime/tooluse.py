@@ -17,18 +17,37 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from edgeft import toolcalls
-from edgeft.errors import GenerationError
+from edgeft.errors import ConfigError, GenerationError
 
 
 def functions_of(tools: Any) -> list[dict]:
     """The declared functions of a request's `tools`, or a GenerationError naming what is wrong."""
-    functions, problems = toolcalls.declared_tools({"tools": tools})
+    functions, problems = toolcalls.declared_tools({"tools": tools if tools is not None else []})
     if problems:
         raise GenerationError(f"{problems[0]}.")
     return functions
+
+
+def load_tools(path: str | Path) -> list[dict]:
+    """OpenAI function definitions from a JSON file: a list of them, or {"tools": [...]}."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read the tools file {path}: {e.strerror or e}.") from None
+    except ValueError as e:
+        raise ConfigError(f"{path} is not JSON ({e}); a list of OpenAI function definitions is expected.") from None
+    tools = data.get("tools") if isinstance(data, dict) else data
+    try:
+        functions_of(tools)
+    except GenerationError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not tools:
+        raise ConfigError(f"{path} declares no function.")
+    return tools
 
 
 def resolve_choice(tool_choice: Any, functions: list[dict]) -> tuple[str, list[dict]]:

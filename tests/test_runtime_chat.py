@@ -276,3 +276,49 @@ def test_json_and_json_schema_answers(tiny_llama_export, tmp_path):
     assert "Traceback" not in bad.output
     missing = run_cli("chat", tiny_llama_export, "-p", "hi", "--json-schema", tmp_path / "none.json", ok=False)
     assert "cannot read the JSON schema" in missing.output
+
+
+def test_a_call_in_the_chat_asks_for_its_result_and_goes_on(tiny_llama_export):
+    from tests.test_runtime_tools import TOOLS
+
+    model, out, err = ChatModel.load(tiny_llama_export), io.StringIO(), io.StringIO()
+    asked = []
+    replies = iter(["switch the light", '{"ok": true}'])
+
+    def answer(prompt_text):
+        asked.append(prompt_text)
+        return next(replies)  # then EOFError: the second call goes unanswered, then Ctrl-D leaves
+
+    def typed(prompt_text):
+        try:
+            return answer(prompt_text)
+        except StopIteration:
+            raise EOFError from None
+
+    options = {
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_tokens": 60,
+        "temperature": 0,
+    }
+    history = chat_loop(model, options=options, input_fn=typed, out=out, err=err)
+    shown = out.getvalue()
+    called = re.search(r"-> (set_light|read_sensor)\(\{.*\}\)\n", shown)
+    assert called, shown
+    assert asked[:2] == [">>> ", f"result of {called.group(1)}> "]
+    # the first call was answered, the model called again (required), that one was not: the turn is dropped
+    assert "the call was not answered" in err.getvalue() and history == []
+
+
+def test_tools_file_from_the_command_line(tiny_llama_export, tmp_path):
+    from tests.test_runtime_tools import TOOLS
+
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    result = run_cli(
+        "chat", tiny_llama_export, "--tools", tmp_path / "tools.json", "--prompt", "hi", "--max-tokens", "6"
+    )
+    assert result.exit_code == 0 and "<tool_call>" not in result.stdout
+    (tmp_path / "bad.json").write_text(json.dumps([{"type": "function", "function": {"name": "two words"}}]))
+    bad = run_cli("chat", tiny_llama_export, "--tools", tmp_path / "bad.json", "--prompt", "hi", ok=False)
+    assert bad.exit_code == 1 and "bad.json: tools[1] needs a 'name'" in bad.output and "Traceback" not in bad.output
