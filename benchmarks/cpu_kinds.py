@@ -34,7 +34,7 @@ def answers(export: str, data: str, limit: int) -> dict:
     """Greedy answers to the first `limit` prompts, and the CPU features this process sees."""
     from numpy._core._multiarray_umath import __cpu_features__
 
-    from edgeft.bench import cpu_flags
+    from edgeft.cpu import cpu_flags
     from edgeft.evaluate import answer_room, exact_match, load_samples
     from edgeft.runtime import ChatModel, PromptCache
 

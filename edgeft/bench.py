@@ -21,8 +21,9 @@ from pathlib import Path
 
 from edgeft import artifacts
 from edgeft.artifacts import Run
+from edgeft.cpu import cpu_flags, usable_cpus
 from edgeft.errors import EdgeftError, ExportError
-from edgeft.runtime.engine import default_threads, og_config
+from edgeft.runtime.engine import og_config
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def measure_genai(folder: str, settings: Settings) -> dict:
     import onnxruntime_genai as og
 
     def load():
-        model = og.Model(og_config(Path(folder), settings.threads or default_threads()))
+        model = og.Model(og_config(Path(folder), settings.threads or usable_cpus()))
         return model, og.Tokenizer(model)
 
     def generator(state, prompt, new):
@@ -114,7 +115,7 @@ def measure_genai(folder: str, settings: Settings) -> dict:
 def _torch_common(settings: Settings):
     import torch
 
-    torch.set_num_threads(settings.threads or default_threads())
+    torch.set_num_threads(settings.threads or usable_cpus())
     return torch
 
 
@@ -171,7 +172,7 @@ def measure_optimum(folder: str, settings: Settings) -> dict:
 
     def load():
         options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.threads or default_threads()
+        options.intra_op_num_threads = settings.threads or usable_cpus()
         return ORTModelForCausalLM.from_pretrained(folder, session_options=options), AutoTokenizer.from_pretrained(
             folder
         )
@@ -197,7 +198,7 @@ def measure_llamacpp(gguf: str, settings: Settings) -> dict:
     from llama_cpp import Llama
 
     def load():
-        threads = settings.threads or default_threads()
+        threads = settings.threads or usable_cpus()
         return Llama(
             model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512, verbose=False
         )
@@ -373,7 +374,7 @@ def bench(
     if settings.runs < 1 or settings.threads < 0 or settings.decode_tokens < 1:
         raise ExportError("--runs and --decode-tokens must be at least 1, --threads 0 (all cores) or more.")
     targets, folder, run = plan(Path(path), compare, gguf, engines)
-    threads = settings.threads or default_threads()
+    threads = settings.threads or usable_cpus()
     results = []
     for target in progress(targets, desc="benchmark", unit="engine"):
         log.info(f"Measuring {target.name}...")
@@ -425,20 +426,6 @@ def _ratios(results: list[dict]) -> None:
 
 # The instruction sets ONNX Runtime's and PyTorch's CPU kernels choose between: int4/int8 matmuls
 # want VNNI, bf16 wants AVX512-BF16 or AMX; most laptops and edge boxes have AVX2 + FMA only.
-SPEED_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> list[str]:
-    """Which of SPEED_FLAGS this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return [f for f in SPEED_FLAGS if f in have]
-
-
 def machine() -> str:
     """The CPU, its cores, RAM and speed-relevant flags: printed beside every speed figure."""
     import platform
@@ -454,7 +441,7 @@ def machine() -> str:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     flags = " ".join(cpu_flags()) or "unknown"
     return (
-        f"{cpu}, {os.cpu_count()} cores, {total / 2**30:.0f} GiB RAM, {platform.system()} {platform.machine()}; "
+        f"{cpu}, {usable_cpus()} cores, {total / 2**30:.0f} GiB RAM, {platform.system()} {platform.machine()}; "
         f"CPU flags: {flags}"
     )
 

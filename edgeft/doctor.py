@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 
 from edgeft import __version__, artifacts, models
-from edgeft.bench import cpu_flags
+from edgeft.cpu import cpu_flags, usable_cpus
 
 PACKAGES = (
     "torch",
@@ -43,7 +43,7 @@ def doctor() -> list[Check]:
     checks = [
         Check("edgeft", __version__),
         Check("python", f"{sys.version.split()[0]} ({platform.machine()}, {platform.system()})"),
-        Check("cpu cores", str(os.cpu_count())),
+        Check("cpu cores", f"{usable_cpus()} usable of {os.cpu_count()}"),
         Check("cpu flags", " ".join(cpu_flags()) or "unknown (no /proc/cpuinfo)"),
     ]
     for name in PACKAGES:

@@ -269,8 +269,9 @@ class TorchBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from edgeft.chatdata import stop_ids
+        from edgeft.cpu import usable_cpus
 
-        torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+        torch.set_num_threads(usable_cpus())
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(candidate.path)
         self.tokenizer.padding_side = "left"

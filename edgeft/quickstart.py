@@ -118,8 +118,7 @@ def probe_speed() -> dict:
     of REFERENCES) and its speed-relevant flags."""
     import torch
 
-    from edgeft.bench import cpu_flags
-    from edgeft.pipeline.tune.model import cpu_has_native_bf16
+    from edgeft.cpu import cpu_flags, has_native_bf16
 
     a, b = torch.randn(512, 576), torch.randn(576, 1536)
     torch.matmul(a, b)  # warm-up
@@ -130,7 +129,7 @@ def probe_speed() -> dict:
     gflops = 2 * 512 * 576 * 1536 * runs / (time.perf_counter() - start) / 1e9
     flags = cpu_flags()
     kind = "vnni" if {"avx512_vnni", "avx_vnni"} & set(flags) else "avx2"
-    return {"gflops": round(gflops, 1), "bf16": cpu_has_native_bf16(), "kind": kind, "flags": flags}
+    return {"gflops": round(gflops, 1), "bf16": has_native_bf16(), "kind": kind, "flags": flags}
 
 
 def expected_seconds(probe: dict, steps: int, examples: int) -> dict[str, float]:

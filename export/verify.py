@@ -30,9 +30,10 @@ class OnnxScorer:
     def __init__(self, folder: Path, adapter: Path | None = None):
         import onnxruntime_genai as og
 
-        from edgeft.runtime.engine import default_threads, og_config, scoring_graph
+        from edgeft.cpu import usable_cpus
+        from edgeft.runtime.engine import og_config, scoring_graph
 
-        self.model = og.Model(og_config(folder, default_threads(), graph=scoring_graph(folder)))
+        self.model = og.Model(og_config(folder, usable_cpus(), graph=scoring_graph(folder)))
         self.adapter = None
         if adapter is not None:  # a runtime adapter, active in every generator
             adapters = og.Adapters(self.model)

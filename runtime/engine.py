@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from edgeft import toolcalls
+from edgeft.cpu import usable_cpus
 from edgeft.errors import ConfigError, GenerationError, ModelError
 from edgeft.fidelity import common_prefix, forced_logits, negative_log_likelihood, teacher_forced_logits
+from edgeft.runtime import tooluse
 from edgeft.runtime.template import ChatTemplate
 
 log = logging.getLogger("edgeft")
@@ -503,6 +504,111 @@ class ChatStream:
         return taken
 
 
+class ToolCallStream:
+    """A ChatStream's interface (iterate for text pieces, `.result`, `cancel()`, `close()`) over an
+    answer that may call the declared functions; `.result.tool_calls` holds the calls."""
+
+    def __init__(self, model, prompt_ids: list[int], options, max_tokens: int, *, choice, functions, parallel, cache):
+        self.model, self._prompt_ids, self._options, self._max_tokens = model, prompt_ids, options, max_tokens
+        self._functions, self._parallel, self._choice = functions, parallel, choice
+        self.prompt_tokens = len(prompt_ids)
+        self.result = None
+        self._current = None
+        self._cancelled = False
+        self._pieces: Iterator[str] | None = None
+        self._calls = None
+        if choice == "required":
+            self._calls_stream("")  # a grammar that does not compile fails here, before any generation
+        else:  # free text first, up to where a call begins ("none": a call the model begins ends the answer)
+            stops = replace(options, stop=(*options.stop, toolcalls.CALL_OPEN))
+            self._current = ChatStream(model, prompt_ids, stops, max_tokens, cache=cache)
+
+    @property
+    def reused_tokens(self) -> int:
+        return getattr(self._current, "reused_tokens", 0)
+
+    def _calls_stream(self, text: str):
+        """The constrained continuation after `text` and `<tool_call>`."""
+        grammar = toolcalls.calls_grammar(self._functions, parallel=self._parallel)
+        opts = GenerationOptions(
+            temperature=self._options.temperature,
+            top_p=self._options.top_p,
+            top_k=self._options.top_k,
+            repetition_penalty=self._options.repetition_penalty,
+            seed=self._options.seed,
+            response_format={"type": "lark_grammar", "grammar": grammar},
+        )
+        # the text and the opening tag as training tokenized them: one piece of text
+        ids = self._prompt_ids + [int(t) for t in self.model._tokenizer.encode(text + toolcalls.CALL_OPEN)]
+        room = min(self._max_tokens, self.model.context_length - len(ids))
+        if room < 1:
+            return None
+        stream = ChatStream(self.model, ids, opts, room)
+        self._calls = stream
+        return stream
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._current is not None:
+            self._current.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def __iter__(self) -> ToolCallStream:
+        return self
+
+    def __next__(self) -> str:
+        if self._pieces is None:
+            self._pieces = self._generate()
+        return next(self._pieces)
+
+    def text(self) -> str:
+        return "".join(self)
+
+    def close(self) -> None:
+        self.cancel()
+        if self._pieces is not None:
+            self._pieces.close()
+
+    def _generate(self) -> Iterator[str]:
+        text, free = "", None
+        if self._current is not None:
+            free = self._current
+            for piece in free:
+                text += piece
+                yield piece
+            if self._choice == "none" or free.stopped_on != toolcalls.CALL_OPEN:
+                self.result = free.result
+                return
+        calls_stream = self._calls if free is None else self._calls_stream(text)
+        if calls_stream is None or self._cancelled:
+            self.result = free.result if free else None
+            return
+        self._current = calls_stream
+        written = "".join(calls_stream)
+        done = calls_stream.result
+        _, calls = toolcalls.parse_calls(toolcalls.CALL_OPEN + written)
+        before = free.result if free else None
+        used = (before.usage["completion_tokens"] if before else 0) + done.usage["completion_tokens"]
+        complete = done.finish_reason == "stop" and bool(calls)  # else cut short: the raw text, as OpenAI does
+        first = before.time_to_first_token if before and before.usage["completion_tokens"] > 1 else None
+        self.result = ChatResult(
+            text=text.strip() if complete else text + toolcalls.CALL_OPEN + written,
+            finish_reason="tool_calls" if complete else done.finish_reason,
+            usage={
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": used,
+                "total_tokens": self.prompt_tokens + used,
+            },
+            time_to_first_token=first if first is not None else done.time_to_first_token,
+            elapsed=(before.elapsed if before else 0.0) + done.elapsed,
+            cached_tokens=before.cached_tokens if before else 0,
+            tool_calls=tooluse.openai_calls(calls) if complete else None,
+        )
+
+
 @dataclass
 class PromptCache:
     """The last prompt's KV cache, for a series of greedy answers whose prompts begin alike (one
@@ -610,7 +716,7 @@ class ChatModel:
         if graph:
             genai_config["model"]["decoder"]["filename"] = graph
         template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
-        threads = threads or default_threads()
+        threads = threads or usable_cpus()
         try:
             og_model = og.Model(og_config(folder, threads, graph=graph))
             tokenizer = og.Tokenizer(og_model)
@@ -695,8 +801,6 @@ class ChatModel:
         the calls (OpenAI's form), each one parsed and fitting its function's schema (see tooluse).
         Messages may hold assistant `tool_calls` and `tool` results.
         """
-        from edgeft.runtime import tooluse
-
         opts = GenerationOptions.from_kwargs(options)
         functions = tooluse.functions_of(tools) if tools else []
         choice, callable_functions = tooluse.resolve_choice(tool_choice, functions)
@@ -716,7 +820,7 @@ class ChatModel:
         if choice != "none":
             if score is not None or opts.guidance is not None:
                 raise GenerationError("tools cannot be combined with a response_format or a reference to score.")
-            return tooluse.ToolCallStream(
+            return ToolCallStream(
                 self,
                 prompt_ids,
                 opts,
@@ -844,15 +948,6 @@ def scoring_graph(folder: Path) -> str | None:
 
 def _decoder_file(genai_config: dict) -> str:
     return genai_config.get("model", {}).get("decoder", {}).get("filename", ALL_LOGITS_GRAPH)
-
-
-def default_threads() -> int:
-    """Every CPU this process may use. Left to itself, ONNX Runtime ran SmolLM2 int4 on this 2-core
-    VM at the speed of one thread (decode 139 vs 200 tokens/s, 512-token prefill 0.93 vs 0.47 s)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
 
 
 # --- finding and reading an export --------------------------------------------------------

@@ -16,14 +16,15 @@ import numpy as np
 import onnxruntime_genai as og
 from numpy._core._multiarray_umath import __cpu_features__
 
-from edgeft.runtime.engine import ALL_LOGITS_GRAPH, default_threads, og_config
+from edgeft.cpu import usable_cpus
+from edgeft.runtime.engine import ALL_LOGITS_GRAPH, og_config
 
 SEQUENCES = 6  # a rounding step now and then moves one sequence's later rows; a kernel bug moves them all
 
 
 def main() -> None:
     folder, out = sys.argv[1], sys.argv[2]
-    model = og.Model(og_config(Path(folder), default_threads(), graph=ALL_LOGITS_GRAPH))  # prompt rows: every position
+    model = og.Model(og_config(Path(folder), usable_cpus(), graph=ALL_LOGITS_GRAPH))  # prompt rows: every position
     vocab = json.loads(Path(folder, "genai_config.json").read_text())["model"]["vocab_size"]
     rng = np.random.default_rng(0)
     saved = {}

@@ -20,7 +20,8 @@ def test_doctor_reports_the_machine():
     assert result.exit_code in (0, 1)
     for row in ("torch device", "bitsandbytes 4-bit", "onnxruntime providers", "free disk", "cache", "cpu flags"):
         assert row in result.output
-    from edgeft.bench import cpu_flags, machine
+    from edgeft.bench import machine
+    from edgeft.cpu import cpu_flags
 
     assert "avx2" in cpu_flags() and machine().endswith("CPU flags: " + " ".join(cpu_flags()))  # x86-64 CI machines
 

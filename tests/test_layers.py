@@ -1,6 +1,6 @@
 """The house's layers, read from the source: which module may import which.
 
-ground         errors, config helpers, the run manifest and file safety, chat data and the chat-format
+ground         errors, config helpers, the CPU (cores, flags), the run manifest and file safety, chat data and the chat-format
                rules, the model registry, the model as trained, fidelity, plots: any layer may use it
 stages         pipeline (data, tune, merge), export, runtime: each imports the ground and itself only,
                except that export may use the runtime's check of an export folder and its loading
@@ -19,6 +19,7 @@ GROUND = {
     "errors",
     "artifacts",
     "config",
+    "cpu",
     "models",
     "chatdata",
     "toolcalls",

@@ -92,15 +92,15 @@ def test_the_expected_duration_scales_with_the_machine_and_the_work():
 
 def test_an_avx2_only_machine_is_judged_by_the_avx2_reference(monkeypatch):
     """Its int8 prompt passes take twice as long, which the fp32 probe does not see."""
-    import edgeft.bench
+    import edgeft.cpu
     from edgeft.quickstart import REFERENCES, expected_seconds, probe_speed
 
-    monkeypatch.setattr(edgeft.bench, "cpu_flags", lambda: ["avx2", "fma"])
+    monkeypatch.setattr(edgeft.cpu, "cpu_flags", lambda: ["avx2", "fma"])
     probe = probe_speed()
     assert probe["kind"] == "avx2"
     avx2 = REFERENCES["avx2"]
     expected = expected_seconds({**probe, "gflops": avx2["gflops"], "bf16": False}, avx2["steps"], avx2["examples"])
     assert expected == pytest.approx(avx2["stages"])
     assert expected["evaluate"] > REFERENCES["vnni"]["stages"]["evaluate"] * 1.2  # 1.27 on one machine
-    monkeypatch.setattr(edgeft.bench, "cpu_flags", lambda: ["avx2", "fma", "avx_vnni"])
+    monkeypatch.setattr(edgeft.cpu, "cpu_flags", lambda: ["avx2", "fma", "avx_vnni"])
     assert probe_speed()["kind"] == "vnni"

@@ -415,3 +415,22 @@ def test_the_adapter_picked_by_name_is_the_adapter_peft_saves(tmp_path, tiny_phi
     for config in configs:  # peft keeps target_modules as a set: its order in the JSON is not stable
         config["target_modules"] = sorted(config["target_modules"])
     assert configs[0] == configs[1]
+
+
+def test_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    """A container (or taskset) that gives the process one core of two: training, evaluation and the
+    runtime use one thread, not os.cpu_count()'s two (oversubscribed, every step slows down)."""
+    import torch
+
+    from edgeft.cpu import usable_cpus
+    from edgeft.pipeline.tune.model import pick_device
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert usable_cpus() == 1
+        assert pick_device(TuneConfig(data="x", device="cpu")) == "cpu" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

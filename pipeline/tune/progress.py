@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 from edgeft import artifacts, models
+from edgeft.cpu import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def estimate_seconds(model: str, model_path: Path, method: str, device: str, tok
     if device == "cuda":
         rate = 5e13 / params
     else:
-        rate = 2.6e10 / params * (os.cpu_count() or 2) / 2
+        rate = 2.6e10 / params * usable_cpus() / 2
     return tokens / rate, "rough guess; measured after your first run"
 
 
