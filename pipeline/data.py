@@ -163,7 +163,11 @@ def check_data(
     eot = None if dataset.format == "text" else end_of_turn_for(tokenizer)
     renderer = ChatRenderer(tokenizer, eot, train_on_prompt=train_on_prompt, max_seq_len=max_seq_len)
     tokenized = []
+    controls = _control_tokens(tokenizer) if dataset.format != "text" else []
     for example in dataset.examples:
+        if forged := _written_control(example, controls):
+            problems.append(forged)
+            continue
         try:
             tokenized.append(renderer.tokenize(example))
         except DataError as e:
@@ -176,6 +180,27 @@ def check_data(
             )
         )
     return report
+
+
+def _control_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens: the chat template's own markers (<|im_start|>, <|im_end|>, ...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted(
+        {t.content for t in added.values() if getattr(t, "special", False)} | set(tokenizer.all_special_tokens)
+    )
+
+
+def _written_control(example: Example, controls: list[str]) -> Problem | None:
+    """A message whose text holds a control token: it would be trained as the token (a turn that ends,
+    a turn that opens), not as text. Only the chat template writes those."""
+    for i, m in enumerate(example.messages, start=1):
+        if found := next((t for t in controls if t in m["content"]), None):
+            return Problem(
+                example.where,
+                f"message {i} contains {found!r}, a control token of the model's chat format: it would be read as "
+                "the token, not as text. Remove it or write it another way.",
+            )
+    return None
 
 
 SHOWN_CHARS = 2500  # a longer example is cut in the middle of what `data check` shows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -690,6 +691,8 @@ class ChatModel:
         # Scoring (a reference's likelihood) reads the logits of every position of a chunk; a model
         # loaded from the generation graph has only the last one's (see SCORE_GRAPH).
         self.scoring = _decoder_file(genai_config) in (ALL_LOGITS_GRAPH, SCORE_GRAPH)
+        # the tokenizer's special tokens (<|im_start|>, <|im_end|>, ...): only the template makes them
+        self.control_tokens: tuple[str, ...] = ()
         self.adapter: str | None = None  # the runtime LoRA adapter this model answers with
         self._adapters: dict[str, Any] = {"og": None, "files": {}}  # shared with every adapter view
 
@@ -715,7 +718,8 @@ class ChatModel:
         graph = scoring_graph(folder) if scoring else None
         if graph:
             genai_config["model"]["decoder"]["filename"] = graph
-        template = ChatTemplate.from_folder(folder, _read_json(folder / "tokenizer_config.json"))
+        tokenizer_config = _read_json(folder / "tokenizer_config.json")
+        template = ChatTemplate.from_folder(folder, tokenizer_config)
         threads = threads or usable_cpus()
         try:
             og_model = og.Model(og_config(folder, threads, graph=graph))
@@ -728,6 +732,7 @@ class ChatModel:
         # apply_chat_template(tokenize=True); the tokenizer must not add another.
         tokenizer.update_options(add_special_tokens="false")
         model = cls(folder, og_model, tokenizer, genai_config, template, name)
+        model.control_tokens = control_tokens(tokenizer_config)
         log.debug("loaded %s (context %d, threads %s)", folder, model.context_length, threads)
         return model.with_adapter(adapter) if adapter is not None else model
 
@@ -771,8 +776,45 @@ class ChatModel:
 
     def count_tokens(self, text_or_messages: str | Sequence[dict]) -> int:
         """Tokens in a string, or in the prompt a conversation renders to."""
-        text = text_or_messages if isinstance(text_or_messages, str) else self.apply_template(text_or_messages)
-        return len(self._tokenizer.encode(text))
+        if isinstance(text_or_messages, str):
+            return len(self._tokenizer.encode(text_or_messages))
+        return len(self.prompt_ids(text_or_messages))
+
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """The prompt's tokens. Text in a message is text: a control token written in it
+        (`<|im_end|>`, `<|im_start|>`) is encoded as its characters, never as the token, so a user
+        cannot end their turn and open a system or assistant turn of their own; only the template
+        makes control tokens."""
+        checked = check_messages(messages)
+        if not any(token in m["content"] for m in checked for token in self.control_tokens):
+            return [int(t) for t in self._tokenizer.encode(self.template.render(checked))]
+        # the template around each message, encoded as usual; each message's text on its own
+        marks = [f"\ue000{i}\ue001" for i in range(len(checked))]  # private-use characters no one types
+        rest = self.template.render([{**m, "content": mark} for m, mark in zip(checked, marks)])
+        ids: list[int] = []
+        for message, mark in zip(checked, marks):
+            before, found, rest = rest.partition(mark)
+            if not found:  # the template changed or dropped the text: no safe split
+                raise GenerationError(
+                    f"a message contains a control token of the chat format ({self._first_control(checked)}), which "
+                    "this model's chat template does not let edgeft keep as plain text. Remove it from the message."
+                )
+            ids += self._encode(before) + self._encode_text(message["content"])
+        return ids + self._encode(rest)
+
+    def _encode(self, text: str) -> list[int]:
+        return [int(t) for t in self._tokenizer.encode(text)] if text else []
+
+    def _encode_text(self, text: str) -> list[int]:
+        """`text` with each control token in it encoded as two pieces of plain text."""
+        pattern = "(" + "|".join(re.escape(t) for t in self.control_tokens) + ")"
+        ids: list[int] = []
+        for i, part in enumerate(re.split(pattern, text)):
+            ids += self._encode(part) if i % 2 == 0 else self._encode(part[:1]) + self._encode(part[1:])
+        return ids
+
+    def _first_control(self, messages: list[dict]) -> str:
+        return next(t for m in messages for t in self.control_tokens if t in m["content"])
 
     # --- generation -------------------------------------------------------------------------
     def stream(
@@ -810,7 +852,7 @@ class ChatModel:
         ):
             # "none": the tools stay out of the prompt, so the model answers in text
             messages = toolcalls.plain_conversation(list(messages), functions if choice != "none" else [])
-        prompt_ids = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
+        prompt_ids = self.prompt_ids(messages)
         room = self._room_after(prompt_ids, opts)
         if score is not None:
             self._check_scoring()
@@ -870,7 +912,7 @@ class ChatModel:
         """How surprised the model is by `reference` as the answer: summed negative log-likelihood and
         token count (the answer plus the end-of-turn token), feeding the reference, not its own picks."""
         self._check_scoring()
-        prompt = [int(t) for t in self._tokenizer.encode(self.apply_template(messages))]
+        prompt = self.prompt_ids(messages)
         answer = self._answer_ids(reference)
         logits = teacher_forced_logits(self._og_model, prompt, answer, adapter=self._active_adapter())
         return negative_log_likelihood(logits, answer), len(answer)
@@ -924,6 +966,13 @@ class ChatModel:
         params = og.GeneratorParams(self._og_model)
         params.set_search_options(**search)
         return params
+
+
+def control_tokens(tokenizer_config: dict) -> tuple[str, ...]:
+    """The tokenizer's special tokens (tokenizer_config.json's added_tokens_decoder), longest first."""
+    added = tokenizer_config.get("added_tokens_decoder") or {}
+    found = {t["content"] for t in added.values() if isinstance(t, dict) and t.get("special") and t.get("content")}
+    return tuple(sorted(found, key=len, reverse=True))
 
 
 def og_config(folder: Path, threads: int, *, graph: str | None = None) -> Any:

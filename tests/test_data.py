@@ -158,3 +158,20 @@ def test_data_check_cli(tmp_path, tiny_llama):
     result = run_cli("data", "check", bad, "--model", tiny_llama, ok=False)
     assert result.exit_code == 1
     assert "line 2: no assistant message" in result.output and "line 3: invalid JSON" in result.output
+
+
+def test_a_control_token_written_in_the_data_is_refused(tiny_model, tmp_path):
+    """Training would read it as the token (a turn that ends, one that opens), not as text."""
+    from transformers import AutoTokenizer
+
+    from edgeft.pipeline.data import check_data
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    eot = end_of_turn_for(tok)
+    rows = [CHAT, {"messages": [{"role": "user", "content": f"hi{eot}"}, {"role": "assistant", "content": "ok"}]}]
+    report = check_data(write_jsonl(tmp_path / "d.jsonl", rows), tok)
+    expected = (
+        f"line 2: message 1 contains {eot!r}, a control token of the model's chat format: it would be read as the "
+        "token, not as text. Remove it or write it another way."
+    )
+    assert not report.ok and [str(p) for p in report.problems] == [expected]
