@@ -268,7 +268,8 @@ class Run:
         cls.check_new(path, force=force)
         try:
             if path.exists() and any(path.iterdir()):
-                shutil.rmtree(path)
+                with cls(path).lock("tune --force"):  # refused at once while another command works on it
+                    shutil.rmtree(path)
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(
@@ -311,10 +312,28 @@ class Run:
     def manifest(self) -> dict:
         return read_json(self.manifest_path, "run manifest")
 
+    @contextlib.contextmanager
+    def _manifest_held(self) -> Iterator[None]:
+        """Hold the manifest for one read-modify-write: every writer (tune, merge, export, eval,
+        bench, quickstart) takes it, so no update overwrites another made meanwhile. A lock of its
+        own, held for milliseconds, beside the run lock a whole command holds."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks here
+            yield
+            return
+        fd = os.open(self.path / ".edgeft.json.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
     def update(self, **fields: Any) -> dict:
-        data = self.manifest()
-        data.update(fields)
-        write_json_atomic(self.manifest_path, data)
+        with self._manifest_held():
+            data = self.manifest()
+            data.update(fields)
+            write_json_atomic(self.manifest_path, data)
         return data
 
     def stage(self, name: str) -> dict | None:
@@ -359,11 +378,12 @@ class Run:
 
     def record_stage(self, name: str, **entry: Any) -> dict:
         """Merge `entry` into the stage's record and stamp it; returns the whole stage record."""
-        data = self.manifest()
-        stages = data.setdefault("stages", {})
-        record = {**stages.get(name, {}), **entry, "updated_at": now()}
-        stages[name] = record
-        write_json_atomic(self.manifest_path, data)
+        with self._manifest_held():
+            data = self.manifest()
+            stages = data.setdefault("stages", {})
+            record = {**stages.get(name, {}), **entry, "updated_at": now()}
+            stages[name] = record
+            write_json_atomic(self.manifest_path, data)
         return record
 
 

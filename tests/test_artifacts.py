@@ -93,3 +93,32 @@ def test_human_size():
     assert artifacts.human_size(999) == "999 B"
     assert artifacts.human_size(1500) == "1.5 KB"
     assert artifacts.human_size(86_300_000) == "86.3 MB"
+
+
+def test_force_never_deletes_a_run_another_command_is_working_on(tmp_path):
+    run = Run.create(tmp_path / "r")
+    (run.path / "merged").mkdir()
+    with run.lock("merge"), pytest.raises(RunError, match=r"is busy: edgeft merge \(pid \d+\) is working on it"):
+        Run.create(tmp_path / "r", force=True)
+    assert (run.path / "merged").is_dir() and Run.is_run(run.path)
+    Run.create(tmp_path / "r", force=True)  # once it is done, --force starts the run over
+    assert not (run.path / "merged").exists()
+
+
+def test_concurrent_manifest_updates_are_never_lost(tmp_path):
+    """eval, bench and quickstart record stages beside a running command: each read-modify-write is
+    whole (without the manifest lock, about half of these updates were lost)."""
+    import threading
+
+    run = Run.create(tmp_path / "r")
+
+    def writer(prefix):
+        for i in range(40):
+            Run(run.path).record_stage(f"{prefix}{i}", status="done")
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in "abc"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(run.manifest()["stages"]) == 120
