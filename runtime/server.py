@@ -45,6 +45,17 @@ except ImportError as e:  # pragma: no cover - depends on the install
 log = logging.getLogger("edgeft")
 
 API_KEY_ENV = "EDGEFT_API_KEY"
+# The web page is one self-contained file: it loads nothing from elsewhere, talks only to this server,
+# and is never framed by another site (clickjacking) nor sniffed as another type.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 DEFAULT_MAX_BODY = 1_000_000  # bytes; a long conversation is a few hundred KB at most
 RETRY_AFTER_S = 2
 BODY_TIMEOUT_S = 30.0  # a request body must arrive within this; a trickling client is cut off with 408
@@ -468,8 +479,12 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+        # the details go to the server's log only: an exception's text can hold paths and data
+        # that a client (on 0.0.0.0, anyone) must not see; the id ties the answer to the log line
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unexpected error %s on %s %s", incident, request.method, request.url.path)
+        message = f"internal error {incident}: the server could not answer; its log has the details."
+        return ApiError(500, message, type="server_error").response()
 
     async def require_key(request: Request) -> None:
         if api_key:
@@ -479,7 +494,7 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(page, headers={"Cache-Control": "no-store", **PAGE_HEADERS})
 
     @app.get("/health")
     async def health() -> dict:
@@ -758,10 +773,15 @@ async def _text_sse(
                         results.append(value)
         if include_usage and results:
             yield chunk([], usage=_usage(results, prompts))
-    except Exception as e:
+    except Exception:
         log.exception("generation failed mid-stream")
-        yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}', type='server_error').body())}\n\n"
+        yield f"data: {json.dumps(_failed_mid_stream().body())}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _failed_mid_stream() -> ApiError:
+    """What a stream that broke says to its client (the details are in the server's log)."""
+    return ApiError(500, "generation failed: the server's log has the details.", type="server_error")
 
 
 def choices_of(model: ChatModel, messages: list[dict], cache: PromptCache, options: dict, n: int) -> list[Any]:
@@ -878,9 +898,9 @@ async def _sse(
                     pending = []
         if include_usage and results:
             yield chunk(None, None, usage=_usage(results))
-    except Exception as e:  # headers are sent already: report in the stream, then end it properly
+    except Exception:  # headers are sent already: report in the stream, then end it properly
         log.exception("generation failed mid-stream")
-        yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}', type='server_error').body())}\n\n"
+        yield f"data: {json.dumps(_failed_mid_stream().body())}\n\n"
     yield "data: [DONE]\n\n"
 
 

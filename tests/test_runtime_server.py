@@ -699,3 +699,26 @@ def test_completions_through_the_openai_client(client, model):
     for bad, param in (({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"logprobs": 9}, "logprobs")):
         with pytest.raises(openai.BadRequestError, match=param):
             client.completions.create(model=model.name, prompt="x", max_tokens=2, **bad)
+
+
+def test_an_unexpected_error_tells_the_client_nothing_of_its_details(model, monkeypatch, caplog):
+    app = create_app(model, parallel=1, max_queue=2)
+    live = LiveServer(app)
+    try:
+        monkeypatch.setattr(
+            ChatModel, "stream", lambda *a, **k: (_ for _ in ()).throw(ValueError("/home/alice/secret.txt"))
+        )
+        r = live.post({"messages": HI, "max_tokens": 2})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "secret" not in r.text and "ValueError" not in r.text
+        incident = re.search(r"internal error (\w+):", r.json()["error"]["message"]).group(1)
+        assert any(incident in rec.getMessage() and rec.exc_info for rec in caplog.records)  # the log has it all
+    finally:
+        live.stop()
+
+
+def test_the_web_page_is_served_with_security_headers(server):
+    r = httpx.get(server.url + "/")
+    policy = r.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy and "default-src 'none'" in policy
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"

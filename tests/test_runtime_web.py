@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,19 @@ def page(tmp_path):
             browser.close()
 
 
+def wait_until(page, expression: str, timeout: float = 10_000) -> None:
+    """Poll a page expression until it is true. (Playwright's wait_for_function evaluates its
+    predicate with eval(), which the page's Content-Security-Policy forbids, as it should.)"""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
+
+
 def test_chat_page_streams_an_answer_and_keeps_history(site, page, phi3_model, tmp_path):
     live, slow = site
     page.goto(live.url + "/")
-    page.wait_for_function("document.getElementById('model').textContent.includes('phi3-onnx-fp32')")
+    wait_until(page, "document.getElementById('model').textContent.includes('phi3-onnx-fp32')")
     page.click("#settings summary")
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "60")
@@ -80,9 +90,10 @@ def test_chat_page_streams_an_answer_and_keeps_history(site, page, phi3_model, t
     page.keyboard.press("Enter")
     page.wait_for_selector(".msg.user")
     # Streaming: while the answer is pending it already shows part of the text.
-    page.wait_for_function(
+    wait_until(
+        page,
         "(() => { const a = document.querySelector('.msg.assistant.pending');"
-        " return a && a.textContent.length > 3; })()"
+        " return a && a.textContent.length > 3; })()",
     )
     assert page.is_enabled("#stop") and not page.is_enabled("#send")
     page.wait_for_selector(".msg.assistant .meta", timeout=30_000)
@@ -97,7 +108,7 @@ def test_chat_page_streams_an_answer_and_keeps_history(site, page, phi3_model, t
 
     page.fill("#input", "And of Italy?")
     page.click("#send")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .meta').length == 2", timeout=30_000)
+    wait_until(page, "document.querySelectorAll('.msg.assistant .meta').length == 2", timeout=30_000)
     assert [m["role"] for m in slow.calls[-1]] == ["user", "assistant", "user"]  # the history went along
     assert slow.calls[-1][1]["content"] == expected.text
 
@@ -115,9 +126,10 @@ def test_stop_button_ends_the_answer(site, page):
     page.fill("#max_tokens", "3000")
     page.fill("#input", "Tell me a long story.")
     page.keyboard.press("Enter")
-    page.wait_for_function(
+    wait_until(
+        page,
         "(() => { const a = document.querySelector('.msg.assistant.pending');"
-        " return a && a.textContent.length > 10; })()"
+        " return a && a.textContent.length > 10; })()",
     )
     page.click("#stop")
     page.wait_for_selector(".msg.assistant .meta")

@@ -434,3 +434,19 @@ def test_threads_follow_the_cpus_this_process_may_use(monkeypatch):
         assert pick_device(TuneConfig(data="x", device="cpu")) == "cpu" and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", "[1, 2]", '{"smollm2-135m|qlora|cpu": {"tokens_per_second": "fast"}}']
+)
+def test_a_damaged_throughput_file_only_loses_the_estimate(content, tiny_llama):
+    from edgeft import models
+    from edgeft.pipeline.tune.progress import estimate_seconds, record_throughput
+
+    path = models.edgeft_home() / "throughput.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    seconds, basis = estimate_seconds("smollm2-135m", tiny_llama, "qlora", "cpu", 10_000)
+    assert seconds > 0 and basis.startswith("rough guess")
+    record_throughput("smollm2-135m", "qlora", "cpu", 500.0)  # the next run writes it anew
+    assert estimate_seconds("smollm2-135m", tiny_llama, "qlora", "cpu", 10_000) == (20.0, "measured 500 tokens/s here")

@@ -91,18 +91,29 @@ def _throughput_file() -> Path:
     return models.edgeft_home() / "throughput.json"
 
 
+def _measured() -> dict:
+    """The training speeds measured on this machine; a damaged or foreign file counts as none (it
+    only feeds an estimate, and the next finished run writes it anew)."""
+    try:
+        data = json.loads(_throughput_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("tokens_per_second"), (int, float)) and v["tokens_per_second"] > 0}  # fmt: skip
+
+
 def record_throughput(model: str, method: str, device: str, tokens_per_second: float) -> None:
     path = _throughput_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = _measured()
     data[f"{model}|{method}|{device}"] = {"tokens_per_second": tokens_per_second, "measured_at": artifacts.now()}
     artifacts.write_json_atomic(path, data)
 
 
 def estimate_seconds(model: str, model_path: Path, method: str, device: str, tokens: int) -> tuple[float, str]:
     """Training time for `tokens`, from this machine's last measured run when there is one."""
-    path = _throughput_file()
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = _measured()
     if (known := data.get(f"{model}|{method}|{device}")) is not None:
         return tokens / known["tokens_per_second"], f"measured {known['tokens_per_second']:.0f} tokens/s here"
     # Rough rule from measurements: ~190 tokens/s for a 135M model on 2 CPU cores; scales with 1/params.
