@@ -421,10 +421,10 @@ def evaluate(
     run = next((c.run for c in todo if c.run), None)
     target = Path(output) if output else (run.logs_dir / "eval.json" if run else Path("edgeft-eval.json"))
     target.parent.mkdir(parents=True, exist_ok=True)
+    # the answers first, each file whole or not at all: a report never stands beside older or torn answers
+    lines = [json.dumps({"model": r.label, **p}, ensure_ascii=False) + "\n" for r in rows for p in r.predictions]
+    artifacts.write_text_atomic(target.with_suffix(".predictions.jsonl"), "".join(lines))
     artifacts.write_json_atomic(target, report)
-    with open(target.with_suffix(".predictions.jsonl"), "w", encoding="utf-8") as f:
-        for r in rows:
-            f.writelines(json.dumps({"model": r.label, **p}, ensure_ascii=False) + "\n" for p in r.predictions)
     report["path"] = str(target)
     for r in {id(c.run): c.run for c in todo if c.run}.values():
         r.record_stage(
