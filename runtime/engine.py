@@ -279,7 +279,32 @@ class StopStringFilter:
 # --- the stream -----------------------------------------------------------------------------
 
 
-class ChatStream:
+class _Pieces:
+    """What every answer stream shares: iterate it for text pieces (generation starts on the first
+    next(), in the thread that iterates); `text()` runs it to the end; `close()` stops it now and
+    frees the generator (`.result` then holds the partial answer)."""
+
+    _pieces: Iterator[str] | None = None
+
+    def __iter__(self) -> _Pieces:
+        return self
+
+    def __next__(self) -> str:
+        if self._pieces is None:
+            self._pieces = self._generate()
+        return next(self._pieces)
+
+    def text(self) -> str:
+        """Run to the end and return the whole answer."""
+        return "".join(self)
+
+    def close(self) -> None:
+        self.cancel()
+        if self._pieces is not None:
+            self._pieces.close()
+
+
+class ChatStream(_Pieces):
     """An answer being generated: iterate it for text pieces; `.result` is set when it ends.
 
     Generation starts on the first `next()`, in the thread that iterates. `cancel()` may be
@@ -393,24 +418,6 @@ class ChatStream:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def __iter__(self) -> ChatStream:
-        return self
-
-    def __next__(self) -> str:
-        if self._pieces is None:
-            self._pieces = self._generate()
-        return next(self._pieces)
-
-    def text(self) -> str:
-        """Run to the end and return the whole answer."""
-        return "".join(self)
-
-    def close(self) -> None:
-        """Stop now and free the generator; `.result` then holds the partial answer."""
-        self.cancel()
-        if self._pieces is not None:
-            self._pieces.close()
-
     def _generate(self) -> Iterator[str]:
         model, started = self.model, time.perf_counter() - self._setup_seconds
         stops = StopStringFilter(self._options.stop)
@@ -505,7 +512,7 @@ class ChatStream:
         return taken
 
 
-class ToolCallStream:
+class ToolCallStream(_Pieces):
     """A ChatStream's interface (iterate for text pieces, `.result`, `cancel()`, `close()`) over an
     answer that may call the declared functions; `.result.tool_calls` holds the calls."""
 
@@ -556,22 +563,6 @@ class ToolCallStream:
     @property
     def cancelled(self) -> bool:
         return self._cancelled
-
-    def __iter__(self) -> ToolCallStream:
-        return self
-
-    def __next__(self) -> str:
-        if self._pieces is None:
-            self._pieces = self._generate()
-        return next(self._pieces)
-
-    def text(self) -> str:
-        return "".join(self)
-
-    def close(self) -> None:
-        self.cancel()
-        if self._pieces is not None:
-            self._pieces.close()
 
     def _generate(self) -> Iterator[str]:
         text, free = "", None

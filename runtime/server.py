@@ -519,28 +519,31 @@ def create_app(
             raise not_served(model_id)
         return _model_card(served[model_id], created)
 
-    @v1.post("/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_json(request, max_body, body_timeout)
-        messages, options, stream_it, include_usage = parse_chat_request(body)
-        model = pick(body.get("model"))
-        # A place in the queue first: rendering and tokenizing cost CPU, which a full server must not spend.
+    async def admitted(prompt_field: str, start, *args) -> tuple[Ticket, list[Any]]:
+        """A place in the queue first (rendering and tokenizing cost CPU, which a full server must not
+        spend), then the request's streams: rendered and tokenized off the event loop (a long prompt
+        takes a moment), every option and the context length checked before any generation."""
         ticket = scheduler.admit()
         if ticket is None:
             raise _busy(scheduler)
         try:
-            # Renders and tokenizes (off the event loop: a long prompt takes a moment) and checks
-            # every option and the context length before any generation.
-            streams = await run_in_threadpool(choices_of, model, messages, cache, options, body.get("n") or 1)
+            return ticket, await run_in_threadpool(start, *args)
         except ContextLengthError as e:
             ticket.release()
-            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+            raise ApiError(400, str(e), param=prompt_field, code="context_length_exceeded") from None
         except GenerationError as e:
             ticket.release()
             raise ApiError(400, str(e), param=_param_of(str(e))) from None
         except BaseException:
             ticket.release()
             raise
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request, max_body, body_timeout)
+        messages, options, stream_it, include_usage = parse_chat_request(body)
+        model = pick(body.get("model"))
+        ticket, streams = await admitted("messages", choices_of, model, messages, cache, options, body.get("n") or 1)
         completion_id, started = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         logprobs = bool(options.get("logprobs"))
         if stream_it:
@@ -560,20 +563,7 @@ def create_app(
         body = await read_json(request, max_body, body_timeout)
         prompts, options, n, stream_it, include_usage = parse_completion_request(body)
         model = pick(body.get("model"))
-        ticket = scheduler.admit()
-        if ticket is None:
-            raise _busy(scheduler)
-        try:
-            streams = await run_in_threadpool(completion_choices, model, prompts, cache, options, n)
-        except ContextLengthError as e:
-            ticket.release()
-            raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
-        except GenerationError as e:
-            ticket.release()
-            raise ApiError(400, str(e), param=_param_of(str(e))) from None
-        except BaseException:
-            ticket.release()
-            raise
+        ticket, streams = await admitted("prompt", completion_choices, model, prompts, cache, options, n)
         completion_id, started = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         logprobs = "logprobs" in options
         if stream_it:
