@@ -105,25 +105,26 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
                 check_files=_check_files(source.run),
                 reference=_as_trained(source.run),
             )
-    drifted = bool(verification) and not verification["gate"]["passed"] and not cfg.allow_drift
-    record = {
-        "status": "drift" if drifted else "done",
-        "path": recorded_path(out, source.run),
-        "precision": cfg.precision,
-        "backend": backend,
-        "options": cfg.recorded(),
-        "rounding": method if cfg.precision == "int4" else None,
-        "block_size": block_size(replace(cfg, quant_method=method)) if cfg.precision != "fp32" else None,
-        **weights,
-        "seconds": round(seconds, 1),
-        "size_bytes": artifacts.dir_size(out),
-        "merged_size_bytes": merged_size,
-        "verification": verification,
-        "finished_at": artifacts.now(),
-    }
+        drifted = bool(verification) and not verification["gate"]["passed"] and not cfg.allow_drift
+        record = {
+            "status": "drift" if drifted else "done",
+            "path": recorded_path(out, source.run),
+            "precision": cfg.precision,
+            "backend": backend,
+            "options": cfg.recorded(),
+            "rounding": method if cfg.precision == "int4" else None,
+            "block_size": block_size(replace(cfg, quant_method=method)) if cfg.precision != "fp32" else None,
+            **weights,
+            "seconds": round(seconds, 1),
+            "size_bytes": artifacts.dir_size(tmp),
+            "merged_size_bytes": merged_size,
+            "verification": verification,
+            "finished_at": artifacts.now(),
+        }
+        # the marker goes in with the folder, in the same rename: an export is never seen without it
+        artifacts.write_json_atomic(tmp / "edgeft-export.json", {"source": str(source.model_dir), **record})
     if source.run:
         source.run.record_stage("export", **record)
-    artifacts.write_json_atomic(out / "edgeft-export.json", {"source": str(source.model_dir), **record})
     if drifted:
         model_config = json.loads((source.model_dir / "config.json").read_text())
         raise_drift(f"The {cfg.precision} export", out, verification, replace(cfg, quant_method=method), model_config)

@@ -390,3 +390,25 @@ def test_real_smollm2_optimum_backend(smollm2, tmp_path):
     record = json.loads((out / "edgeft-export.json").read_text())
     assert record["verification"]["candidate_ppl"] <= 1.10 * record["verification"]["reference_ppl"]
     ORTModelForCausalLM.from_pretrained(out)
+
+
+def test_a_kill_right_after_the_export_lands_leaves_a_folder_export_force_replaces(tiny_llama_run, monkeypatch):
+    """The moment between the folder's rename and the manifest's write, made to happen: the folder
+    already holds its marker, so `export --force` replaces it (it refused a folder without one)."""
+    run_dir = merged(tiny_llama_run)
+    real = Run.record_stage
+
+    def killed(self, name, **entry):
+        if name == "export":
+            raise KeyboardInterrupt  # SIGINT as the manifest is about to be written
+        return real(self, name, **entry)
+
+    monkeypatch.setattr(Run, "record_stage", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(run_dir, cfg(precision="fp32"))
+    out = run_dir / "onnx-fp32"
+    marker = json.loads((out / "edgeft-export.json").read_text())
+    assert marker["status"] == "done" and marker["verification"]["gate"]["passed"]
+    monkeypatch.setattr(Run, "record_stage", real)
+    assert export(run_dir, cfg(precision="fp32"), force=True) == out
+    assert Run.open(run_dir).stage("export")["status"] == "done"
