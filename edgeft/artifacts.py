@@ -23,6 +23,8 @@ from edgeft.errors import DiskSpaceError, RunError
 
 MANIFEST = "edgeft.json"
 HELD_OUT = "data/validation.jsonl"  # the validation split tune holds out of --data, inside the run
+# A run's two lock files (see Run.lock and Run._manifest_held): small, and left in place on purpose
+LOCK_FILES = (".edgeft.lock", ".edgeft.json.lock")
 SCHEMA_VERSION = 1
 
 
@@ -322,7 +324,7 @@ class Run:
         except ImportError:  # pragma: no cover - Windows: no advisory locks here
             yield
             return
-        fd = os.open(self.path / ".edgeft.json.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(self.path / LOCK_FILES[1], os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -361,7 +363,7 @@ class Run:
         except ImportError:  # pragma: no cover - Windows: no advisory locks here
             yield
             return
-        fd = os.open(self.path / ".edgeft.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(self.path / LOCK_FILES[0], os.O_RDWR | os.O_CREAT, 0o666)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

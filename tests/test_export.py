@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, DiskSpaceError, ExportError, RunError
 from edgeft.export import onnx as onnx_export
@@ -333,7 +334,7 @@ def test_no_disk_leaves_nothing(tiny_llama_run, monkeypatch):
     with pytest.raises(DiskSpaceError):
         export(tiny_llama_run, cfg())
     assert not (tiny_llama_run / "onnx-int4").exists()
-    assert not [p for p in tiny_llama_run.iterdir() if p.name.startswith(".") and p.name != ".edgeft.lock"]
+    assert not [p for p in tiny_llama_run.iterdir() if p.name.startswith(".") and p.name not in artifacts.LOCK_FILES]
 
 
 def test_a_run_exported_elsewhere_records_where(tiny_llama_run, tmp_path):

@@ -221,7 +221,7 @@ def test_sigterm_during_tune_leaves_a_resumable_run(tmp_path, tiny_llama, moment
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=120)
     assert code in (0, 130), proc.stdout.read().decode()[-3000:]
-    leftovers = [p for p in run_dir.rglob(".*") if p.name != ".edgeft.lock"]
+    leftovers = [p for p in run_dir.rglob(".*") if p.name not in artifacts.LOCK_FILES]
     assert not leftovers, leftovers
     record = Run.open(run_dir).stage("tune")
     if code == 0:
