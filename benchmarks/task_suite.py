@@ -33,7 +33,11 @@ TASKS = {  # task -> (shape, the metric that judges it)
     "freetext": ("free-text answers from a passage", "token_f1"),
 }
 # the path only: a few steps, plain rounding, a few test prompts (the gate is reported, not enforced)
-QUICK = {"tune": ["--max-steps", "8"], "export": ["--quant-method", "rtn", "--allow-drift"], "eval": ["--limit", "4"]}
+QUICK = {
+    "tune": ["--max-steps", "8"],
+    "export": ["--quant-method", "rtn", "--allow-drift"],
+    "eval": ["--limit", "4", "--shots", "0"],
+}
 
 
 def edgeft(*args: str, log: Path) -> tuple[int, float]:
