@@ -35,6 +35,10 @@ TOOLS_HEADER = (
     f'{CALL_OPEN}{{"name": "...", "arguments": {{...}}}}{CALL_CLOSE}\nFunctions:'
 )
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+# JSON laid out as Python's json.dumps writes it (and as the samples train): llguidance's flexible
+# default lets a model pad with whitespace without end (a random model wrote 200 newlines). A
+# schema's own "x-guidance" key overrides this.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _CALLS = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
 
 
@@ -236,7 +240,6 @@ def calls_grammar(functions: list[dict], *, parallel: bool = True) -> str:
     (or several, with `parallel`) of the declared functions, each with arguments that fit the
     function's schema, laid out as training lays them out. A call that does not parse, names an
     undeclared function or breaks its schema cannot be generated."""
-    layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
     options = [
         {
             "type": "object",
@@ -246,7 +249,7 @@ def calls_grammar(functions: list[dict], *, parallel: bool = True) -> str:
         }
         for f in functions
     ]
-    schema = json.dumps({"x-guidance": layout, "anyOf": options}, ensure_ascii=False)
+    schema = json.dumps({"x-guidance": JSON_LAYOUT, "anyOf": options}, ensure_ascii=False)
     more = f' ("{CALL_CLOSE}\\n{CALL_OPEN}" call)*' if parallel else ""
     return f'start: call{more} "{CALL_CLOSE}"\ncall: %json {schema}'
 

@@ -135,10 +135,6 @@ def _check_stop(stop: Any) -> tuple[str, ...]:
 
 
 RESPONSE_FORMATS = "text, json_object, json_schema (OpenAI's), regex, lark_grammar (edgeft's)"
-# JSON laid out as Python's json.dumps writes it (and as the samples train): llguidance's flexible
-# default lets a model pad with whitespace without end (a random model wrote 200 newlines). A
-# schema's own "x-guidance" key overrides this.
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def guidance(response_format: Any) -> tuple[str, str] | None:
@@ -154,14 +150,14 @@ def guidance(response_format: Any) -> tuple[str, str] | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return "json_schema", json.dumps({"type": "object", "x-guidance": JSON_LAYOUT})
+        return "json_schema", json.dumps({"type": "object", "x-guidance": toolcalls.JSON_LAYOUT})
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise GenerationError(
                 "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {a JSON Schema object}}}."
             )
-        return "json_schema", json.dumps({"x-guidance": JSON_LAYOUT, **spec["schema"]})
+        return "json_schema", json.dumps({"x-guidance": toolcalls.JSON_LAYOUT, **spec["schema"]})
     field = {"regex": "regex", "lark_grammar": "grammar"}.get(kind)
     if field is None:
         raise GenerationError(f"response_format type {kind!r} is not supported; use one of: {RESPONSE_FORMATS}.")
