@@ -1,17 +1,24 @@
 """The run directory and its manifest (`edgeft.json`): the only contract between stages.
 
 Every write here is atomic (temp file or temp directory, then `os.replace`), so an interrupted
-command never leaves a half-written manifest, adapter or export behind.
+command never leaves a half-written manifest, adapter or export behind. A folder that replaces an
+existing one is swapped in with one atomic exchange on Linux; elsewhere it takes two renames, and
+a folder left hidden by a kill between them is put back by the next command that looks for it
+(`restore_interrupted`: staged_dir, Run.open, the model cache and resolve_export call it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +34,12 @@ HELD_OUT = "data/validation.jsonl"  # the validation split tune holds out of --d
 LOCK_FILES = (".edgeft.lock", ".edgeft.json.lock")
 SCHEMA_VERSION = 1
 
+log = logging.getLogger(__name__)
+
 
 def now() -> str:
     """UTC timestamp for the manifest, to the second."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -133,11 +142,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 @contextlib.contextmanager
 def staged_dir(target: Path, *, force: bool = False, what: str = "output") -> Iterator[Path]:
-    """Yield a temp directory beside `target`; on success it replaces `target` in one rename.
+    """Yield a temp directory beside `target`; on success it replaces `target` (see _swap_in).
 
     On any error (or Ctrl-C) the temp directory is removed and `target` is left untouched.
     """
     target = Path(target)
+    restore_interrupted(target.parent)
     if target.exists() and not force:
         raise RunError(f"{what} already exists: {target}. Pass --force to replace it.")
     try:
@@ -148,16 +158,98 @@ def staged_dir(target: Path, *, force: bool = False, what: str = "output") -> It
     os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would make it, not mkdtemp's 0700
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        _swap_in(tmp, target)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # the new folder after a failure, or the old one after an exchange
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Put `tmp` in the place of `target` so that a kill at any moment leaves one of the two there.
+    Linux swaps them in one atomic exchange (the old folder ends up at `tmp`). Elsewhere `target` is
+    first renamed to a hidden `.NAME.old-PID` (a kill right then leaves it for restore_interrupted)."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if _exchange(tmp, target):
+        return
+    old = target.with_name(f".{target.name}{_OLD}{os.getpid()}")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_OLD = ".old-"  # the hidden name's infix, between the folder's name and the replacing process's id
+_RENAME_EXCHANGE = 2  # <linux/fs.h>
+_AT_FDCWD = -100
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """libc's renameat2 (glibc 2.28+, musl 1.2.2+), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system or the file system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    import ctypes
+
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # old kernel, or not this file system
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def restore_interrupted(folder: Path) -> list[Path]:
+    """Put back each folder in `folder` that a killed staged_dir left hidden as `.NAME.old-PID` with
+    NAME missing; the folders restored. Called where a command looks for its folders."""
+    restored = []
+    with contextlib.suppress(OSError):  # no such folder, or one this user cannot change: nothing to do
+        for old in sorted(Path(folder).glob(f".*{_OLD}*"), key=lambda p: p.stat().st_mtime, reverse=True):
+            name, _, pid = old.name[1:].rpartition(_OLD)
+            target = old.with_name(name)
+            if not pid.isdigit() or _alive(int(pid)) or target.exists() or not old.is_dir():
+                continue  # a process still swapping it, or the replacement is in place (a stopped clean-up)
+            try:
+                os.rename(old, target)
+            except OSError:
+                continue
+            log.warning(f"Restored {target}: a command replacing it was stopped between two renames.")
+            restored.append(target)
+    return restored
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there; its hidden folder is left as is
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -295,6 +387,7 @@ class Run:
         path = Path(path)
         if not path.exists():
             raise RunError(f"run directory not found: {path}. Create one with `edgeft tune`.")
+        restore_interrupted(path)
         if not cls.is_run(path):
             raise RunError(f"{path} is not an edgeft run (no {MANIFEST} in it). Create one with `edgeft tune`.")
         run = cls(path)

@@ -10,12 +10,17 @@ are its own; results are also given as ratios to edgeft's export.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import statistics
+import sys
+import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,27 +231,82 @@ def measure_llamacpp(gguf: str, settings: Settings) -> dict:
 ENGINES = {"genai": measure_genai, "pytorch": measure_pytorch, "optimum": measure_optimum, "llamacpp": measure_llamacpp}
 
 
-def _child(engine: str, target: str, settings: Settings, queue) -> None:
-    try:
-        queue.put(("ok", ENGINES[engine](target, settings)))
-    except Exception as e:  # reported in the table, not a crash of the whole benchmark
-        queue.put(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+def _child(measure, target: str, settings: Settings, results, logs: str) -> None:
+    # The engine's stderr goes to a file the parent reads if the engine dies, and faulthandler
+    # writes the Python stack of a fatal signal (SIGILL, SIGSEGV, SIGABRT) to another, for -v.
+    sys.stderr.flush()
+    fd = os.open(Path(logs) / "stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    with open(Path(logs) / "stack", "w") as stack:
+        faulthandler.enable(stack)
+        try:
+            results.send(("ok", measure(target, settings)))
+        except Exception as e:  # reported in the table, not a crash of the whole benchmark
+            summary = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            results.send(("error", summary, traceback.format_exc()))
+        finally:
+            faulthandler.disable()
+
+
+# What a fatal signal most often means for an inference engine.
+SIGNAL_CAUSES = {
+    "SIGILL": "illegal instruction: built for a CPU this one is not",
+    "SIGKILL": "killed from outside, most often by the out-of-memory killer (see `dmesg`)",
+    "SIGSEGV": "segmentation fault in native code",
+    "SIGBUS": "bus error: a memory-mapped model file changed or the disk is full",
+    "SIGABRT": "aborted by native code",
+}
 
 
 def run_engine(engine: str, target: Path, settings: Settings, timeout: float = 900) -> dict:
-    """Measure one engine in a fresh process (its own memory peak, no shared thread pools)."""
+    """Measure one engine in a fresh process (its own memory peak, no shared thread pools). An
+    engine that dies is reported at once, with how it died and its last output (all of it with -v)."""
     context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(engine, str(target), settings, queue), daemon=True)
-    process.start()
-    try:
-        status, payload = queue.get(timeout=timeout)
-    except Exception:
-        process.kill()
-        return {"error": f"no result within {timeout:.0f} s"}
-    finally:
-        process.join(timeout=10)
+    receiver, sender = context.Pipe(duplex=False)
+    with tempfile.TemporaryDirectory(prefix=f"edgeft-bench-{engine}-") as logs:
+        process = context.Process(
+            target=_child, args=(ENGINES[engine], str(target), settings, sender, logs), daemon=True
+        )
+        process.start()
+        sender.close()  # the child holds the only sending end now: its death ends the pipe, and poll returns
+        try:
+            if not receiver.poll(timeout):
+                process.kill()
+                return {"error": f"the {engine} engine gave no result within {timeout:.0f} s"}
+            status, payload, *trace = receiver.recv()
+        except EOFError:
+            process.join(timeout=10)
+            return {"error": _death(engine, process.exitcode, Path(logs))}
+        finally:
+            process.join(timeout=10)
+            receiver.close()
+    if trace:
+        log.debug(f"The {engine} engine failed:\n{trace[0]}")
     return payload if status == "ok" else {"error": payload}
+
+
+def _death(engine: str, exitcode: int | None, logs: Path) -> str:
+    """How an engine's process ended and the last lines it wrote; all of them, and its stack, with -v."""
+    output, stack = (
+        (logs / name).read_text(errors="replace") if (logs / name).exists() else "" for name in ("stderr", "stack")
+    )
+    log.debug(f"The {engine} engine's output:\n{output}{stack}")
+    last = [line.strip() for line in output.splitlines() if line.strip()][-3:]
+    return f"the {engine} engine died: {_how_it_ended(exitcode)}" + (
+        f"; its last output: {' / '.join(last)}" if last else ""
+    )
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    """'killed by SIGILL (illegal instruction: ...)' or 'exited with code 1'."""
+    if exitcode is None or exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        return f"killed by signal {-exitcode}"
+    return f"killed by {name} ({SIGNAL_CAUSES.get(name) or signal.strsignal(-exitcode)})"
 
 
 # --- what to compare -------------------------------------------------------------------------
@@ -455,7 +515,7 @@ def markdown(report: dict) -> list[str]:
     ]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error'].replace('|', '/')} | | | | | | |")
             continue
         ratio = r.get("edgeft_vs_this")
         versus = f"{ratio['decode_speed']:.2f}x / {ratio['ttft_long']:.2f}x" if ratio else "baseline"

@@ -17,6 +17,7 @@ import click
 from edgeft import __version__
 from edgeft.errors import EdgeftError
 from edgeft.export.options import ExportConfig  # light dataclasses: the options are built from them
+from edgeft.extras import require_extra
 from edgeft.pipeline.config import TuneConfig
 
 log = logging.getLogger("edgeft")
@@ -30,11 +31,23 @@ class EdgeftGroup(click.Group):
             return super().invoke(ctx)
         except EdgeftError as e:
             if ctx.find_root().params.get("verbose"):
-                traceback.print_exc()
+                _print_traceback(e)
             click.secho(f"Error: {e}", err=True, fg="red")
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             _interrupted()
+
+
+def _print_traceback(error: BaseException) -> None:
+    """The traceback -v promises, with what caused the error: the library raises its messages
+    `from None` to keep the one line clean, and that hides the original exception (still kept as
+    __context__) from a plain traceback."""
+    chained, seen = error, set()
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__suppress_context__ = False
+        chained = chained.__cause__ or chained.__context__
+    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -95,6 +108,7 @@ def quickstart(
     Merge and export are checked against the model as trained; a drift stops the quickstart.
     Running it again reuses finished stages and resumes an interrupted fine-tune.
     """
+    require_extra("quickstart", "export")
     from edgeft.quickstart import QuickstartConfig
     from edgeft.quickstart import quickstart as run_quickstart
 
@@ -138,12 +152,17 @@ def models() -> None:
 
 
 @models.command("list")
-def models_list() -> None:
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Hash every file again (slow); by default a file is hashed when its size or time changed.",
+)
+def models_list(verify: bool) -> None:
     """Show built-in and cached models with their status, size and path."""
     from edgeft import artifacts
     from edgeft.models import list_models
 
-    rows = list_models()
+    rows = list_models(verify=verify)
     width = max(len(r.name) for r in rows)
     for r in rows:
         kind = "built-in" if r.builtin else "cached"
@@ -263,6 +282,7 @@ def data_check(file, model, fmt, max_seq_len, train_on_prompt, method, epochs, d
     Prints one example as the model sees it, its trained text marked. Exits with status 1 if any
     example has a problem.
     """
+    require_extra("data check", "train")
     from edgeft.chatdata import load_dataset
     from edgeft.models import resolve_model
     from edgeft.pipeline.data import check_data
@@ -321,6 +341,7 @@ def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
       edgeft tune --resume runs/support          # after Ctrl-C: same optimizer, schedule and data order
     Only assistant turns (and the token that ends them) are trained unless --train-on-prompt.
     """
+    require_extra("tune", "train")
     from edgeft.config import load_config
     from edgeft.pipeline import tune as tuning
 
@@ -360,6 +381,7 @@ def merge(run: Path, force: bool, base_weights: str, allow_drift: bool) -> None:
     The check compares the merged model with the base as trained + adapter (bitsandbytes NF4 for
     QLoRA) on the run's held-out data; outside the gate the command fails (exit 3) unless --allow-drift.
     """
+    require_extra("merge", "train")
     from edgeft import artifacts
     from edgeft.artifacts import Run
     from edgeft.fidelity import table
@@ -395,6 +417,7 @@ def export(target: str, precision: str, force: bool, **options) -> None:
       edgeft export smollm2-135m --int4 --output smollm2-int4  # the base model, no fine-tuning
       edgeft export runs/recipes --as-adapter  # a small adapter for a base shared by many runs
     """
+    require_extra("export", "export")
     from edgeft import artifacts
     from edgeft.artifacts import Run
     from edgeft.export.onnx import export as run_export
@@ -508,6 +531,8 @@ def eval_cmd(models, data, shots, rag, shots_file, limit, max_tokens, batch_size
     Metrics: exact match (JSON compared parsed), token F1, JSON validity, perplexity of the reference,
     answers that stop on their own, latency.
     """
+    if rag or not all((Path(m) / "genai_config.json").is_file() for m in models):
+        require_extra("eval", "train")  # ONNX exports alone are evaluated by the base install's runtime
     from edgeft.evaluate import evaluate, table
 
     report = evaluate(

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -146,14 +147,26 @@ def _hub_endpoint() -> str:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connect to the hub with a short timeout: hub clients otherwise retry for minutes."""
-    url = urlparse(_hub_endpoint())
-    port = url.port or (443 if url.scheme == "https" else 80)
+    """A TCP connect to the hub, or to the proxy the hub client will use (HTTPS_PROXY, NO_PROXY), with
+    a short timeout: hub clients otherwise retry for minutes."""
     try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
+        with socket.create_connection(_hub_address(), timeout=timeout):
             return True
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a proxy URL with a port that is not a number
         return False
+
+
+def _hub_address() -> tuple[str, int]:
+    """The host and port a request to the hub goes to first, by urllib's reading of the proxy variables."""
+    from urllib.request import getproxies, proxy_bypass
+
+    url = urlparse(_hub_endpoint())
+    scheme = url.scheme or "https"
+    proxy = getproxies().get(scheme)
+    if proxy and not proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")  # `host:port` alone means an HTTP proxy
+        scheme = url.scheme
+    return url.hostname or "", url.port or {"https": 443, "http": 80}.get(scheme, 1080)
 
 
 def _resolve_hub(repo_id: str) -> Path:
@@ -195,32 +208,53 @@ def builtin_path(name: str) -> Path:
     return models_dir() / name
 
 
-def cache_entry_problem(path: Path) -> str | None:
-    """Why a cache entry cannot be used (None if it is complete and intact)."""
+def cache_entry_problem(path: Path, *, verify: bool = False) -> str | None:
+    """Why a cache entry cannot be used (None if it is complete and intact).
+
+    A file is hashed only where its size and modification time are not those recorded when the
+    entry was sealed, or with `verify`: hashing a whole entry (0.64 GB for SmolLM2) on every
+    command cost seconds. A file changed in the same clock tick as the marker is hashed too (git's
+    "racy clean" case), and a file found intact under a new time is recorded with it, once.
+    """
     marker = path / MARKER
     if not marker.is_file():
         return "it was never completed (no marker file)"
     try:
-        files = json.loads(marker.read_text())["files"]
+        record = json.loads(marker.read_text())
+        files = record["files"]
         if not isinstance(files, dict) or not all(isinstance(m, dict) and "size" in m for m in files.values()):
             raise TypeError
+        sealed_ns = marker.stat().st_mtime_ns
     except (ValueError, KeyError, TypeError, OSError):
         return "its marker file is corrupt"
+    stale = False
     for rel, meta in files.items():
         f = path / rel
         if not f.is_file():
             return f"{rel} is missing"
-        if f.stat().st_size != meta["size"]:
+        st = f.stat()
+        if st.st_size != meta["size"]:
             return f"{rel} has the wrong size"
+        if not verify and st.st_mtime_ns == meta.get("mtime_ns") and st.st_mtime_ns < sealed_ns:
+            continue  # as sealed
         if artifacts.sha256_file(f) != meta["sha256"]:
             return f"{rel} is corrupt (checksum mismatch)"
+        stale |= meta.get("mtime_ns") != st.st_mtime_ns or st.st_mtime_ns >= sealed_ns
+        meta["mtime_ns"] = st.st_mtime_ns
+    if stale:
+        with contextlib.suppress(OSError):  # a read-only cache: checked again next time, nothing worse
+            artifacts.write_json_atomic(marker, record)
     return None
 
 
 def _seal(path: Path, **info) -> None:
-    """Record each file's size and hash last, so a partial entry is never mistaken for a whole one."""
+    """Record each file's size, time and hash last, so a partial entry is never mistaken for a whole one."""
     files = {
-        str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": artifacts.sha256_file(p)}
+        str(p.relative_to(path)): {
+            "size": p.stat().st_size,
+            "mtime_ns": p.stat().st_mtime_ns,
+            "sha256": artifacts.sha256_file(p),
+        }
         for p in sorted(path.rglob("*"))
         if p.is_file() and p.name != MARKER
     }
@@ -232,6 +266,7 @@ def ensure_builtin(name: str, *, force: bool = False) -> Path:
     if name not in BUILTINS:
         raise ModelError(f"unknown built-in model {name!r}.{_close_builtin(name)} Built-in models: {_builtin_names()}.")
     path = builtin_path(name)
+    artifacts.restore_interrupted(path.parent)
     if path.exists() and not force:
         problem = cache_entry_problem(path)
         if problem is None:
@@ -303,6 +338,7 @@ def ensure_gguf(gguf: Path) -> Path:
         raise ModelError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes).")
     digest = artifacts.sha256_file(gguf)[:12]
     path = models_dir() / f"gguf-{re.sub(r'[^A-Za-z0-9_.-]', '_', gguf.stem)}-{digest}"
+    artifacts.restore_interrupted(path.parent)
     if path.exists() and cache_entry_problem(path) is None:
         return path
     require("transformers", "train")
@@ -431,26 +467,28 @@ class CachedModel:
     description: str
 
 
-def list_models() -> list[CachedModel]:
-    """Built-in models (pulled or not) and every other converted model in the cache."""
-    rows = []
-    for m in BUILTINS.values():
-        path = builtin_path(m.name)
-        rows.append(_cached(m.name, path, True, m.description, m.download_size))
+def list_models(*, verify: bool = False) -> list[CachedModel]:
+    """Built-in models (pulled or not) and every other converted model in the cache, each checked
+    once (`verify`: by hashing every file)."""
+    artifacts.restore_interrupted(models_dir())
+    rows = [
+        _cached(m.name, builtin_path(m.name), True, m.description, m.download_size, verify) for m in BUILTINS.values()
+    ]
     if models_dir().is_dir():
         for path in sorted(models_dir().iterdir()):
             if path.is_dir() and not path.name.startswith(".") and path.name not in BUILTINS:
-                source = ""
-                if (path / MARKER).is_file() and cache_entry_problem(path) is None:  # a corrupt marker: shown as broken
+                row = _cached(path.name, path, False, "", 0, verify)
+                if row.status == "ready":  # so its marker reads (a corrupt one is shown as broken)
                     source = json.loads((path / MARKER).read_text()).get("source", "")
-                rows.append(_cached(path.name, path, False, f"converted from {source}" if source else "", 0))
+                    row.description = f"converted from {source}" if source else ""
+                rows.append(row)
     return rows
 
 
-def _cached(name: str, path: Path, builtin: bool, description: str, download: int) -> CachedModel:
+def _cached(name: str, path: Path, builtin: bool, description: str, download: int, verify: bool) -> CachedModel:
     if not path.exists():
         return CachedModel(name, path, builtin, "not downloaded", download, description)
-    problem = cache_entry_problem(path)
+    problem = cache_entry_problem(path, verify=verify)
     status = "ready" if problem is None else f"broken: {problem}"
     return CachedModel(name, path, builtin, status, artifacts.dir_size(path), description)
 

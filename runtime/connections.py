@@ -6,17 +6,42 @@ end, so a few clients sending a byte now and then (slowloris) hold connections i
 connection gets HEADER_TIMEOUT_S to finish the headers of each request, counted from when it opens
 and from the end of each response. The body has its own limit (the app's body timeout, 408).
 
-Imported only by `serve` (it needs uvicorn, which the runtime install does not).
+Imported only by `serve` (it needs uvicorn, which the runtime install does not). H11Protocol is
+uvicorn's private class: pyproject.toml bounds uvicorn to the versions checked with it, and the
+import below fails with one clear line where the methods overridden here are gone.
 """
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from edgeft.errors import EdgeftError
 
 HEADER_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5
 SPARE_CONNECTIONS = 32  # connections beyond parallel + queue (health checks, the page, clients in line)
+OVERRIDDEN = ("connection_made", "data_received", "on_response_complete", "connection_lost")
+
+
+def check_protocol(base: type) -> None:
+    """Fail now, in one line, if uvicorn's protocol no longer has a method HeaderDeadline overrides
+    (else the deadline would silently never be armed, or every connection would fail)."""
+    missing = [name for name in OVERRIDDEN if not callable(getattr(base, name, None))]
+    if missing:
+        try:
+            installed = f"uvicorn {version('uvicorn')}"
+        except PackageNotFoundError:
+            installed = "this uvicorn"
+        raise EdgeftError(
+            f"edgeft serve cannot run on {installed}: its {base.__name__} has no {', '.join(missing)}. "
+            "Install the uvicorn version edgeft supports: pip install 'edgeft[serve]'."
+        )
+
+
+check_protocol(H11Protocol)
 
 
 class HeaderDeadline(H11Protocol):

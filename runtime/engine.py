@@ -991,8 +991,10 @@ def _decoder_file(genai_config: dict) -> str:
 
 def resolve_export(path: Path) -> tuple[Path, str]:
     """The export folder to load for `path` (an export folder or a run directory), and a display name."""
-    from edgeft.artifacts import Run
+    from edgeft.artifacts import Run, restore_interrupted
 
+    if not path.exists():
+        restore_interrupted(path.parent)  # an export a killed `edgeft export --force` left hidden
     if not path.exists():
         raise ModelError(
             f"{path} does not exist. Pass an export folder (runs/NAME/onnx-int4) or a run directory (runs/NAME)."
