@@ -7,17 +7,12 @@ the run manifest, so a run can always be reproduced or resumed.
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
 from edgeft.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None, **kw) -> Any:

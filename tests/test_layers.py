@@ -17,6 +17,7 @@ from tests.conftest import REPO
 FOLDERS = {"edgeft": "edgeft", "pipeline": "edgeft.pipeline", "export": "edgeft.export", "runtime": "edgeft.runtime"}
 GROUND = {
     "errors",
+    "extras",
     "artifacts",
     "config",
     "cpu",
