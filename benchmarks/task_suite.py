@@ -3,6 +3,8 @@
     python benchmarks/task_suite.py                      # every task, full runs (about an hour on 2 cores)
     python benchmarks/task_suite.py --tasks intents --compare-no-split
     python benchmarks/task_suite.py --quick              # a few training steps each: the path, not the quality
+    python benchmarks/task_suite.py --tasks intents --tune-args "--seed 2"   # a variant: its own row
+    python benchmarks/task_suite.py --tasks multiturn --resume   # continue a run an interruption stopped
 
 Per task (samples/TASK/train.jsonl; no eval file, as a user with one data file has):
     edgeft tune --data samples/TASK/train.jsonl --output WORK/TASK
@@ -51,16 +53,23 @@ def edgeft(*args: str, log: Path) -> tuple[int, float]:
     return code, round(time.perf_counter() - start, 1)
 
 
-def run_task(task: str, work: Path, *, quick: bool = False, tune_args: tuple[str, ...] = (), name: str = "") -> dict:
-    """The README path on one task: tune, export --int4, eval; every exit code, time and number."""
+def run_task(
+    task: str, work: Path, *, quick: bool = False, tune_args: tuple[str, ...] = (), name: str = "", resume: bool = False
+) -> dict:
+    """The README path on one task: tune, export --int4, eval; every exit code, time and number.
+    `resume`: a run that an interruption left with a checkpoint continues (tune --resume) rather
+    than starting over; its tune time is then the remainder's only, and the row says so."""
     data = ROOT / "samples" / task
     run = work / (name or task)
     log = work / f"{name or task}.log"
     log.unlink(missing_ok=True)
     extra = QUICK if quick else {}
     result = {"task": task, "variant": " ".join(tune_args) or "defaults", "shape": TASKS[task][0], "exit": {}}
+    tune = ["tune", "--data", str(data / "train.jsonl"), "--output", str(run), "--force", *tune_args]
+    if resume and (run / "checkpoints").is_dir():
+        tune, result["resumed"] = ["tune", "--resume", str(run)], True
     steps = [
-        ("tune", ["tune", "--data", str(data / "train.jsonl"), "--output", str(run), "--force", *tune_args]),
+        ("tune", tune),
         ("export", ["export", str(run), "--int4"]),
         (
             "eval",
@@ -134,6 +143,8 @@ def markdown(results: list[dict], machine: str, quick: bool) -> list[str]:
         base = f"{r['base']} ({r['base_row']})" if r.get("base") is not None else "-"
         gate = {True: "passed", False: "FAILED", None: "-"}[r.get("gate")]
         minutes = [f"{r.get(f'{s}_s', 0) / 60:.1f}" for s in ("tune", "export", "eval")]
+        if r.get("resumed"):
+            minutes[0] += " (resumed: the rest only)"
         lines.append(
             f"| {r['task']} | {r['shape']} | {r['variant']} | {r['train_examples']} / {r['held_out']} | {exits} | {gate} "
             f"| {r['metric']} | {r.get('as_trained', '-')} | {r.get('int4', '-')} | {delta} | {base} | "
@@ -151,6 +162,12 @@ def main() -> None:
     parser.add_argument(
         "--compare-no-split", action="store_true", help="Also train each task with --val-split 0, side by side."
     )
+    parser.add_argument(
+        "--tune-args", default="", help='Extra tune options, a variant of its own (e.g. "--seed 2"): its own row.'
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="Continue a task's interrupted run from its checkpoint, not from scratch."
+    )
     args = parser.parse_args()
 
     from edgeft.bench import machine
@@ -159,7 +176,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for task in args.tasks.split(","):
-        results.append(run_task(task, work, quick=args.quick))
+        variant = tuple(args.tune_args.split())
+        name = task + "".join(variant).replace("--", "-") if variant else ""
+        results.append(run_task(task, work, quick=args.quick, tune_args=variant, name=name, resume=args.resume))
         print(json.dumps(results[-1]), flush=True)
         if args.compare_no_split:
             results.append(run_task(task, work, quick=args.quick, tune_args=("--val-split", "0"), name=f"{task}-all"))

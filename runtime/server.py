@@ -223,7 +223,7 @@ async def read_json(request: Request, max_body: int, timeout: float = 30.0) -> d
             chunk = await asyncio.wait_for(chunks.__anext__(), timeout=left)
         except StopAsyncIteration:
             break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(
                 408, f"the request body did not arrive within {timeout:g} s.", code="request_timeout"
             ) from None
