@@ -1,13 +1,28 @@
 import subprocess
 import sys
 
+import click
+
+from edgeft.cli import cli
 from tests.helpers import run_cli
 
 
+def listed_commands(*group: str) -> set[str]:
+    """The command names under "Commands:" in `edgeft [GROUP] --help`."""
+    out = run_cli(*group, "--help").output
+    section = out.split("\nCommands:\n", 1)[1]
+    return {line.split()[0] for line in section.splitlines() if line.startswith("  ") and line.strip()}
+
+
 def test_help_lists_commands():
-    out = run_cli("--help").output
-    for command in ("doctor", "models"):
-        assert command in out
+    """Every command of the group, and every subcommand of its groups (models, data), is in --help."""
+    known = {"quickstart", "doctor", "models", "data", "tune", "merge", "export", "eval", "bench", "chat"}
+    shown = {name for name, command in cli.commands.items() if not command.hidden}
+    assert shown >= known | {"serve"}  # the group is the real one
+    assert listed_commands() == shown
+    for name, command in cli.commands.items():
+        if isinstance(command, click.Group):
+            assert listed_commands(name) == {n for n, c in command.commands.items() if not c.hidden}, name
 
 
 def test_python_dash_m_works():
@@ -15,15 +30,39 @@ def test_python_dash_m_works():
     assert "edgeft, version" in out.stdout
 
 
-def test_doctor_reports_the_machine():
-    result = run_cli("doctor", ok=False)
-    assert result.exit_code in (0, 1)
-    for row in ("torch device", "bitsandbytes 4-bit", "onnxruntime providers", "free disk", "cache", "cpu flags"):
-        assert row in result.output
+ROWS = ("torch device", "bitsandbytes 4-bit", "onnxruntime providers", "free disk", "cache", "cpu flags")
+
+
+def _free_disk(monkeypatch, free: int) -> None:
+    import shutil
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2 * free, used=free, free=free))
+
+
+def test_doctor_reports_the_machine(monkeypatch):
+    """With room on the disk every check passes on a machine set up for the tests (exit 0), and the
+    CPU flags shown are the ones edgeft.cpu finds on this CPU; too little disk is marked and exits 1."""
     from edgeft.bench import machine
     from edgeft.cpu import cpu_flags
 
-    assert "avx2" in cpu_flags() and machine().endswith("CPU flags: " + " ".join(cpu_flags()))  # x86-64 CI machines
+    _free_disk(monkeypatch, 50 * 2**30)
+    result = run_cli("doctor")  # exit 0: torch, bitsandbytes 4-bit and onnxruntime all work here
+    rows = {line[4:].split("  ", 1)[0].strip(): line for line in result.output.splitlines()}
+    for row in ROWS:
+        assert row in rows, result.output
+    assert not any(line.startswith("!!") for line in result.output.splitlines()), result.output
+    for row in ("torch device", "bitsandbytes 4-bit", "onnxruntime providers", "free disk"):
+        assert rows[row].startswith("ok"), rows[row]
+    flags = " ".join(cpu_flags())
+    assert rows["cpu flags"].endswith(flags or "unknown (no /proc/cpuinfo)"), rows["cpu flags"]
+    assert machine().endswith("CPU flags: " + (flags or "unknown"))
+
+    _free_disk(monkeypatch, 10**9)  # under the 2 GB a run needs
+    result = run_cli("doctor", ok=False)
+    assert result.exit_code == 1
+    disk = next(line for line in result.output.splitlines() if "free disk" in line)
+    assert disk.startswith("!!") and "1.0 GB at" in disk, disk
 
 
 def test_user_errors_are_one_line_without_traceback():

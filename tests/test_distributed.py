@@ -176,9 +176,35 @@ def test_engine_combinations_that_cannot_work(requested, method, device, error, 
 
 
 def test_what_each_engine_allows(monkeypatch):
-    distributed.check_engine(fake_world(2), TuneConfig(data="x", method="dora"), "cpu")  # DDP: every method
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    distributed.check_engine(fake_world(2, "FSDP"), TuneConfig(data="x", method="qlora"), "cuda")
-    monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    distributed.check_engine(fake_world(2, "DEEPSPEED", zero_stage=2), TuneConfig(data="x", method="dora"), "cuda")
+    """The whole table check_engine enforces: DDP takes every method on CPUs and GPUs; FSDP and
+    ZeRO only GPUs, and DoRA (which needs whole base weights) only where they are not split."""
+    engines = {  # name: (the engine checked, the launch's request, what Accelerate reports on GPUs, ZeRO stage)
+        "ddp": ("ddp", None, "MULTI_GPU", 2),
+        "fsdp": ("fsdp", "ACCELERATE_USE_FSDP", "FSDP", 2),
+        "zero2": ("deepspeed", "ACCELERATE_USE_DEEPSPEED", "DEEPSPEED", 2),
+        "zero3": ("deepspeed", "ACCELERATE_USE_DEEPSPEED", "DEEPSPEED", 3),
+    }
+    allowed = {}
+    for name, (engine, request, kind, stage) in engines.items():
+        for device in ("cpu", "cuda"):
+            with monkeypatch.context() as env:
+                for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+                    env.delenv(var, raising=False)
+                if request:
+                    env.setenv(request, "true")
+                # on CPU processes Accelerate runs DDP whatever was asked: only the request tells
+                world = fake_world(2, "MULTI_CPU" if device == "cpu" else kind, zero_stage=stage)
+                assert distributed.requested_engine(world) == engine
+                for method in ("lora", "qlora", "dora"):
+                    try:
+                        distributed.check_engine(world, TuneConfig(data="x", method=method), device)
+                    except (ConfigError, DeviceError):
+                        continue
+                    allowed.setdefault(name, []).append(f"{method}@{device}")
+    every = ["lora", "qlora", "dora"]
+    assert allowed == {
+        "ddp": [f"{m}@cpu" for m in every] + [f"{m}@cuda" for m in every],
+        "fsdp": ["lora@cuda", "qlora@cuda"],
+        "zero2": [f"{m}@cuda" for m in every],
+        "zero3": ["lora@cuda", "qlora@cuda"],
+    }

@@ -116,21 +116,54 @@ def test_answers_get_room_for_the_longest_reference_and_no_more(tiny_llama, tmp_
     assert max(p["answer_tokens"] for p in predictions) == longest + 8  # a random model rambles to the limit
 
 
-def test_pytorch_batch_fits_its_memory_budget():
-    """A 135M model batches 32 prompts; a Phi-3-mini-sized one one prompt of 600 tokens (~550 MB of
-    fp32 KV cache and activations), where 32 would take 17 GB."""
+def _memory_per_token(model) -> int:
+    """Bytes a prompt token holds while a batch decodes, measured on the model: its KV cache (every
+    layer) and the MLP's intermediate tensors (one layer's at a time: each MLP output but the last
+    projection's, and that projection's input)."""
+    import torch
+
+    mlp, seen = model.model.layers[0].mlp, []
+    hooks = [
+        module.register_forward_hook(lambda m, inputs, out: seen.append(out.nbytes))
+        for name, module in mlp.named_children()
+        if name != "down_proj"
+    ]
+    hooks.append(mlp.down_proj.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].nbytes)))
+    tokens = 16
+    try:
+        with torch.no_grad():
+            cache = model(torch.randint(5, 100, (1, tokens)), use_cache=True).past_key_values
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return (kv + sum(seen)) // tokens
+
+
+def test_pytorch_batch_fits_its_memory_budget(tiny_model):
+    """The batch of prompts the PyTorch backend decodes at once fits EVAL_BATCH_MEMORY (1 GiB) of KV
+    cache and MLP activations, as measured on the model, and one prompt more would not, or it is
+    EVAL_BATCH_MAX (32); a prompt too long for the budget on its own still runs, alone."""
     from types import SimpleNamespace
 
-    from edgeft.evaluate import TorchBackend
+    from transformers import AutoModelForCausalLM
 
-    def batch(tokens, **config):
-        return TorchBackend.batch_size(SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(**config))), tokens)
+    from edgeft.evaluate import EVAL_BATCH_MAX, EVAL_BATCH_MEMORY, TorchBackend
 
-    smollm2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
-    assert batch(250, intermediate_size=1536, **smollm2) == 32
-    phi3 = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=3072)
-    assert batch(600, intermediate_size=8192, **phi3) == 1
-    assert batch(100, intermediate_size=8192, **phi3) == 11  # 1 GiB / 92 MB
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    per_token = _memory_per_token(model)
+    backend = SimpleNamespace(model=model)
+    chosen = {}
+    for tokens in (64, 2_000, 20_000, 200_000, 2_000_000, 20_000_000):  # the tiny model's rows are small
+        batch, row = TorchBackend.batch_size(backend, tokens), tokens * per_token
+        chosen[tokens] = batch
+        if row > EVAL_BATCH_MEMORY:
+            assert batch == 1, tokens
+            continue
+        assert 1 <= batch <= EVAL_BATCH_MAX and batch * row <= EVAL_BATCH_MEMORY, (tokens, batch, row)
+        assert batch == EVAL_BATCH_MAX or (batch + 1) * row > EVAL_BATCH_MEMORY, (tokens, batch, row)
+    values = list(chosen.values())
+    assert values[0] == EVAL_BATCH_MAX and values[-1] == 1 and any(1 < b < EVAL_BATCH_MAX for b in values), chosen
 
 
 def test_eval_bad_input(tiny_llama, tmp_path):

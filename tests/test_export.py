@@ -1,14 +1,16 @@
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from edgeft import artifacts
+from edgeft import artifacts, fidelity
 from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, DiskSpaceError, ExportError, RunError
 from edgeft.export import onnx as onnx_export
 from edgeft.export import options
 from edgeft.export.onnx import ExportConfig, export
+from edgeft.fidelity import EXPORT_GATE
 from edgeft.pipeline.merge import merge
 from tests.helpers import merged, run_cli
 
@@ -75,22 +77,42 @@ def cfg(**kw) -> ExportConfig:
     return ExportConfig(**{"verify_samples": 3, **kw})
 
 
+def assert_export_gate_verdict(check: dict, *, allow_drift: bool) -> None:
+    """The recorded verdict is the product's export gate applied to the recorded numbers: what
+    edgeft.fidelity computes from them, and the same worked out here from EXPORT_GATE's thresholds."""
+    gate = EXPORT_GATE
+    assert check["gate"] == fidelity.gate_record(
+        {k: v for k, v in check.items() if k != "gate"}, gate, allow_drift=allow_drift
+    )
+    agreement = check["token_agreement"] if check["token_agreement"] is not None else check["argmax_agreement"]
+    inside = agreement >= gate.min_agreement and check["candidate_ppl"] <= gate.max_ppl_ratio * check["reference_ppl"]
+    if check["exact_match_samples"] >= fidelity.MIN_EXACT_MATCH_SAMPLES:
+        drop = check["reference_exact_match"] - check["candidate_exact_match"]
+        inside = inside and drop <= gate.max_exact_match_drop
+    assert check["gate"]["passed"] is inside and check["gate"]["accepted"] is (not inside and allow_drift), check
+    assert bool(check["gate"]["problems"]) is not inside and check["gate"]["thresholds"] == asdict(gate)
+
+
 @pytest.mark.parametrize("precision", ["int4", "int8", "fp32"])  # int8 of a tied model once failed to load
 def test_genai_export_runs_and_verifies(tiny_run_dir, precision):
     import onnxruntime_genai as og
 
-    # Random tiny models flip greedy tokens easily (int4: 47% token agreement on the tiny Phi-3): the
-    # gate would stop them, which test_fidelity covers; here the export itself is under test.
-    out = export(merged(tiny_run_dir), cfg(precision=precision, allow_drift=True))
+    # fp32 must pass the export gate as it stands. Random tiny models flip greedy tokens easily in int4
+    # and int8 (47% token agreement on the tiny Phi-3): a drift there is accepted and recorded, and the
+    # gate's own refusal is test_fidelity's (test_an_export_outside_the_gate_fails_but_is_kept_and_recorded).
+    allow_drift = precision != "fp32"
+    out = export(merged(tiny_run_dir), cfg(precision=precision, allow_drift=allow_drift))
     assert out == tiny_run_dir / f"onnx-{precision}"
     record = Run.open(tiny_run_dir).stage("export")
     assert record["backend"] == "genai" and record["precision"] == precision and record["size_bytes"] > 0
+    assert record["status"] == "done"
     check = record["verification"]
     assert check["samples"] == 3 and check["reference"] == "eval answers"
-    assert abs(check["ppl_change_pct"]) < 10  # perplexity is steadier than greedy tokens
-    assert check["gate"]["passed"] or check["gate"]["accepted"]
+    assert_export_gate_verdict(check, allow_drift=allow_drift)
+    # perplexity is steadier than greedy tokens: within the export gate's bound in every precision
+    assert check["candidate_ppl"] <= EXPORT_GATE.max_ppl_ratio * check["reference_ppl"], check
     if precision == "fp32":
-        assert check["max_abs_logit_diff"] < 1e-3 and check["token_agreement"] == 1.0
+        assert check["gate"]["passed"] and check["max_abs_logit_diff"] < 1e-3 and check["token_agreement"] == 1.0
     genai = json.loads((out / "genai_config.json").read_text())
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["chat_template"]
@@ -353,8 +375,12 @@ def test_export_of_a_bare_model(tiny_phi3, tmp_path):
 
 
 @pytest.mark.real
-def test_real_smollm2_int4_is_small_and_faithful(smollm2, tmp_path):
-    # The base model is exported as a baseline here: its drift (+17% perplexity) is accepted and recorded.
+def test_real_smollm2_base_int4_is_small_and_its_drift_is_recorded_as_accepted(smollm2, tmp_path):
+    """The base model (no fine-tune) exported and checked against its own greedy answers, a harsh
+    reference: small, k_quant-rounded, perplexity measured, and its drift outside the export gate
+    recorded as failed but accepted, with the gate's problems listed.
+    That an export is faithful at the gate with no allow_drift, and that one with the adapter dropped
+    fails it, is test_fidelity.py's test_real_gate_judges_a_narrow_task_on_its_own_prompts."""
     out = export("smollm2-135m", ExportConfig(output=str(tmp_path / "int4"), allow_drift=True))
     record = json.loads((out / "edgeft-export.json").read_text())
     # 121 MB (22%): without calibration data there is no GPTQ, so k_quant keeps the attention in
@@ -363,13 +389,17 @@ def test_real_smollm2_int4_is_small_and_faithful(smollm2, tmp_path):
     assert (
         record["rounding"] == "k_quant" and record["embeddings"] == "int8-shared"
     )  # a bare model: nothing to calibrate GPTQ on
-    # Measured +17% (k_quant, int8 attention, int8 embedding table) against the model's own greedy
-    # answers, a harsh reference; plain int4 rounding measured +50%.
+    # Measured (k_quant, int8 attention, int8 embedding table; 10 prompts): +9.2% perplexity, inside the
+    # gate's +10%, but 17% token agreement where the gate asks 60% (an earlier build: +17% perplexity;
+    # plain int4 rounding: +50%). Which measure fails may move; that one does, and is listed, may not.
     check = record["verification"]
-    assert (
-        check["candidate_ppl"] <= 1.30 * check["reference_ppl"]
-        and check["gate"]["accepted"] is not check["gate"]["passed"]
-    )
+    assert check["reference"] == "the reference model's greedy output" and check["samples"] > 0
+    assert check["reference_ppl"] > 1 and check["candidate_ppl"] > 1
+    assert_export_gate_verdict(check, allow_drift=True)
+    gate = check["gate"]
+    assert record["status"] == "done" and not gate["passed"] and gate["accepted"], check
+    measures = ("it agrees with the model as trained on", "its perplexity is", "it reproduces")
+    assert all(problem.startswith(measures) for problem in gate["problems"]), gate["problems"]
     from edgeft.runtime import ChatModel
 
     # The plain question is a coin toss for the 135M base model in int4 (this export once answered it in

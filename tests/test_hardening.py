@@ -3,8 +3,11 @@
 import json
 import os
 import pickle
+import re
 import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,11 @@ from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.errors import ExportError, ModelError, RunError
 from edgeft.pipeline import tune as tuning
+from tests.conftest import REPO
 from tests.helpers import merged, recipes_like, run_cli, small_config
+from tests.paused_cli import PAUSED_LINE
+
+PAUSED_CLI = REPO / "tests" / "paused_cli.py"
 
 
 def test_models_rm_takes_a_cache_name_never_a_path(tmp_path):
@@ -190,49 +197,83 @@ def test_sigterm_during_export_leaves_no_temp_folder_and_no_builder(tiny_llama_r
     run_cli("export", tiny_llama_run, "--int4", "--no-verify")  # and a re-run recovers
 
 
-@pytest.mark.parametrize("moment", ["loading", "training", "checkpointing"])
-def test_sigterm_during_tune_leaves_a_resumable_run(tmp_path, tiny_llama, moment):
-    """SIGTERM (what `docker stop`, systemd and schedulers send) while the model loads, between
-    steps, and while a checkpoint is being written: the run is left resumable, no hidden temporary
-    folder stays behind, and `--resume` finishes it."""
-    import subprocess
-    import sys
-    import time
-
-    data = recipes_like(tmp_path / "train.jsonl", n=48)
-    run_dir = tmp_path / "run"
-    args = ["--model", tiny_llama, "--data", data, "--output", run_dir, "--method", "lora", "--epochs", "4"]
-    args += ["--batch-tokens", "128", "--max-seq-len", "64", "--save-every", "1", "--precision", "fp32"]
+def paused_edgeft(target: str, call: int, *args) -> subprocess.Popen:
+    """`edgeft ARGS` in its own process, returned once it waits at the CALL-th call of TARGET
+    (tests/paused_cli.py): a signal sent now lands at that moment, not at a guessed one."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeft", "tune", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, str(PAUSED_CLI), target, str(call), *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    checkpoints, deadline = run_dir / "checkpoints", time.monotonic() + 120
+    seen = []
+    for line in proc.stdout:
+        if line.rstrip("\n") == PAUSED_LINE:
+            return proc
+        seen.append(line)
+    pytest.fail(f"edgeft ended ({proc.wait()}) before it reached {target}:\n{''.join(seen)[-3000:]}")
 
-    def reached() -> bool:
-        if moment == "loading":
-            return (run_dir / "edgeft.json").exists()
-        if moment == "training":
-            return (checkpoints / "latest.json").exists()
-        return any(p.name.startswith(".") for p in checkpoints.glob("*")) if checkpoints.exists() else False
 
-    while not reached():
-        assert proc.poll() is None and time.monotonic() < deadline, f"tune ended before {moment}"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=120)
-    assert code in (0, 130), proc.stdout.read().decode()[-3000:]
-    leftovers = [p for p in run_dir.rglob(".*") if p.name not in artifacts.LOCK_FILES]
-    assert not leftovers, leftovers
-    record = Run.open(run_dir).stage("tune")
-    if code == 0:
-        assert record["status"] == "done"
-        return
-    assert record["status"] == "interrupted"
-    pointer = checkpoints / "latest.json"
-    if pointer.exists():  # the checkpoint it points at is whole
-        latest = checkpoints / json.loads(pointer.read_text())["checkpoint"]
-        assert (latest / "state.json").is_file() and (latest / "trainer.pt").is_file()
-    assert "Fine-tuned" in run_cli("tune", "--resume", run_dir).output
+def signalled(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[int, str]:
+    """Send `sig` to a paused process, release it, and return its exit code and what it wrote after."""
+    proc.send_signal(sig)
+    try:
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+    except BrokenPipeError:  # the signal ended it before it read the line
+        pass
+    out = proc.stdout.read()
+    return proc.wait(timeout=120), out
+
+
+def hidden_leftovers(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.rglob(".*") if p.name not in artifacts.LOCK_FILES]
+
+
+@pytest.mark.parametrize(
+    ("moment", "target", "call", "stops_at"),
+    [
+        ("loading", "edgeft.pipeline.tune.loop:load_model", 1, None),  # the run exists, no weights yet
+        ("training", "edgeft.pipeline.tune.loop:train_step", 3, 3),  # in step 3: it ends that step
+        # step 2's checkpoint half written: it finishes it, and stops after step 3 with another
+        ("checkpointing", "edgeft.pipeline.tune.checkpoints:_write_adapter", 2, 3),
+    ],
+)
+def test_sigterm_during_tune_leaves_a_resumable_run(tmp_path, tiny_llama, moment, target, call, stops_at):
+    """SIGTERM (what `docker stop`, systemd and schedulers send) while the model loads, in a step,
+    and while a checkpoint is being written: exit 130, the run recorded as interrupted with its last
+    checkpoint whole (or none, before the first step), no hidden temporary folder, and `--resume`
+    finishes it from there."""
+    data = recipes_like(tmp_path / "train.jsonl", n=48)
+    run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    args = ["--model", tiny_llama, "--data", data, "--output", run_dir, "--method", "lora", "--epochs", "2"]
+    args += ["--batch-tokens", "128", "--max-seq-len", "64", "--save-every", "1", "--precision", "fp32"]
+    proc = paused_edgeft(target, call, "tune", *args)
+    if moment == "checkpointing":
+        assert list(checkpoints.glob(".step-000002.*.tmp")), "not inside step 2's checkpoint"
+    code, out = signalled(proc)
+    assert code == 130, out[-3000:]
+    assert not hidden_leftovers(run_dir), hidden_leftovers(run_dir)
+    assert Run.open(run_dir).stage("tune")["status"] == "interrupted"
+    if stops_at is None:
+        assert f"training was stopped. Resume with: edgeft tune --resume {run_dir}" in out, out[-3000:]
+        assert not checkpoints.exists() and not (run_dir / "adapter").exists()
+    else:
+        stopped = re.search(r"training stopped at step (\d+)/(\d+); checkpoint saved\.", out)
+        assert stopped and int(stopped[1]) == stops_at < int(stopped[2]), out[-3000:]
+        assert f"Resume with: edgeft tune --resume {run_dir}" in out
+        pointer = json.loads((checkpoints / "latest.json").read_text())
+        assert pointer == {"checkpoint": f"step-{stops_at:06d}", "step": stops_at}
+        latest = checkpoints / pointer["checkpoint"]
+        assert json.loads((latest / "state.json").read_text())["step"] == stops_at and (latest / "trainer.pt").is_file()
+        assert (latest / "adapter" / "adapter_model.safetensors").is_file()
+    resumed = run_cli("tune", "--resume", run_dir).output
+    assert "Fine-tuned" in resumed
+    if stops_at is None:
+        assert "stopped before its first checkpoint: training it from the start" in resumed
+    else:
+        assert f"from step-{stops_at:06d} (step {stops_at}/" in resumed
     assert Run.open(run_dir).stage("tune")["status"] == "done"
 
 
@@ -259,28 +300,31 @@ def test_an_export_output_that_cannot_be_written(tiny_llama_run, tmp_path):
     assert "cannot write the export" in out
 
 
-@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
-def test_sigterm_during_merge_leaves_the_old_state_or_the_new_one(tiny_llama_run, delay):
-    import subprocess
-    import sys
-    import time
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeft", "merge", str(tiny_llama_run)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(delay)
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=60)
-    assert not list(tiny_llama_run.glob(".*tmp*"))  # no hidden staging folder, whatever the moment
-    record = Run.open(tiny_llama_run).stage("merge")
-    if code == 0:
-        assert record["status"] == "done" and (tiny_llama_run / "merged" / "model.safetensors").is_file()
-    else:  # stopped: no merged model, or one the manifest already vouches for (killed in the last instant)
-        assert code in (130, -signal.SIGTERM)  # -SIGTERM: it was still starting Python, before edgeft's handler
-        assert not (tiny_llama_run / "merged").exists() or (record and record["status"] == "done")
-    run_cli("merge", tiny_llama_run, "--force")  # a re-run recovers
+@pytest.mark.parametrize(
+    ("moment", "target"),
+    [
+        (
+            "checking",
+            "edgeft.pipeline.merge:check_merged",
+        ),  # merged in memory, being compared with the model as trained
+        ("writing", "edgeft.pipeline.merge:save_merged"),  # its staging folder being filled
+    ],
+)
+def test_sigterm_during_merge_leaves_the_run_as_it_was(tiny_llama_run, moment, target):
+    """SIGTERM before the merged model lands: exit 130, no merged/ and no merge record, no hidden
+    staging folder, the run free again, and a plain `edgeft merge` (no --force needed) then works."""
+    before = Run.open(tiny_llama_run).manifest()
+    proc = paused_edgeft(target, 1, "merge", tiny_llama_run)
+    if moment == "writing":
+        assert list(tiny_llama_run.glob(".merged.*.tmp")), "not inside the merged model's write"
+    code, out = signalled(proc)
+    assert code == 130 and "Interrupted." in out, out[-3000:]
+    assert not hidden_leftovers(tiny_llama_run), hidden_leftovers(tiny_llama_run)
+    assert not (tiny_llama_run / "merged").exists()
+    assert Run.open(tiny_llama_run).manifest() == before
+    run_cli("merge", tiny_llama_run)
+    assert Run.open(tiny_llama_run).stage("merge")["status"] == "done"
+    assert (tiny_llama_run / "merged" / "model.safetensors").is_file()
 
 
 def test_sigterm_during_models_pull_leaves_nothing_behind(tmp_path):

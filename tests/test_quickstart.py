@@ -76,18 +76,56 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
 
 
 def test_the_expected_duration_scales_with_the_machine_and_the_work():
-    from edgeft.quickstart import BF16_SPEEDUP, REFERENCES, expected_seconds
+    """A machine like the reference's, asked the same work, expects the reference's times; a CPU half
+    as fast, twice as long for every stage; half the steps halve only the fine-tune, half the
+    examples only the evaluation; no native bf16 lengthens the fine-tune alone."""
+    from edgeft.quickstart import REFERENCES, expected_seconds
 
     ref = REFERENCES["vnni"]
-    same = expected_seconds({"gflops": ref["gflops"], "bf16": True, "kind": "vnni"}, ref["steps"], ref["examples"])
-    assert same == pytest.approx(ref["stages"])
-    # half the speed, no bf16, a quarter of the steps and half the examples
-    probe = {"gflops": ref["gflops"] / 2, "bf16": False, "kind": "vnni"}
-    other = expected_seconds(probe, ref["steps"] // 4 + 1, 100)
-    tune = ref["stages"]["fine-tune (QLoRA)"]
-    assert other["fine-tune (QLoRA)"] == pytest.approx(tune * 2 * BF16_SPEEDUP * (ref["steps"] // 4 + 1) / 165)
-    assert other["evaluate"] == pytest.approx(ref["stages"]["evaluate"])  # 2x slower, half the work
-    assert other["merge"] == pytest.approx(2 * ref["stages"]["merge"])
+    like = {"gflops": ref["gflops"], "bf16": True, "kind": "vnni"}
+    steps, examples = 100, 200
+    base = expected_seconds(like, steps, examples)
+    assert expected_seconds(like, ref["steps"], ref["examples"]) == pytest.approx(ref["stages"])
+    assert expected_seconds({**like, "gflops": ref["gflops"] / 2}, steps, examples) == pytest.approx(
+        {stage: 2 * seconds for stage, seconds in base.items()}
+    )
+
+    def changed(other: dict) -> dict:
+        return {
+            stage: round(other[stage] / base[stage], 6) for stage in base if other[stage] != pytest.approx(base[stage])
+        }
+
+    assert changed(expected_seconds(like, steps // 2, examples)) == {"fine-tune (QLoRA)": 0.5}
+    assert changed(expected_seconds(like, steps, examples // 2)) == {"evaluate": 0.5}
+    fp32 = changed(expected_seconds({**like, "bf16": False}, steps, examples))
+    assert list(fp32) == ["fine-tune (QLoRA)"] and fp32["fine-tune (QLoRA)"] > 1.2  # measured 1.4
+
+
+def test_the_announced_estimate_follows_the_measured_speed(monkeypatch, caplog):
+    """What quickstart prints before any work: the total of the stage estimates for the speed the
+    probe measured; a probe three times slower prints a total three times longer."""
+    import logging
+
+    from edgeft import quickstart
+    from edgeft.progress import duration
+
+    monkeypatch.setattr(logging.getLogger("edgeft"), "propagate", True)  # the CLI turns it off; caplog needs it
+    reference = quickstart.REFERENCES["vnni"]["gflops"]
+
+    def announced(gflops: float) -> tuple[float, str]:
+        probe = {"gflops": gflops, "bf16": True, "kind": "vnni", "flags": ["avx2", "avx512_vnni"]}
+        monkeypatch.setattr(quickstart, "probe_speed", lambda: probe)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="edgeft"):
+            expected = quickstart._announce(quickstart.QuickstartConfig())
+        return sum(expected.values()), caplog.text
+
+    total, text = announced(reference)
+    slow_total, slow_text = announced(reference / 3)
+    assert slow_total == pytest.approx(3 * total)
+    assert f"Expected: about {duration(total)} on this machine" in text
+    assert f"Expected: about {duration(slow_total)} on this machine" in slow_text
+    assert f"({reference / 3:.0f} GFLOPS against {reference:.0f})" in slow_text
 
 
 def test_an_avx2_only_machine_is_judged_by_the_avx2_reference(monkeypatch):

@@ -1,0 +1,46 @@
+"""Run by tests/test_hardening.py: the edgeft CLI in its own process, with one function made to stop
+and say so, so a test sends its signal at a known moment instead of after a guessed sleep.
+
+    python tests/paused_cli.py MODULE:ATTRIBUTE CALL EDGEFT_ARGS...
+
+The CALL-th call (from 1) of MODULE.ATTRIBUTE (ATTRIBUTE may be dotted: Run.record_stage) prints
+PAUSED_LINE on stdout and waits for a line on stdin; then the real function runs. Everything else
+is the real command, with the CLI's own signal handlers: a SIGTERM that makes it raise lands in the
+wait (inside the paused function), one that only sets a flag lets the function go on once released.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+
+PAUSED_LINE = "edgeft-test: paused"
+
+
+def pause_at(target: str, call: int) -> None:
+    module_name, attribute = target.split(":")
+    *owners, name = attribute.split(".")
+    owner = importlib.import_module(module_name)
+    for part in owners:
+        owner = getattr(owner, part)
+    real, calls = getattr(owner, name), 0
+
+    @functools.wraps(real)
+    def paused(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            print(PAUSED_LINE, flush=True)
+            sys.stdin.readline()
+        return real(*args, **kwargs)
+
+    setattr(owner, name, paused)
+
+
+if __name__ == "__main__":
+    pause_at(sys.argv[1], int(sys.argv[2]))
+    from edgeft.cli import main
+
+    sys.argv = ["edgeft", *sys.argv[3:]]
+    main()
