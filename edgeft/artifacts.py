@@ -29,6 +29,7 @@ from edgeft import __version__
 from edgeft.errors import DiskSpaceError, RunError
 
 MANIFEST = "edgeft.json"
+MERGE_RECORD = "edgeft-merge.json"  # merged/'s own record, written inside it before it is put in place
 HELD_OUT = "data/validation.jsonl"  # the validation split tune holds out of --data, inside the run
 # A run's two lock files (see Run.lock and Run._manifest_held): small, and left in place on purpose
 LOCK_FILES = (".edgeft.lock", ".edgeft.json.lock")
@@ -315,6 +316,14 @@ class Run:
     @property
     def merged_dir(self) -> Path:
         return self.path / "merged"
+
+    def has_merged(self) -> bool:
+        """merged/ holds a finished merge: its weights, and a record of its check (the manifest's,
+        or the folder's own, which a kill between the folder's rename and the manifest's write
+        leaves alone). A folder with neither is a leftover that `merge` replaces."""
+        if not (self.merged_dir / "config.json").is_file():
+            return False
+        return self.stage("merge") is not None or (self.merged_dir / MERGE_RECORD).is_file()
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -365,7 +365,7 @@ def _run_of(path: Path, folder: Path) -> Run | None:
 
 
 def _source_model(folder: Path, run: Run | None) -> Path | None:
-    if run and (run.merged_dir / "config.json").is_file():
+    if run and run.has_merged():
         return run.merged_dir
     record = folder / "edgeft-export.json"
     if record.is_file():

@@ -429,7 +429,7 @@ def export(target: str, precision: str, force: bool, **options) -> None:
 
         _report_adapter(export_adapter(target, cfg, force=force))
         return
-    if Run.is_run(Path(target)) and not (Run.open(Path(target)).merged_dir / "config.json").is_file():
+    if Run.is_run(Path(target)) and not Run.open(Path(target)).has_merged():
         from edgeft.pipeline.merge import merge as merge_run
 
         log.info(f"{target} has no merged model yet: merging first.")

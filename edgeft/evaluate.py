@@ -123,7 +123,7 @@ def _candidates(specs: list[str], shots: int, merged: bool) -> list[Candidate]:
                     f"{run.path.name} as trained (PyTorch)", "pytorch", run.adapter_dir, kind="as-trained", run=run
                 )
             )
-            if merged and (run.merged_dir / "config.json").is_file():
+            if merged and run.has_merged():
                 out.append(
                     Candidate(f"{run.path.name} merged (PyTorch)", "pytorch", run.merged_dir, kind="merged", run=run)
                 )

@@ -263,7 +263,7 @@ def _merge(run_dir: Path, cfg: QuickstartConfig, force: bool) -> str | None:
     from edgeft.fidelity import table
     from edgeft.pipeline.merge import merge
 
-    if _done(run_dir, "merge", force) and (Run.open(run_dir).merged_dir / "config.json").is_file():
+    if _done(run_dir, "merge", force) and Run.open(run_dir).has_merged():
         return "reusing the merged model"
     merge(run_dir, force=True, allow_drift=cfg.allow_drift)
     log.info("  checked against the model as trained:")

@@ -173,7 +173,7 @@ def _source(target: str | Path) -> Source:
     path = Path(target)
     if Run.is_run(path):
         run = Run.open(path)
-        if not (run.merged_dir / "config.json").is_file():
+        if not run.has_merged():
             raise RunError(
                 f"run {run.path} has no merged model yet. Merge it first: edgeft merge {run.path} "
                 "(the `edgeft export` command does this for you)."

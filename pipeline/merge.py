@@ -55,7 +55,7 @@ def merge(
 
 def _merge(run: Run, *, force: bool, base_weights: str, allow_drift: bool) -> Path:
     target = run.merged_dir
-    if target.exists() and not force:
+    if run.has_merged() and not force:  # a folder without a record is a leftover: replaced
         raise RunError(f"{target} already exists. Pass --force to merge again.")
     trained = Trained.of(run)
     artifacts.check_free_space(run.path, artifacts.dir_size(trained.base) * 2, "merging")
@@ -71,18 +71,23 @@ def _merge(run: Run, *, force: bool, base_weights: str, allow_drift: bool) -> Pa
     as_trained = None
     # Checked before it is written, so merged/ never holds a model the manifest has no verdict on.
     check = check_merged(reference, merged, tokenizer, allow_drift=allow_drift)
+    record = {
+        "status": "done" if check["gate"]["passed"] or allow_drift else "drift",
+        "path": target.name,
+        "base_weights": base_weights,
+        "fidelity": check,
+    }
     with artifacts.staged_dir(target, force=True, what="merged model") as tmp:
         save_merged(merged, tokenizer, tmp)
+        # the record goes in with the folder, in the same rename: merged/ is never seen without it
+        artifacts.write_json_atomic(tmp / artifacts.MERGE_RECORD, record)
     log.info(f"Merged {run.adapter_dir} into {trained.base.name} ({base_weights} base weights) -> {target}")
     seconds = time.perf_counter() - start
     run.record_stage(
         "merge",
-        status="done" if check["gate"]["passed"] or allow_drift else "drift",
-        path=target.name,
-        base_weights=base_weights,
+        **record,
         size_bytes=artifacts.dir_size(target),
         seconds=round(seconds, 1),
-        fidelity=check,
         finished_at=artifacts.now(),
     )
     if not check["gate"]["passed"] and not allow_drift:

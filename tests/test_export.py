@@ -9,7 +9,7 @@ from edgeft.artifacts import Run
 from edgeft.errors import ConfigError, DiskSpaceError, ExportError, RunError
 from edgeft.export import onnx as onnx_export
 from edgeft.export import options
-from edgeft.export.onnx import ExportConfig, export
+from edgeft.export.onnx import ExportConfig, _source, export
 from edgeft.fidelity import EXPORT_GATE
 from edgeft.pipeline.merge import merge
 from tests.helpers import merged, run_cli
@@ -46,6 +46,37 @@ def test_merged_logits_match_base_plus_adapter(tiny_run_dir):
 def test_merge_cli(tiny_llama_run):
     out = run_cli("merge", tiny_llama_run).output
     assert "Merged model:" in out and f"edgeft export {tiny_llama_run} --int4" in out
+
+
+def test_a_kill_right_after_the_merge_lands_leaves_a_merge_the_next_commands_use(tiny_llama_run, monkeypatch):
+    """The moment between merged/'s rename and the manifest's write, made to happen: the folder holds
+    its own record, so export takes it and `merge` without --force refuses to redo it; a merged/
+    with no record at all (a leftover) is replaced by a plain `merge`."""
+    real = Run.record_stage
+
+    def killed(self, name, **entry):
+        if name == "merge":
+            raise KeyboardInterrupt  # SIGINT as the manifest is about to be written
+        return real(self, name, **entry)
+
+    monkeypatch.setattr(Run, "record_stage", killed)
+    with pytest.raises(KeyboardInterrupt):
+        merge(tiny_llama_run)
+    monkeypatch.setattr(Run, "record_stage", real)
+    run = Run.open(tiny_llama_run)
+    assert run.stage("merge") is None and run.has_merged()
+    record = json.loads((run.merged_dir / "edgeft-merge.json").read_text())
+    assert record["status"] == "done" and record["fidelity"]["gate"]["passed"]
+    with pytest.raises(RunError, match="--force"):
+        merge(tiny_llama_run)
+    assert _source(tiny_llama_run).model_dir == run.merged_dir
+
+    (run.merged_dir / "edgeft-merge.json").unlink()  # no record anywhere: what a kill left before the fix
+    assert not run.has_merged()
+    with pytest.raises(RunError, match="no merged model yet"):
+        _source(tiny_llama_run)
+    assert merge(tiny_llama_run) == run.merged_dir
+    assert run.stage("merge")["status"] == "done" and run.has_merged()
 
 
 def test_run_without_adapter(tmp_path):
