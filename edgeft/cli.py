@@ -681,8 +681,14 @@ def chat(
     "--parallel",
     default=1,
     show_default=True,
-    help="Answers generated at once (each uses --threads). With 1, greedy requests reuse the last "
-    "prompt's KV cache and a repeated response_format's grammar.",
+    help="Answers generated at once (each uses --threads).",
+)
+@click.option(
+    "--prompt-cache-mb",
+    default=1024,
+    show_default=True,
+    help="Memory for the KV caches of recent prompts: a request that begins like one (a system prompt, "
+    "the earlier turns of a chat) runs only what is new. 0 = off.",
 )
 @click.option("--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 503.")
 @click.option("--max-body", default=1_000_000, show_default=True, help="Largest request body accepted, in bytes.")
@@ -711,6 +717,7 @@ def serve(
     threads: int | None,
     adapters: tuple[str, ...],
     cors_origins: tuple[str, ...],
+    prompt_cache_mb: int,
 ) -> None:
     """Serve an exported model: OpenAI-compatible API at /v1 and a web chat page at /.
 
@@ -726,7 +733,12 @@ def serve(
     """
     from edgeft.errors import ConfigError
 
-    for name, value, low in (("--parallel", parallel, 1), ("--queue-size", queue_size, 0), ("--max-body", max_body, 1)):
+    for name, value, low in (
+        ("--parallel", parallel, 1),
+        ("--queue-size", queue_size, 0),
+        ("--max-body", max_body, 1),
+        ("--prompt-cache-mb", prompt_cache_mb, 0),
+    ):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}.")
     from edgeft.runtime.server import serve as run_server  # says to install edgeft[serve] if fastapi is missing
@@ -742,6 +754,7 @@ def serve(
         max_body=max_body,
         cors_origins=cors_origins,
         adapters=adapters,
+        prompt_cache_bytes=prompt_cache_mb << 20,
     )
 
 

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -325,10 +325,12 @@ class ChatStream(_Pieces):
         # steps while it writes the reference, then by rewinding for the rest (ReferenceScore); the
         # summed NLL lands in `reference_nll`, over `reference_tokens` tokens (with its end of turn).
         self._score_ids = score_ids
-        # greedy answers (asked for, or the model's own default) can pick up where the cache's last
-        # prompt left off (a constrained one reusing its grammar)
+        # answers pick up where a cached prompt left off (a constrained one reusing its grammar),
+        # except seeded samples: a seed must give the same answer as a fresh generator
         self.reused_tokens = 0  # prompt tokens the cache already held: not run again
-        self._cache = cache if cache is not None and model.temperature(options) == 0 else None
+        seeded = options.seed is not None and model.temperature(options) > 0
+        self._cache = cache if cache is not None and not seeded else None
+        self._slot: _Slot | None = None
         self.reference_nll: float | None = None
         self.reference_tokens = len(score_ids or ())
         self._prompt_ids = prompt_ids
@@ -373,38 +375,39 @@ class ChatStream(_Pieces):
         return self._length if self._cache is None else min(self.model.context_length, 2 * self._length)
 
     def _reuses_cache(self) -> bool:
-        """Can the cache's generator take this prompt: it fits, and it was made for the same
-        response_format (its compiled grammar is then reused: rewinding restarts the grammar)."""
-        cache = self._cache
-        return (
-            cache is not None
-            and cache.generator is not None
-            and self._length <= cache.max_length
-            and cache.made_for == self._cache_key()
-        )
+        """Does the cache hold a generator for this answer: one that fits it, made for the same
+        response_format (its compiled grammar is then reused: rewinding restarts the grammar) and
+        sampling settings."""
+        return self._cache is not None and self._cache.has_slot(self._cache_key(), self._length)
 
     def _cache_key(self) -> tuple:
-        """What a cached generator is good for: this model (and runtime adapter) and response_format."""
-        return (id(self.model._og_model), self.model.adapter, self._options.guidance)
+        """What a cached generator is good for: this model (and runtime adapter), the
+        response_format and the settings its search was made with."""
+        opts, temperature = self._options, self.model.temperature(self._options)
+        sampling = (temperature, opts.top_p, opts.top_k) if temperature > 0 else ()
+        return (id(self.model._og_model), self.model.adapter, opts.guidance, opts.repetition_penalty, *sampling)
 
     def _cached_generator(self) -> tuple[Any, int]:
-        """A generator and how many prompt tokens it already holds: the cache's, rewound to where
-        this prompt first differs from the last one (if it fits); else a new one."""
+        """A generator and how many prompt tokens it already holds: the cache's slot that shares
+        the most with this prompt, rewound to where they differ; else a new one, kept in a slot."""
         cache = self._cache
         if cache is None:
             generator, self._generator = self._generator or self._new_generator(), None
             return generator, 0
-        if self._reuses_cache():
-            known = common_prefix(cache.tokens, self._prompt_ids[:-1])  # at least one token to run
-            # with a grammar, even a prompt that shares nothing is cheaper to run than a new generator
-            if known or self._options.guidance is not None:
-                cache.generator.rewind_to(known)
-                cache.tokens = list(self._prompt_ids)
-                return cache.generator, known
-        cache.max_length, cache.made_for = self._room(), self._cache_key()  # room for prompts like this one
-        cache.generator, self._generator = self._generator or self._new_generator(cache.max_length), None
-        cache.tokens = list(self._prompt_ids)
-        return cache.generator, 0
+        # with a grammar, even a prompt that shares nothing is cheaper to run than a new generator
+        slot, known = cache.take(
+            self._cache_key(), self._prompt_ids, self._length, any_prefix=self._options.guidance is not None
+        )
+        if slot is not None:
+            slot.generator.rewind_to(known)
+            self._generator = None
+        else:
+            room = self._room()  # room for prompts like this one
+            generator, self._generator = self._generator or self._new_generator(room), None
+            slot = _Slot(generator, [], room, self._cache_key(), room * self.model.kv_bytes_per_token)
+        slot.tokens = list(self._prompt_ids)
+        self._slot = slot
+        return slot.generator, known
 
     def cancel(self) -> None:
         """Stop generating after the current token (thread-safe)."""
@@ -455,7 +458,13 @@ class ChatStream(_Pieces):
         except GeneratorExit:  # the caller stopped iterating (close(), break): a cancelled answer
             self._cancelled.set()
             raise
+        except BaseException:
+            self._slot = None  # a generator an error stopped midway is not given back
+            raise
         finally:
+            if self._slot is not None:
+                self._cache.give(self._slot)
+                self._slot = None
             if self.cancelled:
                 reason = "cancelled"
             elif stops.stopped or last in model.eos_token_ids:
@@ -597,17 +606,81 @@ class ToolCallStream(_Pieces):
         )
 
 
-@dataclass
-class PromptCache:
-    """The last prompt's KV cache, for a series of greedy answers whose prompts begin alike (one
-    system prompt, the same few-shot examples): each prompt runs only from where it first differs
-    from the one before. Answers with one response_format also keep its compiled grammar
-    (~0.5 s a request otherwise). Pass it to `ChatModel.stream(..., cache=)`, one stream at a time."""
+REUSE_MIN_TOKENS = 16  # a cached prompt is taken over only when it shares at least this many tokens
 
-    generator: Any = None
-    tokens: list[int] = field(default_factory=list)
-    max_length: int = 0
-    made_for: tuple = ()  # the model, runtime adapter and response_format its generator serves
+
+@dataclass
+class _Slot:
+    """One generator a PromptCache keeps, and what it holds."""
+
+    generator: Any
+    tokens: list[int]  # the prompt it last ran (its KV cache holds at least these)
+    max_length: int
+    made_for: tuple  # the model, runtime adapter, response_format and sampling settings it serves
+    nbytes: int  # the KV cache it holds room for
+
+
+class PromptCache:
+    """KV caches of recent prompts, for answers whose prompts begin alike (one system prompt and
+    tools, the earlier turns of a conversation, the same few-shot examples): an answer takes the
+    slot whose last prompt shares the most with its own and runs only from where they differ.
+    Answers with one response_format also keep its compiled grammar (~0.5 s a request otherwise).
+
+    A slot serves one answer at a time (taken when its prefill starts, given back when it ends),
+    so answers generated side by side never share a generator. The least recently used slots go
+    when there are more than `max_slots` or their KV room passes `max_bytes`. Greedy answers and
+    sampled ones without a `seed` use it; a seeded answer always gets a fresh generator, so the
+    same seed gives the same answer. Pass it to `ChatModel.stream(..., cache=)`."""
+
+    def __init__(self, max_slots: int = 4, max_bytes: int = 1 << 30):
+        self.max_slots, self.max_bytes = max_slots, max_bytes
+        self._slots: list[_Slot] = []  # least recently used first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def generator(self) -> Any:
+        """The generator of the slot given back last (None when empty)."""
+        with self._lock:
+            return self._slots[-1].generator if self._slots else None
+
+    def has_slot(self, made_for: tuple, length: int) -> bool:
+        with self._lock:
+            return any(s.made_for == made_for and s.max_length >= length for s in self._slots)
+
+    def take(
+        self, made_for: tuple, prompt_ids: list[int], length: int, *, any_prefix: bool
+    ) -> tuple[_Slot | None, int]:
+        """The slot for this prompt and how many of its tokens the slot holds: the one that shares
+        the most, if taking it over is worth it (below), removed until it is given back."""
+        with self._lock:
+            best, known = None, 0
+            for slot in self._slots:
+                if slot.made_for != made_for or slot.max_length < length:
+                    continue
+                shared = common_prefix(slot.tokens, prompt_ids[:-1])  # at least one token to run
+                if best is None or shared > known:
+                    best, known = slot, shared
+            if best is None:
+                return None, 0
+            # Taken over, a slot loses what this prompt does not share: worth it when the prompt
+            # keeps most of it (a conversation going on, one system prompt) or the cache is full;
+            # else a new generator, and the slot stays for the prompts like its own. A grammar
+            # (~0.5 s to compile) is always worth reusing.
+            keeps_most = known >= REUSE_MIN_TOKENS and 2 * known >= len(best.tokens)
+            full = len(self._slots) >= self.max_slots and known >= REUSE_MIN_TOKENS
+            if not (keeps_most or full or any_prefix):
+                return None, 0
+            self._slots.remove(best)
+            return best, known
+
+    def give(self, slot: _Slot) -> None:
+        with self._lock:
+            self._slots.append(slot)
+            while len(self._slots) > self.max_slots or sum(s.nbytes for s in self._slots) > self.max_bytes:
+                self._slots.pop(0)
 
 
 class ReferenceScore:
@@ -673,6 +746,15 @@ class ChatModel:
                 f"{path / 'genai_config.json'} has no usable model.context_length ({context!r}). Export again."
             )
         self.context_length: int = context
+        decoder = model_cfg.get("decoder", {})
+        # a generator's KV cache per token of its room (fp32 keys and values on CPU): PromptCache's bound
+        self.kv_bytes_per_token: int = (
+            2
+            * 4
+            * decoder.get("num_hidden_layers", 1)
+            * decoder.get("num_key_value_heads", 1)
+            * decoder.get("head_size", 1)
+        )
         eos = model_cfg.get("eos_token_id", [])
         self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else eos)
         # Scoring (a reference's likelihood) reads the logits of every position of a chunk; a model

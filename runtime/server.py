@@ -58,6 +58,8 @@ PAGE_HEADERS = {
 }
 DEFAULT_MAX_BODY = 1_000_000  # bytes; a long conversation is a few hundred KB at most
 RETRY_AFTER_S = 2
+PROMPT_CACHE_BYTES = 1 << 30  # KV caches kept for prompts that begin alike (`serve --prompt-cache-mb`)
+PROMPT_CACHE_SPARE_SLOTS = 3  # cached prompts beyond the answers running: a few conversations at once
 BODY_TIMEOUT_S = 30.0  # a request body must arrive within this; a trickling client is cut off with 408
 
 # OpenAI fields we accept and ignore when they ask for nothing we would do differently.
@@ -398,6 +400,7 @@ def create_app(
     body_timeout: float = BODY_TIMEOUT_S,
     adapters: Sequence[ChatModel] = (),
     failed_adapters: dict[str, str] | None = None,
+    prompt_cache_bytes: int = PROMPT_CACHE_BYTES,
 ) -> FastAPI:
     """The ASGI app serving `model`; `api_key` (if set) is required as `Authorization: Bearer KEY` on /v1.
 
@@ -416,11 +419,11 @@ def create_app(
             f"got {parallel}, {max_queue}, {max_body}."
         )
     scheduler = Scheduler(parallel, max_queue)
-    # One answer at a time (the default): greedy requests share one PromptCache, so a prompt runs
-    # only from where it first differs from the last one (a chat's system prompt and earlier turns)
-    # and a response_format repeated is not compiled again (~0.45 s). Streams only read it until
-    # their worker runs them, one after the other. Several at a time would need a cache per worker.
-    cache = PromptCache() if parallel == 1 else None
+    # Requests share one PromptCache: a prompt runs only from where it first differs from the
+    # cached prompt that shares the most with it (a system prompt and tools, a chat's earlier
+    # turns), and a response_format repeated is not compiled again (~0.45 s). Each answer running
+    # holds its own slot; a few more keep recent prompts for the next requests.
+    cache = PromptCache(max_slots=parallel + PROMPT_CACHE_SPARE_SLOTS, max_bytes=prompt_cache_bytes)
     created = int(time.time())
     served = {model.name: model, **{a.name: a for a in adapters}}
     failed = dict(failed_adapters or {})
@@ -910,6 +913,7 @@ def serve(
     log_level: str = "info",
     cors_origins: Sequence[str] = (),
     adapters: Sequence[str] = (),
+    prompt_cache_bytes: int = PROMPT_CACHE_BYTES,
 ) -> None:
     """Load the model at `path` (and each `NAME=PATH` adapter on it) and serve it until Ctrl-C."""
     import uvicorn
@@ -934,6 +938,7 @@ def serve(
         parallel=parallel,
         local_only=_is_loopback(host) and not api_key,
         cors_origins=cors_origins,
+        prompt_cache_bytes=prompt_cache_bytes,
     )
     shown = f"[{host}]" if ":" in host else host
     log.info(

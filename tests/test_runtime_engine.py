@@ -289,9 +289,10 @@ def test_a_prompt_cache_runs_only_what_is_new_and_changes_nothing(which, request
         nll, _ = model.reference_nll(prompt, "an answer")
         assert stream.reference_nll == pytest.approx(nll, rel=1e-4)
     assert reused[0] == 0 and all(n > model.count_tokens(shots) - 8 for n in reused[1:3]), reused
-    assert 0 < reused[3] < reused[2]
-    # sampled answers never use it
-    assert model.stream(HI, temperature=0.7, cache=cache)._cache is None
+    assert reused[3] == 0  # shares only the template's first tokens: a new generator, the others' slot kept
+    # a seeded sample never uses it (the seed must give a fresh generator's answer); one without does
+    assert model.stream(HI, temperature=0.7, seed=3, cache=cache)._cache is None
+    assert model.stream(HI, temperature=0.7, cache=cache)._cache is cache
 
 
 def test_a_prompt_cache_keeps_a_response_formats_grammar_and_restarts_it(llama, phi3):
@@ -312,10 +313,36 @@ def test_a_prompt_cache_keeps_a_response_formats_grammar_and_restarts_it(llama, 
             assert (got.text, got.finish_reason, got.usage) == (fresh.text, fresh.finish_reason, fresh.usage)
             generators.append(cache.generator)
     assert generators[0] is generators[5]  # one grammar for six json_object answers, two of them cut short
-    assert len({id(g) for g in generators}) == 4  # json_object, the regex, free text, json_object again
+    assert generators[-1] is generators[0]  # json_object again: its slot was kept beside the others
+    # json_object, the regex, and free text twice: its two short prompts share too little to reuse
+    assert len({id(g) for g in generators}) == 4
     got = phi3.chat(asks[0], max_tokens=12, temperature=0, response_format=obj, cache=cache)
     assert cache.generator is not generators[-1]
     assert got.text == phi3.chat(asks[0], max_tokens=12, temperature=0, response_format=obj).text
+
+
+def test_a_prompt_cache_is_bounded_in_slots_and_bytes(llama):
+    """The least recently used slot goes beyond max_slots; a cache whose byte bound no generator
+    fits keeps none (and the answers are a fresh generator's all the same)."""
+    from edgeft.runtime import PromptCache
+
+    asks = [[{"role": "system", "content": f"You are {who}. " * 4}, *HI] for who in ("Ann", "Bob", "Cy")]
+    cache = PromptCache(max_slots=2)
+    for messages in asks:
+        llama.chat(messages, max_tokens=4, temperature=0, cache=cache)
+    assert len(cache) == 2
+    again = {}
+    for who, messages in zip(("Cy", "Bob", "Ann"), asks[::-1]):  # the most recent first
+        again[who] = llama.stream(messages, max_tokens=4, temperature=0, cache=cache)
+        again[who].text()
+    shared = llama.count_tokens([asks[0][0]]) - 2
+    assert again["Cy"].reused_tokens >= shared and again["Bob"].reused_tokens >= shared
+    assert again["Ann"].reused_tokens < shared  # Ann's slot was the least recently used: gone
+    tiny = PromptCache(max_bytes=1)
+    for messages in asks[:2]:
+        got = llama.chat(messages, max_tokens=4, temperature=0, cache=tiny)
+        assert got.text == llama.chat(messages, max_tokens=4, temperature=0).text
+    assert len(tiny) == 0
 
 
 def test_stream_pieces_add_up_to_the_result(phi3):
