@@ -10,7 +10,7 @@ Per task (samples/TASK/train.jsonl; no eval file, as a user with one data file h
     edgeft tune --data samples/TASK/train.jsonl --output WORK/TASK
     edgeft export WORK/TASK --int4
     edgeft eval WORK/TASK WORK/TASK/onnx-int4 smollm2-135m --data samples/TASK/test.jsonl --shots 3 --no-merged
-test.jsonl is never seen by training: the hidden test set. The table gives each command's exit
+test.jsonl (eval.jsonl for the recipe sample) is never seen by training: the hidden test set. The table gives each command's exit
 code, the export's fidelity gate, the task metric (exact match; token F1 for the free-text task) of
 the model as trained, its int4 export and the best base-model row, and the time. `--compare-no-split`
 also trains each task with `--val-split 0` (all data, last epoch kept: the default before the
@@ -33,7 +33,9 @@ TASKS = {  # task -> (shape, the metric that judges it)
     "multiturn": ("multi-turn chat, answers need earlier turns", "exact_match"),
     "intents": ("30-label classification, unseen phrasings in the test set", "exact_match"),
     "freetext": ("free-text answers from a passage", "token_f1"),
+    "recipes": ("the quickstart's recipe sample: a JSON list from a dish name", "exact_match"),
 }
+TEST_FILES = {"recipes": "eval.jsonl"}  # the recipe sample's held-out file, never trained on here either
 # the path only: a few steps, plain rounding, a few test prompts (the gate is reported, not enforced)
 QUICK = {
     "tune": ["--max-steps", "8"],
@@ -76,7 +78,7 @@ def run_task(
             [
                 "eval",
                 *(str(run), str(run / "onnx-int4"), "smollm2-135m"),
-                *("--data", str(data / "test.jsonl"), "--shots", "3", "--no-merged"),
+                *("--data", str(data / TEST_FILES.get(task, "test.jsonl")), "--shots", "3", "--no-merged"),
                 "--output",
                 str(work / f"{name or task}-eval.json"),
             ],
@@ -95,13 +97,15 @@ def _numbers(run: Path, report: Path, metric: str) -> dict:
     manifest = json.loads((run / "edgeft.json").read_text()) if (run / "edgeft.json").is_file() else {}
     stages = manifest.get("stages", {})
     data = stages.get("tune", {}).get("data", {})
-    verification = stages.get("export-int4", stages.get("export", {})).get("verification") or {}
+    exported = stages.get("export-int4", stages.get("export", {}))
+    verification = exported.get("verification") or {}
     out = {
         "metric": metric,
         "train_examples": data.get("train_examples"),
         "held_out": (data.get("held_out") or {}).get("examples", 0),
         "best_step": stages.get("tune", {}).get("metrics", {}).get("best_step"),
         "steps": stages.get("tune", {}).get("metrics", {}).get("steps"),
+        "export": f"{exported['rounding']}, blocks of {exported['block_size']}" if exported.get("rounding") else None,
         "gate": (verification.get("gate") or {}).get("passed"),
         "gate_problems": (verification.get("gate") or {}).get("problems"),
         "token_agreement": verification.get("token_agreement"),
@@ -128,10 +132,10 @@ def markdown(results: list[dict], machine: str, quick: bool) -> list[str]:
         + ("Quick runs (a few steps): the path only." if quick else "Full runs, default settings."),
         "",
         (
-            "| task | shape | variant | train / held out | exits tune, export, eval | gate | metric | as trained "
-            "| int4 | int4 - as trained | best base row | tune min | export min | eval min |"
+            "| task | shape | variant | train / held out | exits tune, export, eval | int4 export | gate | metric "
+            "| as trained | int4 | int4 - as trained | best base row | tune min | export min | eval min |"
         ),
-        "|---|---|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|",
+        "|---|---|---|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in results:
         delta = (
@@ -146,7 +150,8 @@ def markdown(results: list[dict], machine: str, quick: bool) -> list[str]:
         if r.get("resumed"):
             minutes[0] += " (resumed: the rest only)"
         lines.append(
-            f"| {r['task']} | {r['shape']} | {r['variant']} | {r['train_examples']} / {r['held_out']} | {exits} | {gate} "
+            f"| {r['task']} | {r['shape']} | {r['variant']} | {r['train_examples']} / {r['held_out']} | {exits} "
+            f"| {r.get('export') or '-'} | {gate} "
             f"| {r['metric']} | {r.get('as_trained', '-')} | {r.get('int4', '-')} | {delta} | {base} | "
             + " | ".join(minutes)
             + " |"

@@ -24,7 +24,7 @@ class ExportConfig:
     )
     block_size: int = opt(
         0,
-        "Weights per quantization scale: smaller = more accurate, larger file. 0 = auto: 64 where GPTQ rounds int4 weights (it makes up for the larger blocks), else 32.",
+        "Weights per quantization scale: smaller = more accurate, larger file. 0 = auto: 32.",
     )
     accuracy_level: int = opt(
         4, "MatMulNBits compute: 4 = int8 activations (fastest on CPU), 3 = bf16, 2 = fp16, 1 = fp32."
@@ -117,11 +117,9 @@ def int8_matmuls(cfg: ExportConfig, model_config: dict) -> str:
 
 
 def block_size(cfg: ExportConfig) -> int:
-    """64 where GPTQ rounds the int4 weights (it makes up for the larger blocks; plain k_quant at
-    64 does not), else 32. `cfg.quant_method` is the rounding that runs (auto resolved)."""
-    if cfg.block_size:
-        return cfg.block_size
-    return 64 if cfg.precision == "int4" and cfg.quant_method == "gptq" else 32
+    """32 weights a scale unless asked: GPTQ at 64 held on the recipe sample (89.0% against 88.0%
+    at 32) but lost 8 points on the function-calling sample (77% against 85%, as trained 87%)."""
+    return cfg.block_size or 32
 
 
 def int8_layers(mode: str, num_layers: int) -> set[int]:

@@ -102,7 +102,7 @@ def test_int4_export_with_gptq_and_a_separate_int8_table(tiny_llama_run, tmp_pat
             int8_matmuls="none",
             quant_method="k_quant",
             embeddings="same",
-            block_size=64,  # GPTQ's auto block size, so that the same weights sit under the same names
+            block_size=32,  # the auto block size, so that the same weights sit under the same names
             output=str(tmp_path / "k"),
         ),
     )
