@@ -4,7 +4,9 @@ Every write here is atomic (temp file or temp directory, then `os.replace`), so 
 command never leaves a half-written manifest, adapter or export behind. A folder that replaces an
 existing one is swapped in with one atomic exchange on Linux; elsewhere it takes two renames, and
 a folder left hidden by a kill between them is put back by the next command that looks for it
-(`restore_interrupted`: staged_dir, Run.open, the model cache and resolve_export call it).
+(`restore_interrupted`: staged_dir, Run.open, the model cache and resolve_export call it). A staging
+folder is locked while its process fills it; one a SIGKILL or a power cut left unlocked is deleted
+by the next staged_dir of the same folder (`_remove_abandoned`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import datetime as _dt
 import errno
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -153,9 +156,11 @@ def staged_dir(target: Path, *, force: bool = False, what: str = "output") -> It
         raise RunError(f"{what} already exists: {target}. Pass --force to replace it.")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as e:
         raise RunError(f"cannot write the {what} to {target}: {e.strerror or e}. Choose another place.") from None
+    held = _lock_folder(tmp)
     os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would make it, not mkdtemp's 0700
     try:
         yield tmp
@@ -163,6 +168,40 @@ def staged_dir(target: Path, *, force: bool = False, what: str = "output") -> It
     finally:
         if tmp.exists():  # the new folder after a failure, or the old one after an exchange
             shutil.rmtree(tmp, ignore_errors=True)
+        if held is not None:
+            os.close(held)  # closing releases the lock (and so does the process's death)
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """An open descriptor of `folder` holding an flock on it, or None where that cannot be had (no
+    fcntl, a file system without locks, another process holds it)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Delete the staging folders of `target` (`.NAME.XXXX.tmp`) that no process holds: a SIGKILL,
+    the OOM killer or a power cut ran no clean-up, and nothing else would ever remove them. A
+    folder being filled is locked by its process (staged_dir) and left alone."""
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        held = _lock_folder(tmp)
+        if held is None:
+            continue
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info(f"Removed {tmp}: a command writing {target.name} was killed before it finished.")
+        finally:
+            os.close(held)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
