@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from edgeft.cli import cli
@@ -157,3 +161,27 @@ def small_config(model, data, out, **kw):
         precision="fp32",
     )
     return TuneConfig(**{**base, **kw})
+
+
+PAUSED_CLI = Path(__file__).resolve().parent / "paused_cli.py"
+
+
+def paused_edgeft(target: str, call, *args, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`edgeft ARGS` in its own process (started as `python LAUNCHER paused_cli.py ...`), returned
+    once it waits at the CALL-th call of TARGET (tests/paused_cli.py): a signal sent now lands at
+    that moment, not at a guessed one. The lines it printed before are in `proc.seen`."""
+    from tests.paused_cli import PAUSED_LINE
+
+    proc = subprocess.Popen(
+        [sys.executable, *launcher, str(PAUSED_CLI), target, str(call), *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    proc.seen = []
+    for line in proc.stdout:
+        if line.rstrip("\n") == PAUSED_LINE:
+            return proc
+        proc.seen.append(line)
+    pytest.fail(f"edgeft ended ({proc.wait()}) before it reached {target}:\n{''.join(proc.seen)[-3000:]}")

@@ -360,7 +360,8 @@ def test_fp32_mismatch_is_an_error_and_int4_advice_lists_the_levers_left():
     assert "--int8-matmuls" not in text and "--block-size" not in text  # auto gives k_quant both already
     text = advice(ExportConfig(precision="int4", quant_method="gptq", int8_matmuls="none"), small)
     assert "--int8-matmuls attention" in text and "gptq" not in text
-    assert "--block-size 32" in advice(ExportConfig(precision="int4", quant_method="gptq"), small)
+    assert "--block-size" not in advice(ExportConfig(precision="int4", quant_method="gptq"), small)  # 32 already
+    assert "--block-size 32" in advice(ExportConfig(precision="int4", quant_method="gptq", block_size=64), small)
     closest = ExportConfig(precision="int4", quant_method="gptq", int8_matmuls="attention", block_size=32)
     assert "--int8 stays closest" in advice(closest, small)
 

@@ -16,11 +16,7 @@ from edgeft import artifacts
 from edgeft.artifacts import Run
 from edgeft.errors import ExportError, ModelError, RunError
 from edgeft.pipeline import tune as tuning
-from tests.conftest import REPO
-from tests.helpers import merged, recipes_like, run_cli, small_config
-from tests.paused_cli import PAUSED_LINE
-
-PAUSED_CLI = REPO / "tests" / "paused_cli.py"
+from tests.helpers import merged, paused_edgeft, recipes_like, run_cli, small_config
 
 
 def test_models_rm_takes_a_cache_name_never_a_path(tmp_path):
@@ -175,7 +171,6 @@ def test_a_corrupt_cache_marker_is_listed_as_broken():
 
 def test_sigterm_during_export_leaves_no_temp_folder_and_no_builder(tiny_llama_run):
     import subprocess
-    import sys
     import time
 
     merged(tiny_llama_run)
@@ -195,24 +190,6 @@ def test_sigterm_during_export_leaves_no_temp_folder_and_no_builder(tiny_llama_r
     builders = subprocess.run(["pgrep", "-f", f"genai_builder.*{tiny_llama_run}"], capture_output=True, check=False)
     assert builders.stdout == b"", "the model builder was left running"
     run_cli("export", tiny_llama_run, "--int4", "--no-verify")  # and a re-run recovers
-
-
-def paused_edgeft(target: str, call: int, *args) -> subprocess.Popen:
-    """`edgeft ARGS` in its own process, returned once it waits at the CALL-th call of TARGET
-    (tests/paused_cli.py): a signal sent now lands at that moment, not at a guessed one."""
-    proc = subprocess.Popen(
-        [sys.executable, str(PAUSED_CLI), target, str(call), *map(str, args)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen = []
-    for line in proc.stdout:
-        if line.rstrip("\n") == PAUSED_LINE:
-            return proc
-        seen.append(line)
-    pytest.fail(f"edgeft ended ({proc.wait()}) before it reached {target}:\n{''.join(seen)[-3000:]}")
 
 
 def signalled(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[int, str]:
@@ -330,7 +307,6 @@ def test_sigterm_during_merge_leaves_the_run_as_it_was(tiny_llama_run, moment, t
 def test_sigterm_during_models_pull_leaves_nothing_behind(tmp_path):
     import socket
     import subprocess
-    import sys
     import time
 
     from edgeft.models import models_dir

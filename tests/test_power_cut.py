@@ -21,11 +21,8 @@ import pytest
 
 from edgeft import artifacts
 from edgeft.artifacts import Run
-from tests.conftest import REPO
-from tests.helpers import recipes_like, wait_for
-from tests.paused_cli import PAUSED_LINE
+from tests.helpers import paused_edgeft, recipes_like, wait_for
 
-PAUSED_CLI = REPO / "tests" / "paused_cli.py"
 # paused_cli.py on a system without renameat2 (or a file system without RENAME_EXCHANGE): a folder
 # replaced by --force then takes two renames, and a kill can land between them.
 WITHOUT_EXCHANGE = (
@@ -48,21 +45,9 @@ def killed(target: str, call: str, *args, check=None, until_child: str = "", wit
     """`edgeft ARGS` stopped at the CALL-th call of TARGET (tests/paused_cli.py), `check()` run while
     it waits, then SIGKILLed; returns its pid once it is gone. With `until_child`, it is let go on
     from there until it has started a process of that name, and killed then."""
-    launcher = ["-c", WITHOUT_EXCHANGE] if without_exchange else []
-    proc = subprocess.Popen(
-        [sys.executable, *launcher, str(PAUSED_CLI), target, call, *map(str, args)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen = []
-    for line in proc.stdout:
-        if line.rstrip("\n") == PAUSED_LINE:
-            break
-        seen.append(line)
-    else:
-        pytest.fail(f"edgeft ended ({proc.wait()}) before it reached {target}:\n{''.join(seen)[-3000:]}")
+    launcher = ("-c", WITHOUT_EXCHANGE) if without_exchange else ()
+    proc = paused_edgeft(target, call, *args, launcher=launcher)
+    seen = proc.seen
     try:
         if check:
             check()
