@@ -33,7 +33,7 @@ TASKS = {  # task -> (shape, the metric that judges it)
     "multiturn": ("multi-turn chat, answers need earlier turns", "exact_match"),
     "intents": ("30-label classification, unseen phrasings in the test set", "exact_match"),
     "freetext": ("free-text answers from a passage", "token_f1"),
-    "recipes": ("the quickstart's recipe sample: a JSON list from a dish name", "exact_match"),
+    "recipes": ("the quickstart's recipe sample: a recipe's ingredients as a JSON list", "exact_match"),
 }
 TEST_FILES = {"recipes": "eval.jsonl"}  # the recipe sample's held-out file, never trained on here either
 # the path only: a few steps, plain rounding, a few test prompts (the gate is reported, not enforced)
