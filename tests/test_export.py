@@ -1,3 +1,4 @@
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -48,21 +49,31 @@ def test_merge_cli(tiny_llama_run):
     assert "Merged model:" in out and f"edgeft export {tiny_llama_run} --int4" in out
 
 
-def test_a_kill_right_after_the_merge_lands_leaves_a_merge_the_next_commands_use(tiny_llama_run, monkeypatch):
-    """The moment between merged/'s rename and the manifest's write, made to happen: the folder holds
-    its own record, so export takes it and `merge` without --force refuses to redo it; a merged/
-    with no record at all (a leftover) is replaced by a plain `merge`."""
+@contextlib.contextmanager
+def interrupted_before_recording(stage: str):
+    """SIGINT (as KeyboardInterrupt) at the moment `stage`'s record is about to be written to the
+    manifest: after its folder landed. The manifest writes work again after the block."""
     real = Run.record_stage
 
     def killed(self, name, **entry):
-        if name == "merge":
-            raise KeyboardInterrupt  # SIGINT as the manifest is about to be written
+        if name == stage:
+            raise KeyboardInterrupt
         return real(self, name, **entry)
 
-    monkeypatch.setattr(Run, "record_stage", killed)
-    with pytest.raises(KeyboardInterrupt):
+    Run.record_stage = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        Run.record_stage = real
+
+
+def test_a_kill_right_after_the_merge_lands_leaves_a_merge_the_next_commands_use(tiny_llama_run):
+    """The moment between merged/'s rename and the manifest's write, made to happen: the folder holds
+    its own record, so export takes it and `merge` without --force refuses to redo it; a merged/
+    with no record at all (a leftover) is replaced by a plain `merge`."""
+    with interrupted_before_recording("merge"):
         merge(tiny_llama_run)
-    monkeypatch.setattr(Run, "record_stage", real)
     run = Run.open(tiny_llama_run)
     assert run.stage("merge") is None and run.has_merged()
     record = json.loads((run.merged_dir / "edgeft-merge.json").read_text())
@@ -455,23 +466,14 @@ def test_real_smollm2_optimum_backend(smollm2, tmp_path):
     ORTModelForCausalLM.from_pretrained(out)
 
 
-def test_a_kill_right_after_the_export_lands_leaves_a_folder_export_force_replaces(tiny_llama_run, monkeypatch):
+def test_a_kill_right_after_the_export_lands_leaves_a_folder_export_force_replaces(tiny_llama_run):
     """The moment between the folder's rename and the manifest's write, made to happen: the folder
     already holds its marker, so `export --force` replaces it (it refused a folder without one)."""
     run_dir = merged(tiny_llama_run)
-    real = Run.record_stage
-
-    def killed(self, name, **entry):
-        if name == "export":
-            raise KeyboardInterrupt  # SIGINT as the manifest is about to be written
-        return real(self, name, **entry)
-
-    monkeypatch.setattr(Run, "record_stage", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_before_recording("export"):
         export(run_dir, cfg(precision="fp32"))
     out = run_dir / "onnx-fp32"
     marker = json.loads((out / "edgeft-export.json").read_text())
     assert marker["status"] == "done" and marker["verification"]["gate"]["passed"]
-    monkeypatch.setattr(Run, "record_stage", real)
     assert export(run_dir, cfg(precision="fp32"), force=True) == out
     assert Run.open(run_dir).stage("export")["status"] == "done"
