@@ -4,7 +4,9 @@
 #   make lint   ruff check and ruff format --check (CI runs it before the tests)
 # On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip never
 # pulls a multi-GB CUDA build: from a local wheel (pip --find-links) when there is one, else from
-# PyTorch's CPU index. Extra pip arguments for torch go in TORCH_PIP_ARGS.
+# PyTorch's CPU index. Extra pip arguments for torch go in TORCH_PIP_ARGS. setuptools' notice that
+# every editable install prints (a boxed "!!" warning about folders named like the package) is
+# silenced: a newcomer's screen shows progress and the result.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,6 +15,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 comma := ,
+QUIET_EDITABLE := ignore:::setuptools.command.editable_wheel
 
 .PHONY: setup setup-tool demo test test-fast lint test-tools clean
 
@@ -21,9 +24,9 @@ setup-tool: $(VENV)/.installed-tool
 
 # a venv with torch (the CPU build unless an NVIDIA GPU is there), then the project with $(1)
 define install
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	@test -x $(PY) || { echo "Creating the virtual environment $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing torch with CUDA"; $(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS); \
 	else \
 		echo "No NVIDIA GPU: installing the CPU build of torch first"; \
@@ -31,17 +34,19 @@ define install
 		|| $(PY) -m pip install -q --timeout 30 --retries 1 torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS) \
 			--index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -c constraints.txt -e "$(1)"
+	@echo "Installing edgeft ($(1)) and its dependencies into $(VENV)"
+	@PYTHONWARNINGS=$(QUIET_EDITABLE) $(PY) -m pip install -q -c constraints.txt -e "$(1)"
+	@echo "Installed: $(VENV)/bin/edgeft"
 endef
 
 # `make demo` installs the tool and what it runs; `make test` and `make lint` the test and lint tools too
 $(VENV)/.installed-tool: pyproject.toml constraints.txt
 	$(call install,.[all])
-	touch $@
+	@touch $@
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(call install,.[all$(comma)dev])
-	touch $@ $(VENV)/.installed-tool
+	@touch $@ $(VENV)/.installed-tool
 
 demo: setup-tool
 	$(VENV)/bin/edgeft doctor

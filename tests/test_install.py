@@ -8,6 +8,7 @@ machine (fast with a warm pip cache, but not offline).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -271,3 +272,18 @@ def test_the_lowest_claimed_python_installs_and_runs_the_base(wheel, fresh_env, 
     _run(python, "-m", "compileall", "-q", site)  # every module, training code included, parses on that Python
     assert _run(python.parent / "edgeft", "--help").stdout.startswith("Usage: edgeft")
     assert "onnxruntime providers" in _run(python.parent / "edgeft", "doctor", ok=False).stdout
+
+
+@pytest.mark.real
+def test_the_developer_install_prints_nothing_but_its_progress(tmp_path):
+    """`make setup`'s editable install of the project, into a new venv: setuptools' boxed notice (which
+    every editable install of a package with mapped folders prints) must not reach the screen."""
+    makefile = (REPO / "Makefile").read_text()
+    quiet = re.search(r"^QUIET_EDITABLE := (\S+)$", makefile, re.MULTILINE).group(1)
+    assert "PYTHONWARNINGS=$(QUIET_EDITABLE) $(PY) -m pip install -q -c constraints.txt -e" in makefile
+    python = _new_env(tmp_path / "venv")
+    env = {**os.environ, "PYTHONWARNINGS": quiet}
+    proc = _pip(python, "install", "--no-deps", "-e", REPO, env=env)
+    assert proc.stdout + proc.stderr == ""
+    loud = _pip(python, "install", "--no-deps", "--force-reinstall", "-e", REPO)
+    assert "!!" in loud.stderr  # what it hides (so the test fails if setuptools' notice moves elsewhere)
