@@ -241,38 +241,40 @@ def test_eval_of_a_run_shows_as_trained_and_merged_rows(qlora_runs, tmp_path):
 # --- the real model -------------------------------------------------------------------------------
 
 
-@pytest.mark.real
-def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp_path):
-    """SmolLM2 learns a small task with QLoRA; the merged and int4 models must give its answers."""
-    from edgeft.evaluate import evaluate
+@pytest.fixture(scope="module")
+def narrow_run(real_home, tmp_path_factory):
+    """SmolLM2 fine-tuned with QLoRA on a narrow task and no eval file (a split is held out), merged once
+    onto the base as loaded before it was quantized (the old merge) and kept (its check), then merged
+    as trained and exported to int4 with the defaults (no --allow-drift: a DriftError fails the tests)."""
     from edgeft.export.onnx import ExportConfig, export
     from edgeft.pipeline.config import TuneConfig
     from edgeft.pipeline.tune import tune
 
-    train, held_out = recipes_like(tmp_path / "train.jsonl", n=64), recipes_like(tmp_path / "eval.jsonl", n=24, seed=1)
-    run_dir = tune(
-        TuneConfig(
-            model="smollm2-135m",
-            data=str(train),
-            eval_file=str(held_out),
-            output=str(tmp_path / "run"),
-            method="qlora",
-            max_steps=30,
-            batch_tokens=256,
-            max_seq_len=128,
-            learning_rate=1e-3,
-        )
-    )
+    root = tmp_path_factory.mktemp("narrow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEFT_HOME", str(real_home))
+        train = recipes_like(root / "train.jsonl", n=120)
+        config = dict(method="qlora", max_steps=30, batch_tokens=256, max_seq_len=128, learning_rate=1e-3)
+        run_dir = tune(TuneConfig(model="smollm2-135m", data=str(train), output=str(root / "run"), **config))
+        merge(run_dir, base_weights="original", allow_drift=True)
+        old_merge = Run.open(run_dir).stage("merge")["fidelity"]
+        merge(run_dir, force=True)  # its check runs on the split's prompts too: a drift there fails here
+        export(run_dir, ExportConfig())
+    return run_dir, old_merge
+
+
+@pytest.mark.real
+def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(narrow_run, smollm2, tmp_path):
+    """SmolLM2 learns a small task with QLoRA; the merged and int4 models must give its answers."""
+    from edgeft.evaluate import evaluate
+
+    run_dir, original = narrow_run
     # The old merge (adapter + the unquantized base) is another model (measured: largest logit difference
     # 15.5, though this easy task's answers survive it); the as-trained merge is the same one (1.1e-4).
-    merge(run_dir, base_weights="original", allow_drift=True)
-    original = Run.open(run_dir).stage("merge")["fidelity"]
-    merge(run_dir, force=True)
     check = Run.open(run_dir).stage("merge")["fidelity"]
     assert check["gate"]["passed"] and check["argmax_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-3
     assert original["max_abs_logit_diff"] > 100 * max(check["max_abs_logit_diff"], 1e-5)
-    export(run_dir, ExportConfig(verify_samples=24))
-    assert Run.open(run_dir).stage("export")["verification"]["gate"]["passed"]
+    held_out = recipes_like(tmp_path / "eval.jsonl", n=24, seed=1)
     report = evaluate([str(run_dir), str(run_dir / "onnx-int4")], held_out, output=tmp_path / "eval.json")
     trained, merged, int4 = report["rows"]
     assert trained["exact_match"] >= 75  # it learned the task
@@ -288,22 +290,15 @@ def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(smollm2, tmp
 
 
 @pytest.mark.real
-def test_real_gate_judges_a_narrow_task_on_its_own_prompts(smollm2, tmp_path):
+def test_real_gate_judges_a_narrow_task_on_its_own_prompts(narrow_run, smollm2, tmp_path):
     """A narrow task and no eval file: its export is checked on the split held out of the training data
     and passes; an export with the adapter dropped (the base model's) fails on those same prompts."""
     from edgeft.export.onnx import ExportConfig, export
     from edgeft.export.verify import verify
-    from edgeft.pipeline.config import TuneConfig
-    from edgeft.pipeline.tune import tune
 
-    train = recipes_like(tmp_path / "train.jsonl", n=120)
-    config = dict(method="qlora", max_steps=30, batch_tokens=256, max_seq_len=128, learning_rate=1e-3)
-    run_dir = tune(TuneConfig(model="smollm2-135m", data=str(train), output=str(tmp_path / "run"), **config))
-    run = Run.open(run_dir)
+    run = Run.open(narrow_run[0])
     assert run.tune_record().held_out == run.held_out_file
-    merge(run_dir)  # its check runs on the split's prompts too: a drift there fails the test as well
-    export(run_dir, ExportConfig())  # no --allow-drift: a DriftError fails the test
-    verification = Run.open(run_dir).stage("export")["verification"]
+    verification = run.stage("export")["verification"]
     assert verification["gate"]["passed"] and verification["exact_match_samples"] == verification["samples"] == 24
     assert verification["reference_exact_match"] >= 75  # the prompts are the task's: the model as trained knows them
     base = export("smollm2-135m", ExportConfig(output=str(tmp_path / "base-int4"), verify=False))
