@@ -36,10 +36,10 @@ TASKS = {  # task -> (shape, the metric that judges it)
     "recipes": ("the quickstart's recipe sample: a recipe's ingredients as a JSON list", "exact_match"),
 }
 TEST_FILES = {"recipes": "eval.jsonl"}  # the recipe sample's held-out file, never trained on here either
-# the path only: a few steps, plain rounding, a few test prompts (the gate is reported, not enforced)
+# the path only: a few steps, plain rounding, a few check and test prompts (the gate is reported, not enforced)
 QUICK = {
     "tune": ["--max-steps", "8"],
-    "export": ["--quant-method", "rtn", "--allow-drift"],
+    "export": ["--quant-method", "rtn", "--verify-samples", "4", "--allow-drift"],
     "eval": ["--limit", "4", "--shots", "0"],
 }
 
@@ -105,7 +105,7 @@ def _numbers(run: Path, report: Path, metric: str) -> dict:
         "held_out": (data.get("held_out") or {}).get("examples", 0),
         "best_step": stages.get("tune", {}).get("metrics", {}).get("best_step"),
         "steps": stages.get("tune", {}).get("metrics", {}).get("steps"),
-        "export": f"{exported['rounding']}, blocks of {exported['block_size']}" if exported.get("rounding") else None,
+        "export": _layout(exported),
         "gate": (verification.get("gate") or {}).get("passed"),
         "gate_problems": (verification.get("gate") or {}).get("problems"),
         "token_agreement": verification.get("token_agreement"),
@@ -124,6 +124,14 @@ def _numbers(run: Path, report: Path, metric: str) -> dict:
             if key == "base" and best:
                 out["base_row"] = best["label"]
     return out
+
+
+def _layout(exported: dict) -> str | None:
+    """How the int4 export rounded: "gptq, blocks of 32, int8 attention"."""
+    if not exported.get("rounding"):
+        return None
+    int8 = exported.get("int8_matmuls")  # not recorded by exports before it was
+    return f"{exported['rounding']}, blocks of {exported['block_size']}" + (f", int8 {int8}" if int8 else "")
 
 
 def markdown(results: list[dict], machine: str, quick: bool) -> list[str]:

@@ -106,6 +106,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
                 reference=_as_trained(source.run),
             )
         drifted = bool(verification) and not verification["gate"]["passed"] and not cfg.allow_drift
+        model_config = json.loads((source.model_dir / "config.json").read_text())
         record = {
             "status": "drift" if drifted else "done",
             "path": recorded_path(out, source.run),
@@ -114,6 +115,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
             "options": cfg.recorded(),
             "rounding": method if cfg.precision == "int4" else None,
             "block_size": block_size(replace(cfg, quant_method=method)) if cfg.precision != "fp32" else None,
+            "int8_matmuls": int8_matmuls(cfg, model_config),  # the MatMuls kept in int8 ("none" unless int4)
             **weights,
             "seconds": round(seconds, 1),
             "size_bytes": artifacts.dir_size(tmp),
@@ -126,7 +128,6 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
     if source.run:
         source.run.record_stage("export", **record)
     if drifted:
-        model_config = json.loads((source.model_dir / "config.json").read_text())
         raise_drift(f"The {cfg.precision} export", out, verification, replace(cfg, quant_method=method), model_config)
     return out
 

@@ -278,6 +278,7 @@ def test_int8_matmuls_choose_the_bit_width_per_projection(tiny_llama_run, tmp_pa
     assert qkv and set().union(*qkv.values()) == ({4} if mode == "none" else {8})
     assert rest and set().union(*rest.values()) == ({8} if mode == "attention" else {4})
     assert bits["gate_proj"] == bits["up_proj"] == {4}  # the MLP body stays int4 either way
+    assert json.loads((out / "edgeft-export.json").read_text())["int8_matmuls"] == mode  # recorded as chosen
 
 
 def test_auto_int8_matmuls_by_model_size():
@@ -289,8 +290,9 @@ def test_auto_int8_matmuls_by_model_size():
     }  # SmolLM2-135M
     large = {"hidden_size": 3072, "num_hidden_layers": 32, "intermediate_size": 8192, "vocab_size": 32064}  # Phi-3-mini
     assert 1.2e8 < options.estimate_parameters(small) < 1.5e8 and 3.5e9 < options.estimate_parameters(large) < 4e9
-    assert options.int8_matmuls(ExportConfig(), small) == "attention"  # k_quant rounding
-    assert options.int8_matmuls(ExportConfig(quant_method="gptq"), small) == "qkv"
+    assert options.int8_matmuls(ExportConfig(), small) == "attention"
+    assert options.int8_matmuls(ExportConfig(quant_method="gptq"), small) == "attention"
+    assert options.int8_matmuls(ExportConfig(quant_method="gptq", int8_matmuls="qkv"), small) == "qkv"
     assert options.int8_matmuls(ExportConfig(), large) == "mixed"
     assert options.int8_matmuls(ExportConfig(precision="int8"), small) == "none"
     assert options.int8_layers("mixed", 32) == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
