@@ -239,7 +239,7 @@ def _chat(where: str, obj: Any) -> tuple[Example | None, list[Problem]]:
             if len(calls) > 1 and obj.get("parallel_tool_calls") is False:
                 problems.append(Problem(where, f"{label} makes {len(calls)} calls, but parallel_tool_calls is false"))
             awaiting = {c["id"]: c["name"] for c in calls}
-            content = "\n".join(part for part in ((content or "").strip(), toolcalls.calls_text(calls)) if part)
+            content = toolcalls.assistant_text(content, calls)
         elif problem := _text_problem(content, f"{label} content"):
             problems.append(Problem(where, problem))
             continue

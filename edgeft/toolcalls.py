@@ -141,7 +141,7 @@ def plain_conversation(messages: list[dict], functions: list[dict]) -> list[dict
             if problems:
                 raise GenerationError(f"messages[{i}]: {problems[0]}.")
             awaiting = {c["id"]: c["name"] for c in calls}
-            content = "\n".join(part for part in (content.strip(), calls_text(calls)) if part)
+            content = assistant_text(content, calls)
         plain.append({"role": role, "content": content})
     return [{"role": m["role"], "content": m["content"]} for m in with_tools(plain, functions)]
 
@@ -202,6 +202,11 @@ def read_calls(message: dict, functions: list[dict]) -> tuple[list[dict], list[s
         call_id = call.get("id")
         calls.append({"id": call_id if isinstance(call_id, str) else f"call_{i}", "name": name, "arguments": arguments})
     return calls, problems
+
+
+def assistant_text(content: str | None, calls: list[dict]) -> str:
+    """An assistant message that calls functions, as training renders it: its text, then its calls."""
+    return "\n".join(part for part in ((content or "").strip(), calls_text(calls)) if part)
 
 
 def calls_text(calls: list[dict]) -> str:
