@@ -490,3 +490,36 @@ def test_a_damaged_throughput_file_only_loses_the_estimate(content, tiny_llama):
     assert seconds > 0 and basis.startswith("rough guess")
     record_throughput("smollm2-135m", "qlora", "cpu", 500.0)  # the next run writes it anew
     assert estimate_seconds("smollm2-135m", tiny_llama, "qlora", "cpu", 10_000) == (20.0, "measured 500 tokens/s here")
+
+
+def test_the_summary_says_when_a_run_ended_still_learning(tiny_llama_run):
+    """The last evaluation is the best and more than 10% below the one before: the run stopped while
+    the model was still learning, and the summary says what to try."""
+    from edgeft.pipeline.tune.start import summary
+
+    run = Run.open(tiny_llama_run)
+    metrics = run.logs_dir / "metrics.jsonl"
+    train_rows = [line for line in metrics.read_text().splitlines() if '"eval"' not in line]
+    steps = run.stage("tune")["metrics"]["steps"]
+
+    def summary_with(*losses: float) -> str:
+        at = [steps * (i + 1) // len(losses) for i in range(len(losses))]  # evaluations through the run
+        evals = [
+            json.dumps({"type": "eval", "step": s, "epoch": i, "eval_loss": x})
+            for i, (s, x) in enumerate(zip(at, losses))
+        ]
+        metrics.write_text("\n".join(train_rows + evals) + "\n")
+        best = min(range(len(losses)), key=losses.__getitem__)
+        tune_metrics = run.stage("tune")["metrics"]
+        run.record_stage(
+            "tune",
+            metrics={**tune_metrics, "eval_loss": losses[-1], "best_eval_loss": losses[best], "best_step": at[best]},
+        )
+        return "\n".join(summary(tiny_llama_run))
+
+    assert "still learning: the eval loss fell 0.2000 -> 0.1000 between the last two evaluations" in summary_with(
+        0.3, 0.2, 0.1
+    )
+    assert "still learning" not in summary_with(0.3, 0.2, 0.19)  # flattening out: 5% in the last stretch
+    assert "still learning" not in summary_with(0.3, 0.1, 0.2)  # the best came earlier, and was kept
+    assert "still learning" not in summary_with(0.3)  # one evaluation says nothing of a trend
