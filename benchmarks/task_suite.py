@@ -56,11 +56,20 @@ def edgeft(*args: str, log: Path) -> tuple[int, float]:
 
 
 def run_task(
-    task: str, work: Path, *, quick: bool = False, tune_args: tuple[str, ...] = (), name: str = "", resume: bool = False
+    task: str,
+    work: Path,
+    *,
+    quick: bool = False,
+    tune_args: tuple[str, ...] = (),
+    name: str = "",
+    resume: bool = False,
+    base: bool = True,
 ) -> dict:
     """The README path on one task: tune, export --int4, eval; every exit code, time and number.
     `resume`: a run that an interruption left with a checkpoint continues (tune --resume) rather
-    than starting over; its tune time is then the remainder's only, and the row says so."""
+    than starting over; its tune time is then the remainder's only, and the row says so.
+    `base=False`: eval scores the run and its int4 export only (the caller takes the base rows from
+    an earlier run of the task: the base model and the test file do not change with tune's settings)."""
     data = ROOT / "samples" / task
     run = work / (name or task)
     log = work / f"{name or task}.log"
@@ -77,8 +86,8 @@ def run_task(
             "eval",
             [
                 "eval",
-                *(str(run), str(run / "onnx-int4"), "smollm2-135m"),
-                *("--data", str(data / TEST_FILES.get(task, "test.jsonl")), "--shots", "3", "--no-merged"),
+                *(str(run), str(run / "onnx-int4"), *(["smollm2-135m", "--shots", "3"] if base else [])),
+                *("--data", str(data / TEST_FILES.get(task, "test.jsonl")), "--no-merged"),
                 "--output",
                 str(work / f"{name or task}-eval.json"),
             ],
@@ -152,7 +161,11 @@ def markdown(results: list[dict], machine: str, quick: bool) -> list[str]:
             else "-"
         )
         exits = ", ".join(str(r["exit"].get(s, "-")) for s in ("tune", "export", "eval"))
-        base = f"{r['base']} ({r['base_row']})" if r.get("base") is not None else "-"
+        base = (
+            f"{r['base']} ({r['base_row']}{', an earlier run' if r.get('base_earlier') else ''})"
+            if r.get("base") is not None
+            else "-"
+        )
         gate = {True: "passed", False: "FAILED", None: "-"}[r.get("gate")]
         minutes = [f"{r.get(f'{s}_s', 0) / 60:.1f}" for s in ("tune", "export", "eval")]
         if r.get("resumed"):
@@ -181,26 +194,47 @@ def main() -> None:
     parser.add_argument(
         "--resume", action="store_true", help="Continue a task's interrupted run from its checkpoint, not from scratch."
     )
+    parser.add_argument(
+        "--base-from-earlier",
+        action="store_true",
+        help="Score only the run and its int4 export; the base rows come from the task's earlier result (they do not "
+        "depend on tune's settings) and the table says so. Saves most of the eval time on the long tasks.",
+    )
     args = parser.parse_args()
 
     from edgeft.bench import machine
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    saved = RESULTS / f"task_suite{suffix}.json"
+    earlier = json.loads(saved.read_text())["results"] if saved.is_file() else []
     results = []
     for task in args.tasks.split(","):
         variant = tuple(args.tune_args.split())
         name = task + "".join(variant).replace("--", "-") if variant else ""
-        results.append(run_task(task, work, quick=args.quick, tune_args=variant, name=name, resume=args.resume))
+        result = run_task(
+            task,
+            work,
+            quick=args.quick,
+            tune_args=variant,
+            name=name,
+            resume=args.resume,
+            base=not args.base_from_earlier,
+        )
+        if args.base_from_earlier:
+            scored = [
+                r for r in earlier if r["task"] == task and r.get("base") is not None and not r.get("base_earlier")
+            ]
+            if scored:
+                result.update(base=scored[-1]["base"], base_row=scored[-1]["base_row"], base_earlier=True)
+        results.append(result)
         print(json.dumps(results[-1]), flush=True)
         if args.compare_no_split:
             results.append(run_task(task, work, quick=args.quick, tune_args=("--val-split", "0"), name=f"{task}-all"))
             print(json.dumps(results[-1]), flush=True)
-    suffix = "-quick" if args.quick else ""
-    saved = RESULTS / f"task_suite{suffix}.json"
     # runs of other tasks stay in the table: a task run again replaces its own row
     done = {(r["task"], r["variant"]) for r in results}
-    earlier = json.loads(saved.read_text())["results"] if saved.is_file() else []
     results = [r for r in earlier if (r["task"], r["variant"]) not in done] + results
     report = {"machine": machine(), "quick": args.quick, "results": results}
     RESULTS.mkdir(exist_ok=True)

@@ -261,7 +261,13 @@ def data() -> None:
     show_default=True,
     help="For the time estimate.",
 )
-@click.option("--epochs", type=float, default=3.0, show_default=True, help="For the time estimate.")
+@click.option(
+    "--epochs",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="For the time estimate; 0 = what `tune` runs by default (up to 5 from 100 examples, else 3).",
+)
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
@@ -303,11 +309,17 @@ def data_check(file, model, fmt, max_seq_len, train_on_prompt, method, epochs, d
     if not report.ok:
         sys.exit(1)
     dev = pick_device_name(device)
+    label = f"{epochs:g} epoch(s)"
+    if not epochs:  # tune's default: its held-out split from MIN_FOR_SPLIT examples, and then early stopping
+        from edgeft.pipeline.config import TuneConfig
+        from edgeft.pipeline.data import MIN_FOR_SPLIT
+
+        split = report.stats.examples >= MIN_FOR_SPLIT
+        epochs = TuneConfig().auto_epochs(validated=split)
+        label = f"up to {epochs:g} epochs" if split else f"{epochs:g} epochs"
     tokens = report.stats.tokens_per_epoch * epochs
     seconds, basis = estimate_seconds(model, resolved.path, method, dev, int(tokens))
-    click.echo(
-        f"  {epochs:g} epoch(s)          {int(tokens):,} tokens, about {_duration(seconds)} with {method} on {dev} ({basis})"
-    )
+    click.echo(f"  {label:<20}{int(tokens):,} tokens, about {_duration(seconds)} with {method} on {dev} ({basis})")
     click.echo("No problems found.")
 
 

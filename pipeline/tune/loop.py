@@ -104,8 +104,12 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
         if world.is_main:
             append_metrics(metrics_path, entry)
         if state.best_eval_loss is None or loss < state.best_eval_loss:
-            state.best_eval_loss, state.best_step = loss, state.step
+            state.best_eval_loss, state.best_step, state.evals_since_best = loss, state.step, 0
             save_best()
+        else:
+            state.evals_since_best += 1
+        # --patience: the eval loss stopped falling; the best checkpoint is already saved
+        state.stopped_early = bool(cfg.patience) and state.evals_since_best >= cfg.patience and state.step < plan.total
         if world.is_main:
             log.info(f"eval at step {state.step}: loss {loss:.4f}, perplexity {entry['eval_ppl']:.2f}")
 
@@ -152,6 +156,8 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
                     on_step(entry)
                 if cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
                     evaluate()
+                    if state.stopped_early:
+                        break
                 stops = world.sum(float(stop.requested))[0]  # a signal to any process stops them all here
                 if state.step % cfg.save_every == 0 or stops:
                     checkpoints.save_checkpoint(run, world, model, optimizer, scheduler, state)
@@ -164,10 +170,12 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
                         f"Resume with: edgeft tune --resume {run.path}"
                         + (" (launched the same way, with the same number of processes)" if world.size > 1 else "")
                     )
+            if state.stopped_early:
+                break
             state.next = len(steps)
             evaluate()  # each epoch, and at the end
             state.epoch, state.next = epoch + 1, 0
-            if state.step >= plan.total:
+            if state.step >= plan.total or state.stopped_early:
                 break
     bar.close()
     if not evaluating:

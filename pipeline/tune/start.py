@@ -68,6 +68,7 @@ def prepare_data(cfg: TuneConfig) -> Prepared:
     else:
         usable, held = split_validation(usable, cfg.val_split, cfg.seed)
         held_out, evaluation = [e for e, _ in held], [t for _, t in held]
+    cfg.resolve_epochs(validated=bool(evaluation))
     log.info("\n".join(report.lines(cfg.max_seq_len)))
     log.info(_validation_line(cfg, len(usable), len(held_out)))
     return Prepared(resolved, tokenizer, [t for _, t in usable], evaluation, report, eval_report, held_out)
@@ -75,7 +76,10 @@ def prepare_data(cfg: TuneConfig) -> Prepared:
 
 def _validation_line(cfg: TuneConfig, trained: int, held: int) -> str:
     """What the run is checked on, in one line of the tune's output."""
-    uses = ("the eval loss, the best checkpoint, " if cfg.eval_every >= 0 else "") + "the merge's and export's checks"
+    stopping = f"stopping early (--patience {cfg.patience}), " if cfg.patience else ""
+    uses = (f"the eval loss, the best checkpoint, {stopping}" if cfg.eval_every >= 0 else "") + (
+        "the merge's and export's checks"
+    )
     if cfg.eval_file:
         return f"Validation: {cfg.eval_file} ({uses})."
     if held:
@@ -364,7 +368,13 @@ def summary(run_dir: Path) -> list[str]:
         lines.append(
             f"  eval loss   {m['eval_loss']} (perplexity {m['eval_ppl']}); best {m['best_eval_loss']} at step {m['best_step']}, kept"
         )
-        if falling := still_falling(run, m["best_step"]):
+        if m.get("stopped_early"):
+            cfg = rec["config"]
+            lines.append(
+                f"  stopped early: the eval loss did not fall for {cfg['patience']} evaluation(s) in a row "
+                f"(--patience), so the rest of the {cfg['epochs']:g} epochs was skipped"
+            )
+        elif falling := still_falling(run, m["best_step"]):
             lines.append(
                 f"  still learning: the eval loss fell {falling[0]:.4f} -> {falling[1]:.4f} between the last two "
                 "evaluations; a longer run may do better (a higher --epochs: the best checkpoint is kept)"

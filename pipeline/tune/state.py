@@ -20,6 +20,8 @@ class TrainState:
     best_eval_loss: float | None = None
     best_step: int | None = None
     last_eval_step: int | None = None
+    evals_since_best: int = 0  # evaluations in a row that did not lower the best eval loss
+    stopped_early: bool = False  # --patience ended the run before its last epoch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,4 +73,5 @@ def summarise(state: TrainState, metrics_path: Path) -> dict:
         "eval_ppl": round(evals[-1]["eval_ppl"], 3) if evals else None,
         "best_eval_loss": round(state.best_eval_loss, 4) if state.best_eval_loss is not None else None,
         "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
     }
