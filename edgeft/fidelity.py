@@ -31,6 +31,7 @@ MIN_EXACT_MATCH_SAMPLES = 20  # below this, one answer is 5+ points: exact match
 # An export's scoring graph (model-score.onnx) computes the logits of a chunk's last this many
 # positions: a reference to score is fed in pieces no longer, a prompt's last position is all it needs
 SCORE_POSITIONS = 32
+GREEDY_REFERENCE = "the reference model's greedy output"  # what the built-in prompts are scored against
 
 
 class DriftError(EdgeftError):
@@ -312,7 +313,7 @@ def compare(
             cand_exact += bool((cand_top == np.asarray(answer)).all())
     result = {
         "samples": len(pairs),
-        "reference": "eval answers" if with_reference else "the reference model's greedy output",
+        "reference": "eval answers" if with_reference else GREEDY_REFERENCE,
         "token_agreement": round(sum(agree) / len(agree), 4) if agree else None,
         "identical_generations": identical if greedy_runs else None,
         "greedy_samples": greedy_runs,
@@ -390,7 +391,7 @@ def judge(result: dict, gate: Gate) -> list[str]:
     """What falls outside the gate, in plain words (empty: the candidate passes)."""
     problems = []
     agreement, kind = result["token_agreement"], "greedy tokens"
-    if agreement is None:
+    if agreement is None or builtin_prompts(result):
         agreement, kind = result["argmax_agreement"], "next-token choices"
     if agreement < gate.min_agreement:
         problems.append(
@@ -411,6 +412,15 @@ def judge(result: dict, gate: Gate) -> list[str]:
                 "points less)"
             )
     return problems
+
+
+def builtin_prompts(result: dict) -> bool:
+    """Were the prompts the built-in generic ones (a model with no data of its own, such as a base
+    model's export)? Its free answers to them are long and chaotic: one rounding changes a token and
+    the rest diverges (a faithful SmolLM2-135M int4 export: 16.8% greedy agreement, 84.8% of
+    next-token choices, +9.2% perplexity). There the gate reads the next-token choices and the
+    perplexity; the greedy agreement is reported."""
+    return not result.get("exact_match_samples") and result.get("reference") == GREEDY_REFERENCE
 
 
 def gate_record(result: dict, gate: Gate, *, allow_drift: bool) -> dict:
@@ -440,6 +450,7 @@ def table(result: dict) -> list[str]:
         lines.append(
             f"  token agreement        {result['token_agreement']:.1%} of the first {GENERATED} greedy tokens "
             f"({result['identical_generations']}/{result['greedy_samples']} generations identical)"
+            + (" (built-in prompts: reported, not gated)" if builtin_prompts(result) else "")
         )
     lines.append(
         f"  argmax agreement       {result['argmax_agreement']:.1%} of next-token choices on the reference answers"

@@ -126,7 +126,8 @@ def assert_export_gate_verdict(check: dict, *, allow_drift: bool) -> None:
     assert check["gate"] == fidelity.gate_record(
         {k: v for k, v in check.items() if k != "gate"}, gate, allow_drift=allow_drift
     )
-    agreement = check["token_agreement"] if check["token_agreement"] is not None else check["argmax_agreement"]
+    greedy = check["token_agreement"] is not None and not fidelity.builtin_prompts(check)
+    agreement = check["token_agreement"] if greedy else check["argmax_agreement"]
     inside = agreement >= gate.min_agreement and check["candidate_ppl"] <= gate.max_ppl_ratio * check["reference_ppl"]
     if check["exact_match_samples"] >= fidelity.MIN_EXACT_MATCH_SAMPLES:
         drop = check["reference_exact_match"] - check["candidate_exact_match"]

@@ -197,6 +197,22 @@ def test_the_gate_names_each_problem():
     )
 
 
+def test_on_the_built_in_prompts_the_gate_reads_next_token_choices():
+    """A model with no data (a base model's export) is checked on the built-in prompts, where greedy
+    answers diverge at the first rounding: the measured faithful SmolLM2 int4 export (16.8% greedy,
+    84.8% next-token, +9.2% perplexity) passes, and a broken one still fails on what is gated."""
+    builtin = dict(reference=fidelity.GREEDY_REFERENCE, exact_match_samples=0)
+    faithful = result(**builtin, token_agreement=0.168, argmax_agreement=0.848, candidate_ppl=2.184, ppl_change_pct=9.2)
+    assert judge(faithful, fidelity.EXPORT_GATE) == []
+    broken = judge(result(**builtin, token_agreement=0.9, argmax_agreement=0.4), fidelity.EXPORT_GATE)
+    assert len(broken) == 1 and "40.0% of next-token choices" in broken[0]
+    assert judge(
+        result(**builtin, candidate_ppl=2.5, ppl_change_pct=25.0), fidelity.EXPORT_GATE
+    )  # perplexity still gated
+    # with the user's answers (exact_match_samples > 0) greedy agreement is gated as before
+    assert "greedy tokens" in judge(result(token_agreement=0.168), fidelity.EXPORT_GATE)[0]
+
+
 def test_exact_match_comes_from_teacher_forced_logits():
     """Greedy decoding reproduces an answer iff the argmax is the reference token at every position."""
     import numpy as np
