@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
+import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from servers import RESULTS, start_llama_server, start_server, stop
+
 TOPICS = ["boilers", "bicycles", "printers", "kettles", "routers", "lawn mowers", "dishwashers", "scooters"]
 
 
@@ -38,31 +35,6 @@ def system_prompt(topic: str, tokens: int, count) -> str:
         text += f" Rule {rule}: when a customer asks about {topic} part {rule}, check the warranty, the model year and the manual page {rule * 7}."
         rule += 1
     return text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(export: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "edgeft", "serve", export, "--port", str(port), *extra]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    for _ in range(600):
-        if server.poll() is not None:
-            raise SystemExit(f"edgeft serve exited with {server.returncode}: {server.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.kill()
-    raise SystemExit("edgeft serve did not answer /health within 2 minutes")
 
 
 def ask(client, messages: list[dict], max_tokens: int) -> tuple[float, str, int]:
@@ -82,14 +54,15 @@ def ask(client, messages: list[dict], max_tokens: int) -> tuple[float, str, int]
             first = first or time.perf_counter()
             pieces.append(chunk.choices[0].delta.content)
         if chunk.usage:
-            cached = chunk.usage.prompt_tokens_details.cached_tokens
+            details = getattr(chunk.usage, "prompt_tokens_details", None)  # llama.cpp's server may not say
+            cached = (details.cached_tokens or 0) if details else None
     return (first or time.perf_counter()) - start, "".join(pieces), cached
 
 
-def run(export: str, conversations: list[str], max_tokens: int, *extra: str) -> dict:
+def run(started: tuple, conversations: list[str], max_tokens: int) -> dict:
     from openai import OpenAI
 
-    server, url = start_server(export, *extra)
+    server, url = started
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         ask(client, [{"role": "user", "content": "hi"}], 4)  # warm-up: first-call costs are not the cache's
@@ -109,8 +82,7 @@ def run(export: str, conversations: list[str], max_tokens: int, *extra: str) -> 
             cached.append(held)
         return {"turn1_ttft_s": turn1, "turn2_ttft_s": turn2, "cached_tokens": cached, "answers": answers}
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
 
 
 def main() -> None:
@@ -119,9 +91,12 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=4, help="Conversations, each with its own system prompt.")
     parser.add_argument("--system-tokens", type=int, default=500, help="Length of each system prompt, in tokens.")
     parser.add_argument("--max-tokens", type=int, default=24, help="New tokens per answer.")
+    parser.add_argument("--gguf", help="The same model as a GGUF: llama.cpp's server runs the conversations too.")
+    parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", "llama-server"))
     args = parser.parse_args()
 
     from edgeft.bench import machine
+    from edgeft.cpu import usable_cpus
     from edgeft.runtime import ChatModel
 
     model = ChatModel.load(args.export)
@@ -132,12 +107,14 @@ def main() -> None:
     ]
     prompt_tokens = statistics.median(model.count_tokens([{"role": "system", "content": s}]) for _, s in conversations)
     del model
-    cold = run(args.export, conversations, args.max_tokens, "--prompt-cache-mb", "0")
-    warm = run(args.export, conversations, args.max_tokens)
-    med = {
-        name: {k: statistics.median(r[k]) for k in ("turn1_ttft_s", "turn2_ttft_s")}
-        for name, r in (("off", cold), ("on", warm))
-    }
+    cold = run(start_server(args.export, "--prompt-cache-mb", "0"), conversations, args.max_tokens)
+    warm = run(start_server(args.export), conversations, args.max_tokens)
+    llama = None
+    if args.gguf:  # one slot, as edgeft serve's default; its prompt cache as it comes
+        started = start_llama_server(args.llama_server, args.gguf, slots=1, slot_tokens=4096, threads=usable_cpus())
+        llama = run(started, conversations, args.max_tokens)
+    runs = (("off", cold), ("on", warm)) + ((("llama.cpp", llama),) if llama else ())
+    med = {name: {k: statistics.median(r[k]) for k in ("turn1_ttft_s", "turn2_ttft_s")} for name, r in runs}
     ratio = med["on"]["turn2_ttft_s"] / med["off"]["turn2_ttft_s"]
     report = {
         "machine": machine(),
@@ -147,6 +124,8 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "cache_off": cold,
         "cache_on": warm,
+        "llama_cpp": llama,
+        "gguf": args.gguf,
         "medians": med,
         "turn2_ratio": round(ratio, 3),
         "target_met": ratio <= 0.30,
@@ -170,6 +149,16 @@ def main() -> None:
         (
             f"| on (default) | {med['on']['turn1_ttft_s']:.3f} | {med['on']['turn2_ttft_s']:.3f} | "
             f"{statistics.median(warm['cached_tokens']):.0f} |"
+        ),
+        *(
+            [
+                (
+                    f"| llama.cpp's llama-server, 1 slot, its prompt cache as it comes ({os.path.basename(args.gguf)}) "
+                    f"| {med['llama.cpp']['turn1_ttft_s']:.3f} | {med['llama.cpp']['turn2_ttft_s']:.3f} | - |"
+                )
+            ]
+            if llama
+            else []
         ),
         "",
         (

@@ -22,6 +22,7 @@ The terminal chat (`edgeft.runtime.chat`) and the server (`edgeft.runtime.server
 edgeft[serve]) are built on the same ChatModel.
 """
 
+from edgeft.runtime.batching import BatchDecoder
 from edgeft.runtime.engine import (
     ChatModel,
     ChatResult,
@@ -33,6 +34,7 @@ from edgeft.runtime.engine import (
 )
 
 __all__ = [
+    "BatchDecoder",
     "ChatModel",
     "ChatResult",
     "ChatStream",

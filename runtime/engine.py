@@ -25,6 +25,7 @@ from edgeft.cpu import usable_cpus
 from edgeft.errors import ConfigError, GenerationError, ModelError
 from edgeft.fidelity import common_prefix, forced_logits, negative_log_likelihood, teacher_forced_logits
 from edgeft.runtime import tooluse
+from edgeft.runtime.batching import Sampling
 from edgeft.runtime.template import ChatTemplate
 
 log = logging.getLogger("edgeft")
@@ -331,6 +332,7 @@ class ChatStream(_Pieces):
         seeded = options.seed is not None and model.temperature(options) > 0
         self._cache = cache if cache is not None and not seeded else None
         self._slot: _Slot | None = None
+        self._row: Any = None  # the batch row the answer runs in (PromptCache.batch), if it does
         self.reference_nll: float | None = None
         self.reference_tokens = len(score_ids or ())
         self._prompt_ids = prompt_ids
@@ -394,6 +396,12 @@ class ChatStream(_Pieces):
         if cache is None:
             generator, self._generator = self._generator or self._new_generator(), None
             return generator, 0
+        if cache.batch is not None and self._batchable(cache.batch):
+            sampling = self.model.sampling(self._options)
+            opened = cache.batch.open(self._prompt_ids, self._length, sampling, _random_source())
+            if opened is not None:  # else (every row busy, or the answer longer than a row) a generator of its own
+                self._row, known = opened
+                return self._row, known
         # with a grammar, even a prompt that shares nothing is cheaper to run than a new generator
         slot, known = cache.take(
             self._cache_key(), self._prompt_ids, self._length, any_prefix=self._options.guidance is not None
@@ -408,6 +416,17 @@ class ChatStream(_Pieces):
         slot.tokens = list(self._prompt_ids)
         self._slot = slot
         return slot.generator, known
+
+    def _batchable(self, batch: Any) -> bool:
+        """Can the batch decode this answer: plain sampling on the batch's own model (see batching)."""
+        opts = self._options
+        return (
+            batch.model._og_model is self.model._og_model
+            and self.model.adapter is None
+            and opts.guidance is None
+            and opts.repetition_penalty in (None, 1.0)
+            and self._score_ids is None
+        )
 
     def cancel(self) -> None:
         """Stop generating after the current token (thread-safe)."""
@@ -462,6 +481,9 @@ class ChatStream(_Pieces):
             self._slot = None  # a generator an error stopped midway is not given back
             raise
         finally:
+            if self._row is not None:
+                self._row.release()
+                self._row = None
             if self._slot is not None:
                 self._cache.give(self._slot)
                 self._slot = None
@@ -632,8 +654,10 @@ class PromptCache:
     sampled ones without a `seed` use it; a seeded answer always gets a fresh generator, so the
     same seed gives the same answer. Pass it to `ChatModel.stream(..., cache=)`."""
 
-    def __init__(self, max_slots: int = 4, max_bytes: int = 1 << 30):
+    def __init__(self, max_slots: int = 4, max_bytes: int = 1 << 30, *, batch: Any = None):
         self.max_slots, self.max_bytes = max_slots, max_bytes
+        # a BatchDecoder: the answers it can take run in its rows, decoded together (see batching)
+        self.batch = batch
         self._slots: list[_Slot] = []  # least recently used first
         self._lock = threading.Lock()
 
@@ -681,6 +705,12 @@ class PromptCache:
             self._slots.append(slot)
             while len(self._slots) > self.max_slots or sum(s.nbytes for s in self._slots) > self.max_bytes:
                 self._slots.pop(0)
+
+
+def _random_source() -> Any:
+    import numpy as np
+
+    return np.random.default_rng()
 
 
 class ReferenceScore:
@@ -762,6 +792,7 @@ class ChatModel:
         self.scoring = _decoder_file(genai_config) in (ALL_LOGITS_GRAPH, SCORE_GRAPH)
         # the tokenizer's special tokens (<|im_start|>, <|im_end|>, ...): only the template makes them
         self.control_tokens: tuple[str, ...] = ()
+        self.threads: int = usable_cpus()  # intra-op threads of its sessions
         self.adapter: str | None = None  # the runtime LoRA adapter this model answers with
         self._adapters: dict[str, Any] = {"og": None, "files": {}}  # shared with every adapter view
 
@@ -802,6 +833,7 @@ class ChatModel:
         tokenizer.update_options(add_special_tokens="false")
         model = cls(folder, og_model, tokenizer, genai_config, template, name)
         model.control_tokens = control_tokens(tokenizer_config)
+        model.threads = threads
         log.debug("loaded %s (context %d, threads %s)", folder, model.context_length, threads)
         return model.with_adapter(adapter) if adapter is not None else model
 
@@ -1016,18 +1048,24 @@ class ChatModel:
         defaults = self.genai_config.get("search", {})
         return float(defaults.get("temperature", 1.0)) if defaults.get("do_sample") else 0.0
 
+    def sampling(self, opts: GenerationOptions) -> Sampling:
+        """The answer's temperature, and its top_p and top_k (the model's defaults where not asked)."""
+        defaults = self.genai_config.get("search", {})
+        temperature = self.temperature(opts)
+        if temperature <= 0:
+            return Sampling(0.0)
+        top_p = opts.top_p if opts.top_p is not None else float(defaults.get("top_p", 1.0))
+        top_k = opts.top_k if opts.top_k is not None else int(defaults.get("top_k", 50))
+        # onnxruntime-genai sorts top_k candidates: more than the vocabulary is "no limit" (and crashed it).
+        return Sampling(temperature, top_p, min(top_k, int(self.genai_config["model"].get("vocab_size", top_k))))
+
     def _search_params(self, opts: GenerationOptions, max_length: int) -> Any:
         import onnxruntime_genai as og
 
-        defaults = self.genai_config.get("search", {})
-        temperature = self.temperature(opts)
-        search: dict[str, Any] = {"max_length": max_length, "do_sample": temperature > 0}
-        if temperature > 0:
-            search["temperature"] = temperature
-            search["top_p"] = opts.top_p if opts.top_p is not None else float(defaults.get("top_p", 1.0))
-            top_k = opts.top_k if opts.top_k is not None else int(defaults.get("top_k", 50))
-            # onnxruntime-genai sorts top_k candidates: more than the vocabulary is "no limit" (and crashed it).
-            search["top_k"] = min(top_k, int(self.genai_config["model"].get("vocab_size", top_k)))
+        sampling = self.sampling(opts)
+        search: dict[str, Any] = {"max_length": max_length, "do_sample": sampling.temperature > 0}
+        if sampling.temperature > 0:
+            search |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
         if opts.repetition_penalty is not None:
             search["repetition_penalty"] = opts.repetition_penalty
         if opts.seed is not None:

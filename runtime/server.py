@@ -31,6 +31,7 @@ from importlib import resources
 from typing import Any
 
 from edgeft.errors import ConfigError, EdgeftError, GenerationError, ModelError
+from edgeft.runtime.batching import BatchDecoder
 from edgeft.runtime.engine import ChatModel, ChatResult, ContextLengthError, PromptCache
 
 try:
@@ -422,8 +423,11 @@ def create_app(
     # Requests share one PromptCache: a prompt runs only from where it first differs from the
     # cached prompt that shares the most with it (a system prompt and tools, a chat's earlier
     # turns), and a response_format repeated is not compiled again (~0.45 s). Each answer running
-    # holds its own slot; a few more keep recent prompts for the next requests.
-    cache = PromptCache(max_slots=parallel + PROMPT_CACHE_SPARE_SLOTS, max_bytes=prompt_cache_bytes)
+    # holds its own slot; a few more keep recent prompts for the next requests. With parallel > 1
+    # the answers that can be batched run side by side in one BatchDecoder's rows, whose tokens
+    # are kept the same way (a row per answer running).
+    batch = BatchDecoder.start(model, rows=parallel) if parallel > 1 else None
+    cache = PromptCache(max_slots=parallel + PROMPT_CACHE_SPARE_SLOTS, max_bytes=prompt_cache_bytes, batch=batch)
     created = int(time.time())
     served = {model.name: model, **{a.name: a for a in adapters}}
     failed = dict(failed_adapters or {})
@@ -449,6 +453,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         scheduler.shutdown()
+        if batch is not None:
+            batch.close()
 
     app = FastAPI(title="edgeft", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.scheduler, app.state.model = scheduler, model

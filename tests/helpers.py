@@ -121,6 +121,9 @@ class SlowModel:
         self.model, self.delay, self.streams, self.calls = model, delay, [], []
         self.name, self.context_length, self.path = model.name, model.context_length, model.path
 
+    def __getattr__(self, name):  # the rest is the model's (what the server reads, BatchDecoder.start)
+        return getattr(self.model, name)
+
     def stream(self, messages, **options):
         stream = SlowStream(self.model.stream(messages, **options), self.delay)
         self.calls.append(messages)
