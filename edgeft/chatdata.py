@@ -28,7 +28,7 @@ from edgeft.errors import DataError
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
-FORMATS = ("chat", "alpaca", "completion", "text")
+FORMATS = ("chat", "alpaca", "completion", "text", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = {"role", "content", "weight", "name", "tool_calls", "tool_call_id", "function_call"}
 MAX_EXAMPLE_BYTES = 8_000_000  # one example this large is a data bug; it would be truncated anyway
@@ -36,6 +36,8 @@ IGNORE = -100  # label that the loss skips
 
 # Keys that identify each format, in detection order.
 SIGNATURES = {
+    "preference": ("preferred_output", "non_preferred_output"),  # OpenAI's preference (DPO) format
+    "preference-pairs": ("prompt", "chosen", "rejected"),  # TRL's and most tools' (read as "preference")
     "chat": ("messages",),
     "alpaca": ("instruction", "output"),
     "completion": ("prompt", "completion"),
@@ -58,6 +60,9 @@ class Example:
     messages: list[dict] = field(default_factory=list)
     text: str | None = None  # set for the plain-text format
     tools: list[dict] = field(default_factory=list)  # the functions it declares (see edgeft.toolcalls)
+    # preference data: `messages` is the prompt and the preferred answer, `rejected` the prompt and
+    # the answer not preferred (each answer the last message, the only one trained)
+    rejected: list[dict] | None = None
 
 
 @dataclass
@@ -92,7 +97,8 @@ def load_dataset(path: str | Path, fmt: str = "auto") -> Dataset:
                 Problem(
                     "file",
                     "cannot detect the format: expected 'messages' (chat), 'instruction'+'output' "
-                    "(alpaca), 'prompt'+'completion' or 'text' keys. Pass --format to force one.",
+                    "(alpaca), 'prompt'+'completion', 'text', or 'preferred_output'+'non_preferred_output' "
+                    "or 'prompt'+'chosen'+'rejected' (preference) keys. Pass --format to force one.",
                 )
             )
             return Dataset(path, "unknown", True, [], problems, hashlib.sha256(raw).hexdigest())
@@ -172,7 +178,7 @@ def _detect(records: list[tuple[str, Any]]) -> str | None:
         if isinstance(obj, dict):
             for fmt, keys in SIGNATURES.items():
                 if all(k in obj for k in keys):
-                    return fmt
+                    return fmt.split("-")[0]
     return None
 
 
@@ -302,7 +308,57 @@ def _text(where: str, obj: Any) -> tuple[Example | None, list[Problem]]:
     return Example(where, text=obj["text"]), []
 
 
-NORMALIZERS = {"chat": _chat, "alpaca": _alpaca, "completion": _completion, "text": _text}
+def _preference(where: str, obj: Any) -> tuple[Example | None, list[Problem]]:
+    """A prompt with an answer preferred and one not: OpenAI's preference format
+    ({"input": {"messages", "tools"?}, "preferred_output": [message], "non_preferred_output": [message]})
+    or prompt/chosen/rejected (each a string or OpenAI messages). Each side is checked as a chat
+    example (tool calls included); only its last message, the answer, is trained."""
+    if not isinstance(obj, dict):
+        return None, [Problem(where, f"entry is not a JSON object (found {type(obj).__name__})")]
+    if "preferred_output" in obj or "input" in obj:
+        context = obj.get("input")
+        if not isinstance(context, dict) or not isinstance(context.get("messages"), list) or not context["messages"]:
+            return None, [Problem(where, "'input' must be an object with a non-empty 'messages' list")]
+        prompt, names = context, ("preferred_output", "non_preferred_output")
+    else:
+        raw = obj.get("prompt")
+        messages = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+        if not isinstance(messages, list) or not messages:
+            return None, [Problem(where, "'prompt' must be a string or a non-empty list of messages")]
+        prompt, names = (
+            {**{k: v for k, v in obj.items() if k in ("tools", "functions")}, "messages": messages},
+            (
+                "chosen",
+                "rejected",
+            ),
+        )
+    sides, problems = [], []
+    for name in names:
+        answer = obj.get(name)
+        if isinstance(answer, str):
+            answer = [{"role": "assistant", "content": answer}]
+        if not isinstance(answer, list) or len(answer) != 1 or not isinstance(answer[0], dict):
+            problems.append(Problem(where, f"'{name}' must hold exactly one assistant message"))
+            continue
+        if answer[0].get("role") != "assistant":
+            problems.append(Problem(where, f"'{name}' must be an assistant message"))
+            continue
+        context = [
+            {**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m
+            for m in prompt["messages"]
+        ]
+        example, trouble = _chat(where, {**prompt, "messages": [*context, answer[0]]})
+        problems += [Problem(where, f"'{name}': {p.message}") for p in trouble]
+        sides.append(example)
+    if problems:
+        return None, problems
+    chosen, rejected = sides
+    if chosen.messages[-1]["content"].strip() == rejected.messages[-1]["content"].strip():
+        return None, [Problem(where, f"'{names[0]}' and '{names[1]}' are the same answer: nothing to prefer")]
+    return Example(where, chosen.messages, tools=chosen.tools, rejected=rejected.messages), []
+
+
+NORMALIZERS = {"chat": _chat, "alpaca": _alpaca, "completion": _completion, "text": _text, "preference": _preference}
 
 
 # --- rendering & masking -----------------------------------------------------------------
@@ -317,6 +373,35 @@ class Tokenized:
     @property
     def trained(self) -> int:
         return sum(label != IGNORE for label in self.labels)
+
+    @property
+    def learns(self) -> bool:
+        """Is a token trained within the kept tokens (a target for some position)?"""
+        return any(label != IGNORE for label in self.labels[1:])
+
+
+@dataclass
+class Pair:
+    """A preference example's two sequences: the prompt with the preferred answer, and with the other."""
+
+    chosen: Tokenized
+    rejected: Tokenized
+
+    @property
+    def input_ids(self) -> list[int]:  # both sequences' tokens: what a step holds (packing, statistics)
+        return self.chosen.input_ids + self.rejected.input_ids
+
+    @property
+    def trained(self) -> int:
+        return self.chosen.trained + self.rejected.trained
+
+    @property
+    def length_before_truncation(self) -> int:
+        return self.chosen.length_before_truncation + self.rejected.length_before_truncation
+
+    @property
+    def learns(self) -> bool:
+        return self.chosen.learns and self.rejected.learns
 
 
 class ChatRenderer:

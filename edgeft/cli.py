@@ -242,7 +242,7 @@ def data() -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["auto", "chat", "alpaca", "completion", "text"]),
+    type=click.Choice(["auto", "chat", "alpaca", "completion", "text", "preference"]),
     default="auto",
     show_default=True,
 )

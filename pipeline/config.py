@@ -29,7 +29,9 @@ class TuneConfig:
         "eval loss, the best checkpoint, and the merge's and export's checks. 0 = train on all.",
     )
     format: str = opt(
-        "auto", "Data format; auto detects it from the keys.", choices=("auto", "chat", "alpaca", "completion", "text")
+        "auto",
+        "Data format; auto detects it from the keys.",
+        choices=("auto", "chat", "alpaca", "completion", "text", "preference"),
     )
     output: str = opt("", "Run directory to create (default: runs/<data name>-<method>).")
     method: str = opt(
@@ -56,6 +58,15 @@ class TuneConfig:
         "(0 = never stop early). The best checkpoint is kept either way.",
     )
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = run all epochs). The schedule follows it.")
+    start_from: str = opt(
+        "",
+        "Start from this run's adapter (an earlier `edgeft tune` run on the same base model, with the same LoRA settings): "
+        "preference tuning after supervised fine-tuning, or more training.",
+        flag="--from",
+    )
+    beta: float = opt(
+        0.1, "Preference data (DPO): how far from the model it starts the preferences may pull it; lower = further."
+    )
     learning_rate: float = opt(2e-4, "Peak learning rate.", flag="--lr")
     lr_scheduler: str = opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.05, "Fraction of steps spent warming the learning rate up from 0.")
@@ -99,6 +110,7 @@ class TuneConfig:
             ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)"),
             ("epochs", self.epochs >= 0, "0 (auto) or more"),
             ("patience", self.patience >= 0, "0 or more"),
+            ("beta", self.beta > 0, "positive"),
             ("max_steps", self.max_steps >= 0, "0 or more"),
             ("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft import toolcalls
-from edgeft.chatdata import IGNORE, ChatRenderer, Dataset, Example, Problem, Tokenized, end_of_turn_for, load_dataset
+from edgeft.chatdata import ChatRenderer, Dataset, Example, Pair, Problem, Tokenized, end_of_turn_for, load_dataset
 from edgeft.errors import DataError
 
 # --- statistics ---------------------------------------------------------------------------
@@ -30,7 +30,7 @@ class DataStats:
     tokens_per_epoch: int
 
     @classmethod
-    def of(cls, tokenized: list[Tokenized]) -> DataStats:
+    def of(cls, tokenized: list[Tokenized] | list[Pair]) -> DataStats:
         lengths = sorted(t.length_before_truncation for t in tokenized) or [0]
         return cls(
             examples=len(tokenized),
@@ -97,7 +97,7 @@ def write_examples(path: Path, examples: list[Example]) -> None:
 @dataclass
 class DataReport:
     dataset: Dataset
-    tokenized: list[Tokenized]
+    tokenized: list[Tokenized] | list[Pair]  # Pairs for preference data
     stats: DataStats | None
     problems: list[Problem]
     shown: str = ""  # one example as the model sees it, trained text marked (see `marked`)
@@ -107,18 +107,14 @@ class DataReport:
         return not self.problems
 
     @property
-    def usable(self) -> list[Tokenized]:
-        """Examples with at least one trained target after truncation."""
+    def usable(self) -> list[Tokenized] | list[Pair]:
+        """Examples with at least one trained target after truncation (in both answers of a pair)."""
         return [t for _, t in self.usable_examples]
 
     @property
-    def usable_examples(self) -> list[tuple[Example, Tokenized]]:
+    def usable_examples(self) -> list[tuple[Example, Tokenized | Pair]]:
         """The usable examples, each with its tokens."""
-        return [
-            (e, t)
-            for e, t in zip(self.dataset.examples, self.tokenized)
-            if any(label != IGNORE for label in t.labels[1:])
-        ]
+        return [(e, t) for e, t in zip(self.dataset.examples, self.tokenized) if t.learns]
 
     def lines(self, max_seq_len: int, max_problems: int = 20) -> list[str]:
         d = self.dataset
@@ -169,7 +165,10 @@ def check_data(
             problems.append(forged)
             continue
         try:
-            tokenized.append(renderer.tokenize(example))
+            chosen = renderer.tokenize(example)
+            if example.rejected is not None:  # preference data: the answer not preferred, after the same prompt
+                chosen = Pair(chosen, renderer.tokenize(Example(example.where, example.rejected)))
+            tokenized.append(chosen)
         except DataError as e:
             problems.append(Problem(example.where, str(e).split(": ", 1)[-1]))
     report = DataReport(dataset, tokenized, DataStats.of(tokenized), problems, _shown(renderer, dataset.examples))

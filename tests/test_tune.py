@@ -286,9 +286,9 @@ def test_training_lowers_the_loss_and_moves_the_adapter(tmp_path, tiny_llama):
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     assert initial and all(not p.any() for n, p in initial.items() if "lora_B" in n)
     head = loss_head(model)
-    before = eval_loss(model, head, world, examples, cfg.batch_tokens)
+    before, _ = eval_loss(model, head, world, examples, cfg.batch_tokens)
     checkpoints.load_adapter_weights(run_dir, model)
-    after = eval_loss(model, head, world, examples, cfg.batch_tokens)
+    after, _ = eval_loss(model, head, world, examples, cfg.batch_tokens)
     assert after < 0.9 * before, (before, after)  # measured 6.47 -> 5.53 nats a token
 
     trained = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
@@ -533,7 +533,7 @@ def scripted_eval_loss(monkeypatch):
     """The loop's evaluations return these losses in turn: the stopping rule alone is under test."""
     losses: list[float] = []
     calls = iter(range(1000))
-    monkeypatch.setattr("edgeft.pipeline.tune.loop.eval_loss", lambda *a: losses[next(calls)])
+    monkeypatch.setattr("edgeft.pipeline.tune.loop.eval_loss", lambda *a: (losses[next(calls)], {}))
     return losses
 
 

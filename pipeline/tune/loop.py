@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,7 @@ from edgeft.pipeline.tune import checkpoints
 from edgeft.pipeline.tune.distributed import World, loss_scale
 from edgeft.pipeline.tune.model import load_model, loss_head, summed_loss
 from edgeft.pipeline.tune.packing import Plan, collate, pack
+from edgeft.pipeline.tune.preference import Preference
 from edgeft.pipeline.tune.progress import Progress, StopFlag
 from edgeft.pipeline.tune.state import TrainState, append_metrics, summarise, truncate_metrics
 
@@ -51,6 +53,13 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
     if resume_from:
         checkpoints.load_adapter_weights(resume_from, model)
         saved = checkpoints.read_trainer_state(resume_from)
+    elif cfg.start_from:  # --from RUN: its adapter is where this one starts
+        checkpoints.load_adapter_weights(Path(cfg.start_from), model)
+    preference = Preference(run, world, cfg, prepared) if prepared.preference else None
+    if preference:  # DPO: the reference is the model as it starts
+        preference.prepare_reference(model, head, resumed=resume_from is not None)
+    step_fn = preference.step if preference else train_step
+    eval_fn = preference.evaluate if preference else eval_loss
     plan = Plan([len(t.input_ids) for t in prepared.train], cfg, world.size)
 
     def schedule(optimizer):
@@ -98,8 +107,8 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
         if not evaluating or state.last_eval_step == state.step:
             return
         state.last_eval_step = state.step
-        loss = eval_loss(model, head, world, prepared.eval, cfg.batch_tokens)
-        entry = {"type": "eval", "step": state.step, "epoch": state.epoch, "eval_loss": loss}
+        loss, extra = eval_fn(model, head, world, prepared.eval, cfg.batch_tokens)
+        entry = {"type": "eval", "step": state.step, "epoch": state.epoch, "eval_loss": loss, **extra}
         entry["eval_ppl"] = math.exp(min(loss, 50))
         if world.is_main:
             append_metrics(metrics_path, entry)
@@ -128,7 +137,7 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
                 # Seeded by step and process: dropout masks replay exactly on resume.
                 torch.manual_seed(cfg.seed * 1_000_003 + state.step * world.size + world.rank)
                 t0 = time.perf_counter()
-                loss_sum, tokens, trained = train_step(
+                loss_sum, tokens, trained, extra = step_fn(
                     model, head, world, cfg, plan.share(steps[index], world.rank), prepared.train, scale
                 )
                 optimizer.step()
@@ -148,6 +157,7 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
                     "lr": scheduler.get_last_lr()[0],
                     "tokens": int(tokens),
                     "tokens_per_second": sum(t for t, _ in window) / sum(s for _, s in window),
+                    **extra,
                 }
                 if world.is_main:
                     append_metrics(metrics_path, entry)
@@ -209,10 +219,10 @@ def train_step(model, head, world: World, cfg: TuneConfig, share, examples: list
     if cfg.max_grad_norm:
         # All parameters: under FSDP Accelerate clips through the wrapped model only when given them all.
         accelerator.clip_grad_norm_(list(model.parameters()), cfg.max_grad_norm)
-    return total, tokens, trained
+    return total, tokens, trained, {}
 
 
-def eval_loss(model, head, world: World, examples: list[Tokenized], batch_tokens: int) -> float:
+def eval_loss(model, head, world: World, examples: list[Tokenized], batch_tokens: int) -> tuple[float, dict]:
     """Mean loss per trained token over `examples` (same masking as training), rows shared out
     across processes; every process runs as many passes (FSDP gathers weights in each)."""
     device = world.accelerator.device
@@ -232,4 +242,4 @@ def eval_loss(model, head, world: World, examples: list[Tokenized], batch_tokens
                 count += len(batch["targets"])
     model.train()
     total, count = world.sum(total, count)
-    return total / max(count, 1)
+    return total / max(count, 1), {}

@@ -233,16 +233,22 @@ def summed_loss(model, head, batch: dict):
     """Summed cross-entropy over the trained positions of a packed row (see ChunkedLoss)."""
     head.targets = batch["targets"]
     try:
-        return model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            segments=batch["segments"],
-            shared=batch["shared"],
-            logits_to_keep=batch["keep"],
-            use_cache=False,
-        ).logits.reshape(())
+        return kept_logits(model, batch).reshape(())
     finally:
         head.targets = None
+
+
+def kept_logits(model, batch: dict):
+    """The model's output over a packed row (packing.collate) at its trained positions only: their
+    logits, or their summed loss while the head holds the targets."""
+    return model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        segments=batch["segments"],
+        shared=batch["shared"],
+        logits_to_keep=batch["keep"],
+        use_cache=False,
+    ).logits
 
 
 def loss_head(model):

@@ -40,6 +40,7 @@ class Prepared:
     report: DataReport
     eval_report: DataReport | None
     held_out: list[Example]  # the validation split of --data (empty with --eval-file or --val-split 0)
+    preference: bool = False  # pairs of answers (DPO): train and eval hold chatdata.Pairs
 
 
 def prepare_data(cfg: TuneConfig) -> Prepared:
@@ -71,7 +72,39 @@ def prepare_data(cfg: TuneConfig) -> Prepared:
     cfg.resolve_epochs(validated=bool(evaluation))
     log.info("\n".join(report.lines(cfg.max_seq_len)))
     log.info(_validation_line(cfg, len(usable), len(held_out)))
-    return Prepared(resolved, tokenizer, [t for _, t in usable], evaluation, report, eval_report, held_out)
+    preference = report.dataset.format == "preference"
+    if eval_report is not None and (eval_report.dataset.format == "preference") != preference:
+        raise DataError(
+            f"{cfg.data} is {report.dataset.format} data and {cfg.eval_file} is {eval_report.dataset.format} data: "
+            "give the eval file in the same form as the training data."
+        )
+    return Prepared(resolved, tokenizer, [t for _, t in usable], evaluation, report, eval_report, held_out, preference)
+
+
+def _start_from(cfg: TuneConfig, prepared: Prepared) -> Path:
+    """--from RUN: a finished run on the same base model whose adapter has this run's shape."""
+    run = Run.open(cfg.start_from)
+    record = run.stage("tune") or {}
+    if record.get("status") != "done" or not (run.adapter_dir / "adapter_model.safetensors").is_file():
+        raise artifacts.RunError(
+            f"--from {run.path}: that run has no finished adapter. Finish it first (edgeft tune --resume)."
+        )
+    if Path(run.base_model().path).resolve() != prepared.model.path.resolve():
+        raise ConfigError(
+            f"--from {run.path} was trained on {run.base_model().spec}, not {cfg.model}: start from a run on the same "
+            "base model, or pass --model with its base model."
+        )
+    theirs = record.get("config") or {}
+    for name in ("lora_r", "lora_alpha", "target_modules"):
+        if theirs.get(name) != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"--from {run.path} has {name} = {theirs.get(name)!r} and this run {getattr(cfg, name)!r}: its adapter "
+                f"would not fit. Pass {flag} {theirs.get(name)}."
+            )
+    if (theirs.get("method") == "dora") != (cfg.method == "dora"):
+        raise ConfigError(f"--from {run.path} was trained with --method {theirs.get('method')}: use the same method.")
+    return run.path
 
 
 def _validation_line(cfg: TuneConfig, trained: int, held: int) -> str:
@@ -191,6 +224,8 @@ def tune(cfg: TuneConfig, *, force: bool = False, on_step: Callable[[dict], None
     output = Path(cfg.output) if cfg.output else default_output(cfg)
     Run.check_new(output, force=force)
     prepared = prepare_data(cfg)
+    if cfg.start_from:
+        cfg.start_from = str(_start_from(cfg, prepared).resolve())
     at = launch(cfg, prepared)
     # Absolute paths, so the run can be resumed (and merged) from any working directory.
     cfg.output = str(output.resolve())
@@ -379,6 +414,11 @@ def summary(run_dir: Path) -> list[str]:
                 f"  still learning: the eval loss fell {falling[0]:.4f} -> {falling[1]:.4f} between the last two "
                 "evaluations; a longer run may do better (a higher --epochs: the best checkpoint is kept)"
             )
+    if m.get("eval_reward_accuracy") is not None:
+        lines.append(
+            f"  preferences on held-out pairs: the preferred answer gained more in {m['eval_reward_accuracy']:.1%} "
+            f"(reward margin {m['eval_reward_margin']:+.3f})"
+        )
     if held := (rec.get("data") or {}).get("held_out"):
         lines.append(
             f"  validation  {held['examples']} examples held out of the training data ({run.path / held['path']})"

@@ -74,4 +74,17 @@ def summarise(state: TrainState, metrics_path: Path) -> dict:
         "best_eval_loss": round(state.best_eval_loss, 4) if state.best_eval_loss is not None else None,
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,
+        **_preference_metrics(evals, state.best_step),
+    }
+
+
+def _preference_metrics(evals: list[dict], best_step: int | None) -> dict:
+    """A DPO run's held-out preference accuracy and reward margin, at the checkpoint kept."""
+    kept = [e for e in evals if e.get("eval_reward_accuracy") is not None]
+    if not kept:
+        return {}
+    best = next((e for e in reversed(kept) if e["step"] == best_step), kept[-1])
+    return {
+        "eval_reward_accuracy": round(best["eval_reward_accuracy"], 4),
+        "eval_reward_margin": round(best["eval_reward_margin"], 4),
     }
