@@ -36,8 +36,9 @@ class TuneConfig:
     output: str = opt("", "Run directory to create (default: runs/<data name>-<method>).")
     method: str = opt(
         "qlora",
-        "qlora = 4-bit NF4 base + LoRA (least memory); lora = full-precision base; dora = weight-decomposed LoRA.",
-        choices=("qlora", "lora", "dora"),
+        "qlora = 4-bit NF4 base + LoRA (least memory); lora = full-precision base; dora = weight-decomposed LoRA; "
+        "dpo = preference tuning on qlora (preference data trains with DPO whatever the method).",
+        choices=("qlora", "lora", "dora", "dpo"),
     )
     lora_r: int = opt(16, "LoRA rank: higher = more capacity, more memory.")
     lora_alpha: int = opt(32, "LoRA scaling numerator (the update is scaled by alpha/r).")

@@ -180,3 +180,15 @@ def test_a_dpo_run_merges_like_any_run(tmp_path, tiny_llama):
     assert result.exit_code == 0, result.output
     check = Run.open(run_dir).stage("merge")["fidelity"]
     assert check["gate"]["passed"] and check["reference"] == "eval answers"
+
+
+def test_method_dpo_is_dpo_on_qlora_and_needs_pairs(tmp_path, tiny_llama):
+    """`--method dpo` (OpenAI's name): preference tuning on QLoRA; on chat data, one line saying why not."""
+    data = preference_data(tmp_path / "p.jsonl", n=6)
+    common = ["--model", tiny_llama, "--batch-tokens", "128", "--max-seq-len", "64", "--max-steps", "1"]
+    run_cli("tune", "--data", data, "--method", "dpo", "--output", "runs/d", *common)
+    assert Run.open(tmp_path / "runs/d").stage("tune")["config"]["method"] == "qlora"
+    refused = run_cli(
+        "tune", "--data", recipes_like(tmp_path / "c.jsonl"), "--method", "dpo", "--output", "runs/c", *common, ok=False
+    )
+    assert refused.exit_code != 0 and "--method dpo trains on preference data" in refused.output

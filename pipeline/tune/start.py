@@ -73,6 +73,13 @@ def prepare_data(cfg: TuneConfig) -> Prepared:
     log.info("\n".join(report.lines(cfg.max_seq_len)))
     log.info(_validation_line(cfg, len(usable), len(held_out)))
     preference = report.dataset.format == "preference"
+    if cfg.method == "dpo":  # OpenAI's name for preference tuning: DPO on QLoRA
+        if not preference:
+            raise DataError(
+                f"--method dpo trains on preference data, and {cfg.data} is {report.dataset.format} data. Give pairs "
+                "(OpenAI's preferred_output/non_preferred_output, or prompt/chosen/rejected), or pick --method qlora."
+            )
+        cfg.method = "qlora"
     if eval_report is not None and (eval_report.dataset.format == "preference") != preference:
         raise DataError(
             f"{cfg.data} is {report.dataset.format} data and {cfg.eval_file} is {eval_report.dataset.format} data: "
