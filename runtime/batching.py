@@ -237,7 +237,16 @@ class BatchDecoder:
                 fed = [(r, r.feed) for r in self.rows if r.feed]
                 for r, _ in fed:
                     r.feed = None
-            self._passes(fed)
+            try:
+                self._passes(fed)
+            except BaseException as e:  # (a Ctrl-C in this thread): the others must not wait on a runner gone
+                with self._cond:
+                    self._running = False
+                    for r in self.rows:
+                        if r is not row and (r.feed or any(r is f for f, _ in fed)):
+                            r.feed, r.error = None, GenerationError(f"the answer running the batch stopped ({e!r})")
+                            r.served.set()
+                raise
             with self._cond:
                 for r, _ in fed:
                     if r is not row and r.feed is None:  # served (a prompt chunk left is fed again)
@@ -258,7 +267,13 @@ class BatchDecoder:
     def _passes(self, fed: list[tuple[Row, list[int]]]) -> None:
         """One decoding step for the rows fed one token, then a prompt chunk for each row fed more."""
         if self._wanted > self._capacity:
-            self._grow()
+            try:
+                self._grow()
+            except Exception as e:  # no memory for a longer answer: the step's rows fail, the server goes on
+                log.exception("growing the batch's KV cache failed")
+                for r, _ in fed:
+                    r.error, r.feed = e, None
+                return
         steps = [(r, ids) for r, ids in fed if len(ids) == 1]
         prompts = [(r, ids) for r, ids in fed if len(ids) > 1]
         for rows, run in ([(steps, self._decode)] if steps else []) + [([p], self._prefill) for p in prompts]:
