@@ -132,12 +132,7 @@ class BatchDecoder:
             names["attention_mask"],
             outputs["logits"],
         )
-        layers = decoder["num_hidden_layers"]
-        self._pairs = [
-            (names[f"past_{kind}_names"] % i, outputs[f"present_{kind}_names"] % i)
-            for i in range(layers)
-            for kind in ("key", "value")
-        ]
+        self._pairs = kv_names(decoder)
         self._dtype = np.float16 if "float16" in session.get_inputs()[2].type else np.float32
         self._shape = (rows, decoder["num_key_value_heads"], decoder["head_size"])
         self._capacity, self._wanted = 0, min(FIRST_CAPACITY, row_tokens)
@@ -165,11 +160,7 @@ class BatchDecoder:
             session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
             inputs = {i.name for i in session.get_inputs()}
             expected = {decoder["inputs"]["input_ids"], decoder["inputs"]["attention_mask"]}
-            expected |= {
-                decoder["inputs"][f"past_{k}_names"] % i
-                for i in range(decoder["num_hidden_layers"])
-                for k in ("key", "value")
-            }
+            expected |= {past for past, _ in kv_names(decoder)}
             if inputs != expected:
                 reason = f"its graph takes inputs batching does not fill ({', '.join(sorted(inputs - expected))})"
         if reason is None:
@@ -393,6 +384,16 @@ class BatchDecoder:
             row.release()
             row.tokens = []
         return None if got == expected else f"its greedy tokens differ from onnxruntime-genai's ({got} vs {expected})"
+
+
+def kv_names(decoder: dict) -> list[tuple[str, str]]:
+    """(past input, present output) names of each layer's keys and values, from genai_config's decoder."""
+    names, outputs = decoder["inputs"], decoder["outputs"]
+    return [
+        (names[f"past_{kind}_names"] % i, outputs[f"present_{kind}_names"] % i)
+        for i in range(decoder["num_hidden_layers"])
+        for kind in ("key", "value")
+    ]
 
 
 def _unsupported(genai_config: dict) -> str | None:
