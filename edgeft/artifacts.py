@@ -519,12 +519,14 @@ class Run:
         finally:
             os.close(fd)  # closing releases the lock, also when the process dies
 
-    def record_stage(self, name: str, **entry: Any) -> dict:
-        """Merge `entry` into the stage's record and stamp it; returns the whole stage record."""
+    def record_stage(self, name: str, *, whole: bool = False, **entry: Any) -> dict:
+        """Merge `entry` into the stage's record and stamp it; returns the whole stage record.
+        whole=True: `entry` is the whole record (an export describes one folder: what an earlier
+        export of another kind recorded, such as its GPTQ calibration, must not linger)."""
         with self._manifest_held():
             data = self.manifest()
             stages = data.setdefault("stages", {})
-            record = {**stages.get(name, {}), **entry, "updated_at": now()}
+            record = {**({} if whole else stages.get(name, {})), **entry, "updated_at": now()}
             stages[name] = record
             write_json_atomic(self.manifest_path, data)
         return record

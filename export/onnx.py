@@ -126,7 +126,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
         # the marker goes in with the folder, in the same rename: an export is never seen without it
         artifacts.write_json_atomic(tmp / "edgeft-export.json", {"source": str(source.model_dir), **record})
     if source.run:
-        source.run.record_stage("export", **record)
+        source.run.record_stage("export", whole=True, **record)
     if drifted:
         raise_drift(f"The {cfg.precision} export", out, verification, replace(cfg, quant_method=method), model_config)
     return out

@@ -414,6 +414,21 @@ def test_a_run_exported_elsewhere_records_where(tiny_llama_run, tmp_path):
     assert resolve_export(tiny_llama_run)[0].resolve() == out.resolve()  # what chat, serve and bench load
 
 
+def test_the_export_record_describes_the_last_export_alone(tiny_llama_run):
+    """An int8 export after an int4 one: the run's export record is the int8 folder's, with nothing
+    of the int4 export's rounding left in it (it once kept the GPTQ calibration and the int8 table)."""
+    merge(tiny_llama_run)
+    export(tiny_llama_run, cfg(verify=False))
+    first = Run.open(tiny_llama_run).stage("export")
+    assert first["rounding"] == "gptq" and "gptq" in first and "embeddings" in first
+    out = export(tiny_llama_run, cfg(precision="int8", verify=False))
+    record = Run.open(tiny_llama_run).stage("export")
+    written = json.loads((out / "edgeft-export.json").read_text())
+    assert record["precision"] == "int8" and record["rounding"] is None
+    assert not {"gptq", "embeddings", "compacted_bytes"} & record.keys(), record
+    assert {k: v for k, v in record.items() if k != "updated_at"} == {k: v for k, v in written.items() if k != "source"}
+
+
 def test_export_of_a_bare_model(tiny_phi3, tmp_path):
     out = export(str(tiny_phi3), cfg(output=str(tmp_path / "phi3-int4")))
     record = json.loads((out / "edgeft-export.json").read_text())
