@@ -53,6 +53,7 @@ class Candidate:
 class Sample:
     messages: list[dict]  # the prompt: every message but the last assistant one
     reference: str
+    rejected: str | None = None  # preference data: the answer not preferred (the reference is the preferred one)
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Row:
     max_tokens: int = 0  # new tokens allowed per answer
     # where references call functions: how the answers did, counted apart (see call_outcomes)
     function_calls: dict | None = None
+    # preference data: % of pairs where the model gives the preferred answer the higher log-likelihood
+    preference_accuracy: float | None = None
     predictions: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -185,7 +188,8 @@ def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
                 f"{path} is plain text; evaluation needs chat data whose last message is the assistant's answer."
             )
         if (pair := prompt_and_reference(ex)) is not None:
-            rows.append(Sample(*pair))
+            rejected = ex.rejected[-1]["content"] if ex.rejected else None
+            rows.append(Sample(*pair, rejected=rejected))
     if not rows:
         raise DataError(f"{path} has no example that ends with an assistant answer to compare against.")
     return rows[:limit] if limit else rows
@@ -306,9 +310,9 @@ class TorchBackend:
 
     def generate_scored(
         self, prompts: list[list[dict]], references: list[str], max_tokens: int
-    ) -> tuple[list[tuple], float, float, int]:
+    ) -> tuple[list[tuple], float, list[tuple[float, int]]]:
         """(text, finish reason, answer tokens, prompt tokens) per prompt, their time (without the
-        scoring) and, scored on the prompts' own KV cache, the references' summed NLL and token count."""
+        scoring) and, scored on the prompts' own KV cache, each reference's summed NLL and token count."""
         from edgeft.fidelity import torch_greedy_scored
 
         ids = [self.prompt_ids(m) for m in prompts]
@@ -323,7 +327,7 @@ class TorchBackend:
             stopped = bool(row) and row[-1] in self.stops
             text = self.tokenizer.decode(row[:-1] if stopped else row, skip_special_tokens=True)
             results.append((text, "stop" if stopped else "length", len(row), len(prompt)))
-        return results, took, sum(v for v, _ in scores), sum(n for _, n in scores)
+        return results, took, scores
 
 
 class OnnxBackend:
@@ -343,7 +347,7 @@ class OnnxBackend:
 
     def generate_scored(
         self, prompts: list[list[dict]], references: list[str], max_tokens: int
-    ) -> tuple[list[tuple], float, float, int]:
+    ) -> tuple[list[tuple], float, list[tuple[float, int]]]:
         """One answer (one prompt at a time, as an app sends them), its time (without the scoring)
         and, in the same pass (the prompt is run once), the reference's NLL and token count."""
         (prompt,), (reference,) = prompts, references
@@ -351,7 +355,7 @@ class OnnxBackend:
         stream.text()
         reply = stream.result
         answer = (reply.text, reply.finish_reason, reply.usage["completion_tokens"], reply.usage["prompt_tokens"])
-        return [answer], reply.elapsed, stream.reference_nll, stream.reference_tokens
+        return [answer], reply.elapsed, [(stream.reference_nll, stream.reference_tokens)]
 
     def generate(self, prompts: list[list[dict]], max_tokens: int) -> list[tuple[str, str, int, int]]:
         results = []
@@ -552,13 +556,21 @@ def evaluate_one(
         order.sort(key=chars.__getitem__)
     predictions: list[dict] = [{}] * len(samples)
     seconds, generated, nll, count = 0.0, 0, 0.0, 0
+    pairs = in_pass and any(s.rejected is not None for s in samples)
     for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
         batch = order[i : i + step]
+        preferred = {}
         if in_pass:
-            results, took, value, n = backend.generate_scored(
+            results, took, scores = backend.generate_scored(
                 [prompts[j] for j in batch], [samples[j].reference for j in batch], max_tokens
             )
-            nll, count = nll + value, count + n
+            nll, count = nll + sum(v for v, _ in scores), count + sum(n for _, n in scores)
+            if pairs:  # the other answer scored the same way (its one generated token is not counted)
+                _, _, others = backend.generate_scored(
+                    [prompts[j] for j in batch], [samples[j].rejected or "" for j in batch], 1
+                )
+                # log p(preferred) - log p(other): above 0, the model prefers the preferred answer
+                preferred = {j: other[0] - mine[0] for j, mine, other in zip(batch, scores, others)}
         else:
             start = time.perf_counter()
             results = backend.generate([prompts[j] for j in batch], max_tokens)
@@ -577,6 +589,9 @@ def evaluate_one(
                 "exact_match": exact_match(text, sample.reference),
                 "token_f1": token_f1(text, sample.reference),
             }
+            if j in preferred and sample.rejected is not None:
+                predictions[j]["preference_margin"] = round(preferred[j], 4)
+                predictions[j]["prefers_preferred"] = preferred[j] > 0
     json_refs = [p for p in predictions if is_json(p["reference"])]
     n = len(predictions)
     row = Row(
@@ -602,10 +617,17 @@ def evaluate_one(
         constrained=candidate.response_format is not None,
         max_tokens=max_tokens,
         function_calls=call_outcomes(predictions),
+        preference_accuracy=_share(predictions, "prefers_preferred"),
         predictions=predictions,
     )
     log.info(f"  {row.label}: exact match {row.exact_match}%, {row.stop_rate}% stopped, {seconds:.0f} s")
     return row
+
+
+def _share(predictions: list[dict], key: str) -> float | None:
+    """% of the predictions that have `key` where it is true (None: none has it)."""
+    values = [p[key] for p in predictions if key in p]
+    return round(100 * sum(values) / len(values), 1) if values else None
 
 
 CALL_OUTCOMES = ("right", "wrong_call", "missing_call", "unexpected_call", "broken_call")
@@ -665,6 +687,17 @@ def table(report: dict) -> list[str]:
             f"{r.get('latency_p50_s', r['latency_s']):.2f} | {r.get('latency_p95_s', r['latency_s']):.2f} | "
             f"{r['tokens_per_second']:.1f} |"
         )
+    if any(r.get("preference_accuracy") is not None for r in report["rows"]):
+        lines += [
+            "",
+            "| model | preferred answer scored higher % |",
+            "|---|---:|",
+        ]
+        lines += [
+            f"| {r['label']} | {r['preference_accuracy']:.1f} |"
+            for r in report["rows"]
+            if r.get("preference_accuracy") is not None
+        ]
     if any(r.get("function_calls") for r in report["rows"]):
         lines += [
             "",

@@ -17,14 +17,17 @@ from tests.helpers import recipes_like, run_cli, small_config
 WORDS = ["tomato", "onion", "garlic", "salt", "pepper", "basil", "cheese", "egg", "flour", "sugar"]
 
 
-def preference_data(path, n: int = 24, seed: int = 0, *, form: str = "openai"):
-    """Recipes whose preferred answer is the ingredients as a JSON list, the other a sentence about them."""
+def preference_data(path, n: int = 24, seed: int = 0, *, form: str = "openai", prefer: str = "json"):
+    """Recipes whose preferred answer is the ingredients as a JSON list, the other a sentence about
+    them (prefer="order": both JSON lists, the other one in reverse order, as long in tokens)."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
             items = rng.sample(WORDS, 3)
             user = "Ingredients: " + ", ".join(f"2 cups {w}" for w in items)
             good, bad = json.dumps(items), "Sure! You will need " + " and ".join(items) + "."
+            if prefer == "order":
+                bad = json.dumps(items[::-1])
             if form == "openai":
                 row = {
                     "input": {"messages": [{"role": "user", "content": user}]},
@@ -192,3 +195,49 @@ def test_method_dpo_is_dpo_on_qlora_and_needs_pairs(tmp_path, tiny_llama):
         "tune", "--data", recipes_like(tmp_path / "c.jsonl"), "--method", "dpo", "--output", "runs/c", *common, ok=False
     )
     assert refused.exit_code != 0 and "--method dpo trains on preference data" in refused.output
+
+
+def test_eval_on_pairs_reports_how_often_the_preferred_answer_scores_higher(tmp_path, tiny_llama):
+    """`edgeft eval` on preference data: each row gets the share of pairs whose preferred answer the
+    model gives the higher log-likelihood, and each pair its margin. The base row's margins are the
+    ones worked out here with plain transformers; after DPO the margins grew, as trained and in the
+    export alike (the tiny model already prefers the short JSON answers to the sentences)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeft.chatdata import stop_ids
+    from edgeft.evaluate import load_samples
+
+    data = preference_data(tmp_path / "train.jsonl", n=24)
+    cfg = small_config(tiny_llama, data, tmp_path / "dpo", epochs=4, learning_rate=5e-3, beta=0.5, val_split=0)
+    run_dir = tuning.tune(cfg)
+    run_cli("export", run_dir, "--int8", "--allow-drift")
+    report_file = tmp_path / "eval.json"
+    models = (tiny_llama, run_dir, run_dir / "onnx-int8")
+    shown = run_cli("eval", *models, "--data", data, "--no-merged", "--output", report_file).output
+    assert "| model | preferred answer scored higher % |" in shown
+    rows = {r["kind"]: r for r in json.loads(report_file.read_text())["rows"]}
+    predictions = [json.loads(line) for line in report_file.with_suffix(".predictions.jsonl").read_text().splitlines()]
+
+    def margins(kind: str) -> list[float]:
+        return [p["preference_margin"] for p in predictions if p["model"] == rows[kind]["label"]]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    end = stop_ids(tokenizer)[:1]
+
+    def logp(messages, answer) -> float:
+        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        wanted = tokenizer.encode(answer, add_special_tokens=False) + end
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + wanted])).logits[0, len(prompt) - 1 : -1]
+        return float(torch.log_softmax(logits, -1)[torch.arange(len(wanted)), torch.tensor(wanted)].sum())
+
+    expected = [logp(s.messages, s.reference) - logp(s.messages, s.rejected) for s in load_samples(data)]
+    assert margins("base") == pytest.approx(expected, abs=1e-2)
+    share = 100 * sum(m > 0 for m in expected) / len(expected)
+    assert rows["base"]["preference_accuracy"] == round(share, 1)
+    mean = {kind: sum(margins(kind)) / len(expected) for kind in ("base", "as-trained", "fine-tuned")}
+    assert mean["as-trained"] > mean["base"] + 1.0, mean
+    assert mean["fine-tuned"] > mean["base"] + 1.0, mean
+    assert rows["as-trained"]["preference_accuracy"] >= rows["base"]["preference_accuracy"]
