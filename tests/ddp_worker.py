@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from edgeft.errors import EdgeftError
 from edgeft.pipeline.config import TuneConfig
-from edgeft.pipeline.tune import TrainingInterrupted, loop, resume, tune
+from edgeft.pipeline.tune import TrainingInterrupted, loop, preference, resume, tune
 
 
 def main() -> int:
@@ -40,11 +40,15 @@ def main() -> int:
             if writing and isinstance(path, (str, Path)) and str(Path(path).resolve()).startswith(run_dir):
                 writes.append(f"{event} {path}")
 
-    real_step = loop.train_step
+    real_step, real_pair_step = loop.train_step, preference.Preference.step
 
     def spying_step(model, *args, **kwargs):
         seen["model"] = model
         return real_step(model, *args, **kwargs)
+
+    def spying_pair_step(self, model, *args, **kwargs):  # preference tuning's step
+        seen["model"] = model
+        return real_pair_step(self, model, *args, **kwargs)
 
     def on_step(entry):
         # after the optimizer step: the spread of each trainable weight across processes
@@ -56,7 +60,7 @@ def main() -> int:
         if entry["step"] == interrupt_at and rank == 1:  # a signal to one process must stop them all
             os.kill(os.getpid(), signal.SIGINT)
 
-    loop.train_step = spying_step
+    loop.train_step, preference.Preference.step = spying_step, spying_pair_step
     sys.addaudithook(audit)
     status, error = 0, None
     try:

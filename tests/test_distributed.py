@@ -125,6 +125,28 @@ def test_accelerate_launch_with_the_shipped_cpu_config_trains_the_same_adapter(r
     assert_same(adapter(root / "accelerate"), adapter(two_processes[1].path))
 
 
+def test_dpo_in_two_processes_trains_what_one_process_trains_with_twice_the_accumulation(root):
+    """Preference tuning across processes: the reference log-probabilities, the pairs each process
+    gets and the loss summed over both give the adapter one process trains with grad_accum 2, and
+    only the main process writes (the reference file included)."""
+    from tests.test_preference import preference_data
+
+    preference_data(root / "pairs.jsonl", n=16)
+    cfg = config(root, "dpo", beta=0.5, learning_rate=5e-3)
+    cfg["data"] = str(root / "pairs.jsonl")
+    reports = torchrun(root, cfg)
+    assert [r["status"] for r in reports] == [0, 0] and reports[1]["writes"] == []
+    assert max(reports[0]["spreads"]) == 0.0
+    one = tune(TuneConfig(**{**cfg, "output": str(root / "dpo-one"), "grad_accum": 2}))
+    assert_same(adapter(root / "dpo"), adapter(one))
+    record, single = Run.open(root / "dpo").stage("tune"), Run.open(one).stage("tune")
+    assert record["processes"] == 2 and single["processes"] == 1
+    assert record["metrics"]["train_loss"] == pytest.approx(single["metrics"]["train_loss"], abs=1e-6)
+    assert (root / "dpo" / "data" / "reference_logps.json").read_text() == (
+        root / "dpo-one" / "data" / "reference_logps.json"
+    ).read_text()
+
+
 # --- launches refused before any weights load ----------------------------------------------------
 
 
