@@ -26,3 +26,17 @@ def test_each_task_shape_goes_the_readme_way(task, smollm2, tmp_path):
     verification = manifest["stages"]["export"]["verification"]
     assert verification["exact_match_samples"] == verification["samples"]  # checked on the task's own prompts
     assert None not in (result["as_trained"], result["int4"], result["base"])  # every row answered
+
+
+@pytest.mark.real
+def test_the_preference_sample_goes_the_readme_way(smollm2, tmp_path):
+    """samples/returns, reduced: SFT, DPO from it (OpenAI's preference JSONL as is), both exported to
+    int4 and evaluated on the test pairs; every command ends with exit 0 and every row has its
+    preference score. The full runs' numbers are benchmarks/dpo_sample.py's."""
+    spec = importlib.util.spec_from_file_location("dpo_sample", REPO / "benchmarks" / "dpo_sample.py")
+    dpo_sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dpo_sample)
+    result = dpo_sample.run(tmp_path, quick=True)
+    assert set(result["exit"].values()) == {0}, (tmp_path / "dpo_sample.log").read_text()[-3000:]
+    assert len(result["rows"]) == 4 and all(r["preference_accuracy"] is not None for r in result["rows"])
+    assert json.loads((tmp_path / "dpo" / "edgeft.json").read_text())["stages"]["tune"]["config"]["start_from"]
