@@ -559,7 +559,7 @@ def evaluate_one(
     pairs = in_pass and any(s.rejected is not None for s in samples)
     for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
         batch = order[i : i + step]
-        preferred = {}
+        margins = {}
         if in_pass:
             results, took, scores = backend.generate_scored(
                 [prompts[j] for j in batch], [samples[j].reference for j in batch], max_tokens
@@ -570,7 +570,7 @@ def evaluate_one(
                     [prompts[j] for j in batch], [samples[j].rejected or "" for j in batch], 1
                 )
                 # log p(preferred) - log p(other): above 0, the model prefers the preferred answer
-                preferred = {j: other[0] - mine[0] for j, mine, other in zip(batch, scores, others)}
+                margins = {j: other[0] - mine[0] for j, mine, other in zip(batch, scores, others)}
         else:
             start = time.perf_counter()
             results = backend.generate([prompts[j] for j in batch], max_tokens)
@@ -589,9 +589,9 @@ def evaluate_one(
                 "exact_match": exact_match(text, sample.reference),
                 "token_f1": token_f1(text, sample.reference),
             }
-            if j in preferred and sample.rejected is not None:
-                predictions[j]["preference_margin"] = round(preferred[j], 4)
-                predictions[j]["prefers_preferred"] = preferred[j] > 0
+            if j in margins and sample.rejected is not None:
+                predictions[j]["preference_margin"] = round(margins[j], 4)
+                predictions[j]["prefers_preferred"] = margins[j] > 0
     json_refs = [p for p in predictions if is_json(p["reference"])]
     n = len(predictions)
     row = Row(
