@@ -68,6 +68,11 @@ class TuneConfig:
     beta: float = opt(
         0.1, "Preference data (DPO): how far from the model it starts the preferences may pull it; lower = further."
     )
+    sft_weight: float = opt(
+        1.0,
+        "Preference data (DPO): weight of the preferred answers' own loss (mean token NLL) added to DPO's, which "
+        "keeps the model writing them (TRL's loss_type sft beside sigmoid); 0 = DPO's loss alone.",
+    )
     learning_rate: float = opt(2e-4, "Peak learning rate.", flag="--lr")
     lr_scheduler: str = opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.05, "Fraction of steps spent warming the learning rate up from 0.")
@@ -112,6 +117,7 @@ class TuneConfig:
             ("epochs", self.epochs >= 0, "0 (auto) or more"),
             ("patience", self.patience >= 0, "0 or more"),
             ("beta", self.beta > 0, "positive"),
+            ("sft_weight", self.sft_weight >= 0, "0 or more"),
             ("max_steps", self.max_steps >= 0, "0 or more"),
             ("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),

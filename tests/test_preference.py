@@ -132,14 +132,16 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def test_dpo_lowers_the_loss_and_grows_the_preference_margin(tmp_path, tiny_llama):
-    """OpenAI's preference JSONL trains as is: the DPO loss starts at log 2 (the model is its own
-    reference) and falls, the reward margin grows, and the held-out pairs come to prefer the preferred
+    """OpenAI's preference JSONL trains as is: the DPO loss (alone: sft_weight 0) starts at log 2
+    (the model is its own reference) and falls, the reward margin grows, and the held-out pairs come to prefer the preferred
     answer; the summary says so."""
     from edgeft.pipeline.tune.start import summary
 
     data = preference_data(tmp_path / "train.jsonl", n=24)
     held = preference_data(tmp_path / "eval.jsonl", n=8, seed=1)
-    cfg = small_config(tiny_llama, data, tmp_path / "dpo", eval_file=str(held), epochs=4, learning_rate=5e-3, beta=0.5)
+    cfg = small_config(
+        tiny_llama, data, tmp_path / "dpo", eval_file=str(held), epochs=4, learning_rate=5e-3, beta=0.5, sft_weight=0
+    )
     run_dir = tuning.tune(cfg)
     rows = _metrics(run_dir)
     train = [r for r in rows if r["type"] == "train"]
@@ -154,12 +156,30 @@ def test_dpo_lowers_the_loss_and_grows_the_preference_margin(tmp_path, tiny_llam
     assert "preferences on held-out pairs: the preferred answer gained more in" in "\n".join(summary(run_dir))
 
 
+def test_the_sft_term_adds_the_preferred_answers_mean_token_nll():
+    """sft_weight: each pair's loss is DPO's plus that times the preferred answer's mean token NLL
+    (TRL's "sft" loss beside "sigmoid"); the reward margin is DPO's alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgeft.pipeline.tune.preference import dpo_losses
+
+    logps = torch.tensor([[-6.0, -9.0], [-12.0, -4.0]])
+    counts = torch.tensor([[3, 4], [6, 2]])
+    reference = torch.tensor([[-7.0, -8.0], [-10.0, -5.0]])
+    alone, margins = dpo_losses(logps, counts, reference, beta=0.5)
+    assert margins.tolist() == [0.5 * (1.0 - -1.0), 0.5 * (-2.0 - 1.0)]
+    assert torch.allclose(alone, -F.logsigmoid(margins))
+    both, same = dpo_losses(logps, counts, reference, beta=0.5, sft_weight=2.0)
+    assert torch.equal(same, margins) and torch.allclose(both, alone + 2.0 * torch.tensor([6.0 / 3, 12.0 / 6]))
+
+
 def test_dpo_starts_from_a_supervised_run(tmp_path, tiny_llama):
     """--from RUN: the DPO run starts from the SFT run's adapter (its reference is that model: the first
     step's loss is log 2 again), and a run whose adapter would not fit is refused in one line."""
     sft = tuning.tune(small_config(tiny_llama, recipes_like(tmp_path / "sft.jsonl"), tmp_path / "sft", epochs=2))
     data = preference_data(tmp_path / "train.jsonl", n=12)
-    run_dir = tuning.tune(small_config(tiny_llama, data, tmp_path / "dpo", start_from=str(sft)))
+    run_dir = tuning.tune(small_config(tiny_llama, data, tmp_path / "dpo", start_from=str(sft), sft_weight=0))
     first = next(r for r in _metrics(run_dir) if r["type"] == "train")
     assert first["loss"] == pytest.approx(0.6931, abs=0.01)
     assert Run.open(run_dir).stage("tune")["config"]["start_from"] == str(sft.resolve())

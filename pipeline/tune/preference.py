@@ -29,8 +29,9 @@ from edgeft.pipeline.tune.packing import collate, pack
 REFERENCE_FILE = "reference_logps.json"
 
 
-def sequence_logps(model, head, pairs: list[Pair], device) -> torch.Tensor:
-    """[pairs, 2]: the summed log-probability of each pair's chosen and rejected answer."""
+def sequence_logps(model, head, pairs: list[Pair], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[pairs, 2] twice: the summed log-probability of each pair's chosen and rejected answer, and
+    how many tokens each sum has."""
     examples = [t for p in pairs for t in (p.chosen, p.rejected)]
     batch = collate(examples, device)
     head.targets = None  # the head gives the kept positions' logits
@@ -38,14 +39,22 @@ def sequence_logps(model, head, pairs: list[Pair], device) -> torch.Tensor:
     token_logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 1, batch["targets"].unsqueeze(1)).squeeze(1)
     counts = [sum(label != IGNORE for label in ex.labels[batch["shared"] + 1 :]) for ex in examples]
     sums = torch.stack([piece.sum() for piece in torch.split(token_logps, counts)])
-    return sums.reshape(len(pairs), 2)
+    return sums.reshape(len(pairs), 2), torch.tensor(counts, device=sums.device).reshape(len(pairs), 2)
 
 
-def dpo_losses(logps: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_losses(
+    logps: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor, beta: float, sft_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each pair's loss, and its reward margin: beta * the chosen answer's gain over the reference
-    minus the rejected one's."""
+    minus the rejected one's. With sft_weight, each pair's loss adds that times the chosen answer's
+    mean token NLL (TRL's "sft" loss beside "sigmoid"): DPO alone can push both answers down and
+    the model stops writing either (on samples/returns: every held-out pair ranked right, none
+    written)."""
     margins = beta * ((logps[:, 0] - reference[:, 0]) - (logps[:, 1] - reference[:, 1]))
-    return -F.logsigmoid(margins), margins.detach()
+    losses = -F.logsigmoid(margins)
+    if sft_weight:
+        losses = losses + sft_weight * (-logps[:, 0] / counts[:, 0].clamp(min=1))
+    return losses, margins.detach()
 
 
 class Preference:
@@ -78,7 +87,7 @@ class Preference:
         with torch.no_grad():
             for row in pack([len(p.input_ids) for p in pairs], list(range(len(pairs))), self.cfg.batch_tokens):
                 with self.world.accelerator.autocast():
-                    logps = sequence_logps(model, head, [pairs[i] for i in row], device)
+                    logps, _ = sequence_logps(model, head, [pairs[i] for i in row], device)
                 out.update(zip(row, logps.tolist()))
         model.train(was_training)
         return [out[i] for i in range(len(pairs))]
@@ -98,9 +107,9 @@ class Preference:
             sync = contextlib.nullcontext() if n == len(share) - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    logps = sequence_logps(model, head, [pairs[i] for i in picked], device)
+                    logps, counts = sequence_logps(model, head, [pairs[i] for i in picked], device)
                 reference = torch.tensor([self.reference["train"][i] for i in picked], device=logps.device)
-                losses, margins = dpo_losses(logps, reference, cfg.beta)
+                losses, margins = dpo_losses(logps, counts, reference, cfg.beta, cfg.sft_weight)
                 weight = scale / max(count, 1) if real else 0.0
                 accelerator.backward(losses.sum() * weight)
             if real:
@@ -132,9 +141,9 @@ class Preference:
                 real = n < len(mine)
                 row = mine[n] if real else rows[0]
                 with world.accelerator.autocast():
-                    logps = sequence_logps(model, head, [pairs[i] for i in row], device)
+                    logps, counts = sequence_logps(model, head, [pairs[i] for i in row], device)
                 reference = torch.tensor([self.reference["eval"][i] for i in row], device=logps.device)
-                losses, margins = dpo_losses(logps, reference, self.cfg.beta)
+                losses, margins = dpo_losses(logps, counts, reference, self.cfg.beta, self.cfg.sft_weight)
                 if real:
                     total += losses.sum().item()
                     margin_sum += margins.sum().item()
