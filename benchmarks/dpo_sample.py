@@ -104,12 +104,14 @@ def markdown(result: dict) -> list[str]:
         "| model | exact match % | preferred answer scored higher % | int4 export | gate |",
         "|---|---:|---:|---|---|",
     ]
-    for r in result.get("rows", []):
-        run = result["dpo"] if "dpo" in r["label"] else result["sft"]
+    # the eval's rows in its models' order: the SFT run, its int4 export, the DPO run, its int4 export
+    names = ("SFT, as trained", "SFT, int4", "SFT then DPO, as trained", "SFT then DPO, int4")
+    for name, r in zip(names, result.get("rows", [])):
+        run = result["sft"] if name.startswith("SFT,") else result["dpo"]
         layout = run["export"] if r["backend"] == "onnx" else "-"
         gate = {True: "passed", False: "FAILED", None: "-"}[run["gate"]] if r["backend"] == "onnx" else "-"
         preferred = "-" if r["preference_accuracy"] is None else f"{r['preference_accuracy']:.1f}"
-        lines.append(f"| {r['label']} | {r['exact_match']:.1f} | {preferred} | {layout or '-'} | {gate} |")
+        lines.append(f"| {name} | {r['exact_match']:.1f} | {preferred} | {layout or '-'} | {gate} |")
     return lines
 
 
