@@ -131,12 +131,13 @@ def _metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "logs/metrics.jsonl").read_text().splitlines()]
 
 
-def test_dpo_lowers_the_loss_and_grows_the_preference_margin(tmp_path, tiny_llama):
+def test_dpo_lowers_the_loss_and_grows_the_preference_margin(tmp_path, tiny_llama, caplog):
     """OpenAI's preference JSONL trains as is: the DPO loss (alone: sft_weight 0) starts at log 2
     (the model is its own reference) and falls, the reward margin grows, and the held-out pairs come to prefer the preferred
     answer; the summary says so."""
     from edgeft.pipeline.tune.start import summary
 
+    caplog.set_level("INFO")
     data = preference_data(tmp_path / "train.jsonl", n=24)
     held = preference_data(tmp_path / "eval.jsonl", n=8, seed=1)
     cfg = small_config(
@@ -154,6 +155,8 @@ def test_dpo_lowers_the_loss_and_grows_the_preference_margin(tmp_path, tiny_llam
     assert record["metrics"]["eval_reward_accuracy"] >= 0.75
     assert (run_dir / "data" / "reference_logps.json").is_file()
     assert "preferences on held-out pairs: the preferred answer gained more in" in "\n".join(summary(run_dir))
+    evaluations = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval at step")]
+    assert evaluations and all("of pairs (reward margin" in m and "perplexity" not in m for m in evaluations)
 
 
 def test_the_sft_term_adds_the_preferred_answers_mean_token_nll():

@@ -120,7 +120,14 @@ def train(run: Run, world: World, cfg: TuneConfig, prepared, device: str, precis
         # --patience: the eval loss stopped falling; the best checkpoint is already saved
         state.stopped_early = bool(cfg.patience) and state.evals_since_best >= cfg.patience and state.step < plan.total
         if world.is_main:
-            log.info(f"eval at step {state.step}: loss {loss:.4f}, perplexity {entry['eval_ppl']:.2f}")
+            if "eval_reward_accuracy" in extra:  # preference pairs: a DPO loss has no perplexity to speak of
+                measure = (
+                    f"the preferred answer gained more in {extra['eval_reward_accuracy']:.0%} of pairs "
+                    f"(reward margin {extra['eval_reward_margin']:+.3f})"
+                )
+            else:
+                measure = f"perplexity {entry['eval_ppl']:.2f}"
+            log.info(f"eval at step {state.step}: loss {loss:.4f}, {measure}")
 
     scale = loss_scale(world, cfg)
     bar = Progress(plan.total, state.step, enabled=world.is_main)
