@@ -87,10 +87,16 @@ def main() -> None:
     result = run(Path(args.work), quick=args.quick)
     RESULTS.mkdir(exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    (RESULTS / f"dpo_sample{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = "\n".join(markdown(result)) + "\n"
-    (RESULTS / f"dpo_sample{suffix}.md").write_text(text)
-    print(text)
+    saved = RESULTS / f"dpo_sample{suffix}.json"
+    earlier = json.loads(saved.read_text())["runs"] if saved.is_file() else []
+    runs = [result, *earlier]  # newest first: the file is the sample's measurement history
+    saved.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    text = ["# The preference sample (samples/returns)", ""]
+    for n, r in enumerate(runs):
+        text += ["## " + ("Latest run" if n == 0 else "Earlier run"), "", *markdown(r), ""]
+        text += [r["note"] + ".", ""] if r.get("note") else []
+    (RESULTS / f"dpo_sample{suffix}.md").write_text("\n".join(text))
+    print("\n".join(text))
 
 
 def markdown(result: dict) -> list[str]:
