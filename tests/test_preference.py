@@ -17,17 +17,14 @@ from tests.helpers import recipes_like, run_cli, small_config
 WORDS = ["tomato", "onion", "garlic", "salt", "pepper", "basil", "cheese", "egg", "flour", "sugar"]
 
 
-def preference_data(path, n: int = 24, seed: int = 0, *, form: str = "openai", prefer: str = "json"):
-    """Recipes whose preferred answer is the ingredients as a JSON list, the other a sentence about
-    them (prefer="order": both JSON lists, the other one in reverse order, as long in tokens)."""
+def preference_data(path, n: int = 24, seed: int = 0, *, form: str = "openai"):
+    """Recipes whose preferred answer is the ingredients as a JSON list, the other a sentence about them."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
             items = rng.sample(WORDS, 3)
             user = "Ingredients: " + ", ".join(f"2 cups {w}" for w in items)
             good, bad = json.dumps(items), "Sure! You will need " + " and ".join(items) + "."
-            if prefer == "order":
-                bad = json.dumps(items[::-1])
             if form == "openai":
                 row = {
                     "input": {"messages": [{"role": "user", "content": user}]},
@@ -133,8 +130,8 @@ def _metrics(run_dir) -> list[dict]:
 
 def test_dpo_lowers_the_loss_and_grows_the_preference_margin(tmp_path, tiny_llama, caplog):
     """OpenAI's preference JSONL trains as is: the DPO loss (alone: sft_weight 0) starts at log 2
-    (the model is its own reference) and falls, the reward margin grows, and the held-out pairs come to prefer the preferred
-    answer; the summary says so."""
+    (the model is its own reference) and falls, the reward margin grows, and the held-out pairs come
+    to prefer the preferred answer; the summary and the evaluation lines say so."""
     from edgeft.pipeline.tune.start import summary
 
     caplog.set_level("INFO")
