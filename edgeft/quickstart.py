@@ -74,87 +74,136 @@ class QuickstartConfig:
     allow_drift: bool = False  # keep a merge or export outside the fidelity gate (a few-step fine-tune is one)
 
 
-# What a full quickstart took on each kind of CPU, and that machine's fp32 matmul speed (see
-# `probe_speed`). The kind picks the reference: with VNNI, ONNX Runtime's int8 kernels do a prompt
-# pass in half the time they take with AVX2 alone, which the fp32 probe cannot see (the
-# evaluation's long prompts: 424.7 against 540.6 s on one machine). Within a kind, each stage
-# scales by this machine's fp32 speed, and training by BF16_SPEEDUP where one machine has native
-# bf16 and the other not. A rough guide: an earlier reference (37.7 min on a machine of the same
-# kind, probe 169 GFLOPS) predicted 34 min for a run that took 23.6 (the probe sees only part of
-# what differs between VMs).
-REFERENCES = {
-    # AMD EPYC, 2 cores, CPU flags avx2 fma avx_vnni avx512f avx512_vnni avx512_bf16 (training in
-    # bf16): `make demo` on a fresh clone, 2026-11-24 14:22, quickstart 15.2 min (15.8 in all).
-    "vnni": {
-        "gflops": 236.0,
-        "bf16": True,
-        "steps": 165,
-        "examples": 200,
-        "stages": {
-            "fine-tune (QLoRA)": 321.2,
-            "merge": 21.8,
-            "export int4": 89.3,
-            "export the base model": 31.8,
-            "evaluate": 424.7,
-            "benchmark": 22.3,
-        },
-    },
-    # The same machine with AVX-512 and VNNI hidden from every library (benchmarks/avx2_kind.py:
-    # flags avx2 fma, training in fp32), 2026-11-24 14:07, quickstart 18.2 min, model cache warm.
-    # No native AVX2-only machine has run today's quickstart yet.
-    "avx2": {
-        "gflops": 225.0,
-        "bf16": False,
-        "steps": 165,
-        "examples": 200,
-        "stages": {
-            "fine-tune (QLoRA)": 396.0,
-            "merge": 17.1,
-            "export int4": 80.4,
-            "export the base model": 31.5,
-            "evaluate": 540.6,
-            "benchmark": 26.5,
-        },
+# What the quickstart's stages take depends on more than one speed of the CPU: training runs
+# PyTorch's bf16 (or fp32) matmuls forward and backward, the merge and GPTQ fp32 matmuls, and the
+# exports' checks, the evaluation and the benchmark ONNX Runtime's int4/int8 kernels (MatMulNBits),
+# whose speed against PyTorch's differs between CPU kinds by more than 2x (VNNI, AMX, AVX2 only).
+# So `probe_speed` measures each of those, about 0.3 s each, and each stage scales the reference
+# run's time by the probes it depends on (`STAGE_PROBES`, from where that run spent its time).
+PROBE_SECONDS = 0.3
+# The quickstart that calibrates the estimate: AMD EPYC, 2 cores, CPU flags avx2 fma avx512f
+# avx512_vnni avx512_bf16 (training in bf16), `edgeft quickstart --force` with every default,
+# nothing else running; each stage's seconds and the probes taken at its start.
+REFERENCE = {
+    "probe": {"train": 264.0, "fp32": 172.0, "onnx_prompt": 17700, "onnx_decode": 10300},
+    "steps": 165,
+    "examples": 200,
+    "stages": {
+        "fine-tune (QLoRA)": 321.2,
+        "merge": 21.8,
+        "export int4": 89.3,
+        "export the base model": 31.8,
+        "evaluate": 424.7,
+        "benchmark": 22.3,
     },
 }
-# A QLoRA step on 12 recipe rows in bf16 against fp32 on one AVX512-BF16 CPU: 1.93 against 2.64-2.70 s a row
-# (2.26 against 3.15-3.22 before the shared system prompt); an earlier measurement (LoRA, unpacked) said 1.7.
-BF16_SPEEDUP = 1.4
+# Which probes each stage's time follows, as shares of its time in the reference run: the
+# fine-tune is PyTorch training; the merge fp32 PyTorch; an int4 export is GPTQ in fp32 PyTorch
+# (33 of 48 s on one export) then the model builder and the check, which runs the export
+# (ONNX Runtime) against the model as trained (PyTorch); the evaluation splits as its rows did
+# (the ONNX rows' prompts and answers, the model as trained in PyTorch); the benchmark times the
+# export and PyTorch fp32 in turn.
+STAGE_PROBES = {
+    "fine-tune (QLoRA)": {"train": 1.0},
+    "merge": {"fp32": 1.0},
+    "export int4": {"fp32": 0.8, "onnx_prompt": 0.1, "onnx_decode": 0.1},
+    "export the base model": {"fp32": 0.6, "onnx_prompt": 0.2, "onnx_decode": 0.2},
+    "evaluate": {"fp32": 0.23, "onnx_prompt": 0.385, "onnx_decode": 0.385},
+    "benchmark": {"fp32": 0.5, "onnx_prompt": 0.25, "onnx_decode": 0.25},
+}
+
+
+def _per_second(work, seconds: float = PROBE_SECONDS, windows: int = 5) -> float:
+    """How many times a second `work` runs here: the best of `windows` short windows after a
+    warm-up call (the best, not the mean: another process's moment on the CPU is not its speed)."""
+    work()
+    best = 0.0
+    for _ in range(windows):
+        runs, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds / windows or runs == 0:
+            work()
+            runs += 1
+        best = max(best, runs / elapsed)
+    return best
 
 
 def probe_speed() -> dict:
-    """This CPU's fp32 matmul speed in GFLOPS (~0.5 s), whether it trains in bf16, its kind (a key
-    of REFERENCES) and its speed-relevant flags."""
+    """What this CPU does per second of what the stages run (about 3 s in all, with the imports): `fp32` PyTorch
+    matmul GFLOPS; `train` GFLOPS of a matmul forward and backward in the dtype training uses here
+    (bf16 with native bf16, else fp32); `onnx_prompt` tokens/s and `onnx_decode` single-token passes/s
+    through ONNX Runtime's MatMulNBits (int4 and int8 in blocks of 32, as the int4 export lays them
+    out) on SmolLM2-135M's MLP shapes. Also whether it trains in bf16, and its speed-relevant flags."""
+    import numpy as np
+    import onnxruntime as ort
     import torch
 
-    from edgeft.cpu import cpu_flags, has_native_bf16
+    from edgeft.cpu import cpu_flags, has_native_bf16, usable_cpus
 
+    flops = 2 * 512 * 576 * 1536
     a, b = torch.randn(512, 576), torch.randn(576, 1536)
-    torch.matmul(a, b)  # warm-up
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.4:
-        torch.matmul(a, b)
-        runs += 1
-    gflops = 2 * 512 * 576 * 1536 * runs / (time.perf_counter() - start) / 1e9
-    flags = cpu_flags()
-    kind = "vnni" if {"avx512_vnni", "avx_vnni"} & set(flags) else "avx2"
-    return {"gflops": round(gflops, 1), "bf16": has_native_bf16(), "kind": kind, "flags": flags}
+    fp32 = flops * _per_second(lambda: torch.matmul(a, b)) / 1e9
+    bf16 = has_native_bf16()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(512, 576, dtype=dtype, requires_grad=True)
+    w = torch.randn(576, 1536, dtype=dtype) / 24
+
+    def step() -> None:
+        (x @ w).float().square().mean().backward()
+
+    train = 2 * flops * _per_second(step) / 1e9
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = usable_cpus()
+    model = _onnx_probe_model().SerializeToString()
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    prompt, token = np.random.rand(512, 576).astype(np.float32), np.random.rand(1, 576).astype(np.float32)
+    onnx_prompt = 512 * _per_second(lambda: session.run(None, {"x": prompt}))
+    onnx_decode = _per_second(lambda: session.run(None, {"x": token}))
+    return {
+        "train": round(train, 1),
+        "fp32": round(fp32, 1),
+        "onnx_prompt": round(onnx_prompt),
+        "onnx_decode": round(onnx_decode),
+        "bf16": bf16,
+        "flags": cpu_flags(),
+    }
+
+
+def _onnx_probe_model():
+    """An ONNX model of four MLP blocks of SmolLM2-135M's shapes (576 -> 1536 in int4,
+    1536 -> 576 in int8, blocks of 32, accuracy level 4): the kernels an int4 export spends its time
+    in. Built in memory from random weights (a few ms)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng, block, nodes, weights, x = np.random.default_rng(0), 32, [], [], "x"
+    for i, (k, n, bits) in enumerate([(576, 1536, 4), (1536, 576, 8)] * 4):
+        packed = rng.integers(0, 255, (n, k // block, block * bits // 8), dtype=np.uint8)
+        scales = rng.random(n * k // block, dtype=np.float32) / 100
+        weights += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
+        attributes = dict(K=k, N=n, bits=bits, block_size=block, accuracy_level=4)
+        node = helper.make_node("MatMulNBits", [x, f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft", **attributes)
+        nodes.append(node)
+        x = f"y{i}"
+    graph = helper.make_graph(
+        nodes,
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", 576])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["tokens", 576])],
+        weights,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)  # 10: what ONNX Runtime reads
 
 
 def expected_seconds(probe: dict, steps: int, examples: int) -> dict[str, float]:
-    """Each stage's expected time here: the reference's, scaled by the probe and by the work asked
-    (training steps, evaluation examples)."""
-    ref = REFERENCES[probe["kind"]]
-    speed = ref["gflops"] / probe["gflops"]
-    bf16 = BF16_SPEEDUP ** (int(ref["bf16"]) - int(probe["bf16"]))
+    """Each stage's expected time here: the reference run's, each share scaled by how much slower
+    this machine's probe for it is, and by the work asked (training steps, evaluation examples)."""
     expected = {}
-    for name, seconds in ref["stages"].items():
-        if name.startswith("fine-tune"):
-            expected[name] = seconds * speed * bf16 * steps / ref["steps"]
-        elif name == "evaluate":
-            expected[name] = seconds * speed * examples / ref["examples"]
-        else:
-            expected[name] = seconds * speed
+    for name, seconds in REFERENCE["stages"].items():
+        slower = sum(share * REFERENCE["probe"][k] / probe[k] for k, share in STAGE_PROBES[name].items())
+        work = steps / REFERENCE["steps"] if name.startswith("fine-tune") else 1.0
+        work = examples / REFERENCE["examples"] if name == "evaluate" else work
+        expected[name] = seconds * slower * work
     return expected
 
 
@@ -176,7 +225,7 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
         ("evaluate", _evaluate),
         ("benchmark", _bench),
     ]
-    expected = _announce(cfg)
+    expected, probe = _announce(cfg)
     for number, (name, step) in enumerate(stages, start=1):
         guess = f" (expected: about {duration(expected[name])})"
         log.info(f"\n[{number}/{len(stages) + 1}] {name}{guess}")
@@ -189,29 +238,41 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
             timings[name] = _earlier_timing(run_dir, name, timings[name])
         else:
             log.info(f"  {name}: {duration(timings[name])}")
-    Run.open(run_dir).update(quickstart={"config": vars(cfg), "timings": timings, "finished_at": artifacts.now()})
+    expected = {name: round(seconds, 1) for name, seconds in expected.items()}
+    Run.open(run_dir).update(
+        quickstart={
+            "config": vars(cfg),
+            "timings": timings,
+            "expected": expected,
+            "probe": probe,
+            "finished_at": artifacts.now(),
+        }
+    )
     log.info(f"\n[{len(stages) + 1}/{len(stages) + 1}] report")
     from edgeft.report import write_report
 
     return write_report(Run.open(run_dir), bar=(BAR_GAIN, BAR_INT4_DROP, BAR_STOPS))
 
 
-def _announce(cfg: QuickstartConfig) -> dict[str, float]:
-    """Say, before any work, how long the whole run should take on this machine."""
+def _announce(cfg: QuickstartConfig) -> tuple[dict[str, float], dict]:
+    """Say, before any work, how long the whole run should take on this machine; returns each
+    stage's expected seconds and the probe they come from."""
     from edgeft.evaluate import load_samples
 
     probe = probe_speed()
     examples = len(load_samples(cfg.eval_file, cfg.limit or None))
-    ref = REFERENCES[probe["kind"]]
-    expected = expected_seconds(probe, cfg.max_steps or ref["steps"], examples)
-    kind = "a VNNI" if probe["kind"] == "vnni" else "an AVX2-only"
+    expected = expected_seconds(probe, cfg.max_steps or REFERENCE["steps"], examples)
+    ref = REFERENCE["probe"]
     log.info(
         f"Expected: about {duration(sum(expected.values()))} on this machine if nothing is reused "
-        f"({', '.join(f'{k} {duration(v)}' for k, v in expected.items())}): {kind} reference run's times scaled by "
-        f"this CPU's fp32 matmul speed ({probe['gflops']:.0f} GFLOPS against {ref['gflops']:.0f}) and "
-        f"{'bf16' if probe['bf16'] else 'fp32'} training (flags: {' '.join(probe['flags']) or 'none of note'})."
+        f"({', '.join(f'{k} {duration(v)}' for k, v in expected.items())}): the reference run's times scaled by "
+        f"what this CPU measured against it: {'bf16' if probe['bf16'] else 'fp32'} training "
+        f"{probe['train']:.0f} GFLOPS ({ref['train']:.0f}), fp32 {probe['fp32']:.0f} GFLOPS ({ref['fp32']:.0f}), "
+        f"int4 prompt {probe['onnx_prompt']} tokens/s ({ref['onnx_prompt']}), "
+        f"int4 decode {probe['onnx_decode']} passes/s ({ref['onnx_decode']}) "
+        f"(flags: {' '.join(probe['flags']) or 'none of note'})."
     )
-    return expected
+    return expected, probe
 
 
 def _earlier_timing(run_dir: Path, name: str, now: float) -> float:

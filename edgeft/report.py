@@ -31,6 +31,7 @@ def write_report(run: Run, bar: tuple[float, float, float]) -> Path:
         *_stage_rows(run, stages, timings),
         f"| **total** | **{_minutes(sum(timings.values()))}** | |",
         "",
+        *_estimate(manifest.get("quickstart", {})),
     ]
     lines += _quality(run, stages.get("eval"), bar)
     lines += _training(run, stages.get("tune", {}))
@@ -52,6 +53,19 @@ def write_report(run: Run, bar: tuple[float, float, float]) -> Path:
 
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _estimate(quickstart: dict) -> list[str]:
+    """How far the time announced at the start was from the time the stages took."""
+    expected, timings = quickstart.get("expected"), quickstart.get("timings", {})
+    if not expected or set(expected) != set(timings):
+        return []
+    took, guessed = sum(timings.values()), sum(expected.values())
+    line = (
+        f"Announced at the start: about {_minutes(guessed)} ({took / guessed - 1:+.0%} off), from this CPU's "
+        "speed at training, fp32 matmuls and ONNX Runtime's int4 kernels against the reference run's."
+    )
+    return [line, ""]
 
 
 def _stage_rows(run: Run, stages: dict, timings: dict) -> list[str]:

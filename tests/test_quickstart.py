@@ -70,23 +70,27 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
     assert f"edgeft chat {tmp_path / 'qs'}" in out
 
     assert "FAILED (accepted with --allow-drift)" in report
+    recorded = run.manifest()["quickstart"]
+    assert set(recorded["expected"]) == set(recorded["timings"]) and recorded["probe"]["onnx_decode"] > 0
+    took, guessed = sum(recorded["timings"].values()), sum(recorded["expected"].values())
+    assert f"({took / guessed - 1:+.0%} off)" in report
     assert "answers as the model as trained: checked by the merge on" in report
     again = run_cli(*args, "--allow-drift")
     assert again.output.count("reusing") == 6  # nothing is redone
 
 
 def test_the_expected_duration_scales_with_the_machine_and_the_work():
-    """A machine like the reference's, asked the same work, expects the reference's times; a CPU half
-    as fast, twice as long for every stage; half the steps halve only the fine-tune, half the
-    examples only the evaluation; no native bf16 lengthens the fine-tune alone."""
-    from edgeft.quickstart import REFERENCES, expected_seconds
+    """A machine that probes like the reference's, asked the same work, expects the reference's
+    times; every probe half as fast, twice as long for every stage; half the steps halve only the
+    fine-tune, half the examples only the evaluation; slower training changes only the fine-tune,
+    and slower int4 kernels only the stages that run ONNX Runtime."""
+    from edgeft.quickstart import REFERENCE, STAGE_PROBES, expected_seconds
 
-    ref = REFERENCES["vnni"]
-    like = {"gflops": ref["gflops"], "bf16": True, "kind": "vnni"}
+    like = dict(REFERENCE["probe"])
     steps, examples = 100, 200
     base = expected_seconds(like, steps, examples)
-    assert expected_seconds(like, ref["steps"], ref["examples"]) == pytest.approx(ref["stages"])
-    assert expected_seconds({**like, "gflops": ref["gflops"] / 2}, steps, examples) == pytest.approx(
+    assert expected_seconds(like, REFERENCE["steps"], REFERENCE["examples"]) == pytest.approx(REFERENCE["stages"])
+    assert expected_seconds({k: v / 2 for k, v in like.items()}, steps, examples) == pytest.approx(
         {stage: 2 * seconds for stage, seconds in base.items()}
     )
 
@@ -97,48 +101,52 @@ def test_the_expected_duration_scales_with_the_machine_and_the_work():
 
     assert changed(expected_seconds(like, steps // 2, examples)) == {"fine-tune (QLoRA)": 0.5}
     assert changed(expected_seconds(like, steps, examples // 2)) == {"evaluate": 0.5}
-    fp32 = changed(expected_seconds({**like, "bf16": False}, steps, examples))
-    assert list(fp32) == ["fine-tune (QLoRA)"] and fp32["fine-tune (QLoRA)"] > 1.2  # measured 1.4
+    assert changed(expected_seconds({**like, "train": like["train"] / 1.4}, steps, examples)) == {
+        "fine-tune (QLoRA)": 1.4
+    }
+    slow_onnx = changed(expected_seconds({**like, "onnx_prompt": like["onnx_prompt"] / 2}, steps, examples))
+    assert set(slow_onnx) == {stage for stage, probes in STAGE_PROBES.items() if probes.get("onnx_prompt")}
+    assert {"evaluate", "export int4", "benchmark"} <= set(slow_onnx)
+    assert all(1 < ratio < 2 for ratio in slow_onnx.values())
 
 
 def test_the_announced_estimate_follows_the_measured_speed(monkeypatch, caplog):
-    """What quickstart prints before any work: the total of the stage estimates for the speed the
-    probe measured; a probe three times slower prints a total three times longer."""
+    """What quickstart prints before any work: the total of the stage estimates for the speeds the
+    probe measured, and those speeds beside the reference's; a machine three times slower at
+    everything prints a total three times longer."""
     import logging
 
     from edgeft import quickstart
     from edgeft.progress import duration
 
     monkeypatch.setattr(logging.getLogger("edgeft"), "propagate", True)  # the CLI turns it off; caplog needs it
-    reference = quickstart.REFERENCES["vnni"]["gflops"]
+    reference = quickstart.REFERENCE["probe"]
 
-    def announced(gflops: float) -> tuple[float, str]:
-        probe = {"gflops": gflops, "bf16": True, "kind": "vnni", "flags": ["avx2", "avx512_vnni"]}
+    def announced(slower: float) -> tuple[float, str]:
+        probe = {k: v / slower for k, v in reference.items()}
+        probe.update(bf16=True, flags=["avx2", "avx512_vnni"])
         monkeypatch.setattr(quickstart, "probe_speed", lambda: probe)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="edgeft"):
-            expected = quickstart._announce(quickstart.QuickstartConfig())
+            expected, _ = quickstart._announce(quickstart.QuickstartConfig())
         return sum(expected.values()), caplog.text
 
-    total, text = announced(reference)
-    slow_total, slow_text = announced(reference / 3)
+    total, text = announced(1)
+    slow_total, slow_text = announced(3)
     assert slow_total == pytest.approx(3 * total)
     assert f"Expected: about {duration(total)} on this machine" in text
     assert f"Expected: about {duration(slow_total)} on this machine" in slow_text
-    assert f"({reference / 3:.0f} GFLOPS against {reference:.0f})" in slow_text
+    assert f"fp32 {reference['fp32'] / 3:.0f} GFLOPS ({reference['fp32']:.0f})" in slow_text
+    assert "flags: avx2 avx512_vnni" in slow_text
 
 
-def test_an_avx2_only_machine_is_judged_by_the_avx2_reference(monkeypatch):
-    """Its int8 prompt passes take twice as long, which the fp32 probe does not see."""
-    import edgeft.cpu
-    from edgeft.quickstart import REFERENCES, expected_seconds, probe_speed
+def test_the_probe_measures_the_kernels_the_stages_run():
+    """Each probe runs here and gives a speed; the ONNX probe runs int4 and int8 MatMulNBits, and a
+    single-token pass is faster than a 512-token one."""
+    from edgeft.quickstart import _onnx_probe_model, probe_speed
 
-    monkeypatch.setattr(edgeft.cpu, "cpu_flags", lambda: ["avx2", "fma"])
     probe = probe_speed()
-    assert probe["kind"] == "avx2"
-    avx2 = REFERENCES["avx2"]
-    expected = expected_seconds({**probe, "gflops": avx2["gflops"], "bf16": False}, avx2["steps"], avx2["examples"])
-    assert expected == pytest.approx(avx2["stages"])
-    assert expected["evaluate"] > REFERENCES["vnni"]["stages"]["evaluate"] * 1.2  # 1.27 on one machine
-    monkeypatch.setattr(edgeft.cpu, "cpu_flags", lambda: ["avx2", "fma", "avx_vnni"])
-    assert probe_speed()["kind"] == "vnni"
+    assert all(probe[k] > 0 for k in ("train", "fp32", "onnx_prompt", "onnx_decode"))
+    assert probe["onnx_decode"] > probe["onnx_prompt"] / 512
+    bits = sorted(attr.i for node in _onnx_probe_model().graph.node for attr in node.attribute if attr.name == "bits")
+    assert bits == [4] * 4 + [8] * 4
