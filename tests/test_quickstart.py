@@ -82,8 +82,9 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
 def test_the_expected_duration_scales_with_the_machine_and_the_work():
     """A machine that probes like the reference's, asked the same work, expects the reference's
     times; every probe half as fast, twice as long for every stage; half the steps halve only the
-    fine-tune, half the examples only the evaluation; slower training changes only the fine-tune,
-    and slower int4 kernels only the stages that run ONNX Runtime."""
+    fine-tune, half the examples only the evaluation; slower training kernels lengthen only the
+    fine-tune, and slower int4 kernels only the stages that run ONNX Runtime, each by less than the
+    kernels slowed (a stage spends only part of its time in them)."""
     from edgeft.quickstart import REFERENCE, STAGE_PROBES, expected_seconds
 
     like = dict(REFERENCE["probe"])
@@ -101,9 +102,8 @@ def test_the_expected_duration_scales_with_the_machine_and_the_work():
 
     assert changed(expected_seconds(like, steps // 2, examples)) == {"fine-tune (QLoRA)": 0.5}
     assert changed(expected_seconds(like, steps, examples // 2)) == {"evaluate": 0.5}
-    assert changed(expected_seconds({**like, "train": like["train"] / 1.4}, steps, examples)) == {
-        "fine-tune (QLoRA)": 1.4
-    }
+    slow_training = changed(expected_seconds({**like, "train": like["train"] / 1.4}, steps, examples))
+    assert list(slow_training) == ["fine-tune (QLoRA)"] and 1 < slow_training["fine-tune (QLoRA)"] < 1.4
     slow_onnx = changed(expected_seconds({**like, "onnx_prompt": like["onnx_prompt"] / 2}, steps, examples))
     assert set(slow_onnx) == {stage for stage, probes in STAGE_PROBES.items() if probes.get("onnx_prompt")}
     assert {"evaluate", "export int4", "benchmark"} <= set(slow_onnx)
