@@ -79,12 +79,12 @@ class QuickstartConfig:
 # exports' checks, the evaluation and the benchmark ONNX Runtime's int4/int8 kernels (MatMulNBits),
 # whose speed against PyTorch's differs between CPU kinds by more than 2x (VNNI, AMX, AVX2 only).
 # So `probe_speed` measures each of those, about 0.3 s each, and each stage scales the reference
-# run's time by the probes it depends on (`STAGE_PROBES`, from where that run spent its time).
+# run's time by its probes (`STAGE_PROBES`) and by the work asked.
 PROBE_SECONDS = 0.3
 # The quickstart that calibrates the estimate: `make demo` on a fresh clone (model cache warm), every
 # default, nothing else running, 2026-12-06; AMD EPYC, 2 cores, CPU flags avx2 fma avx512f
 # avx512_vnni avx512_bf16 (training in bf16). Each stage's seconds, and the probes taken at its start.
-# (The same VM ran the quickstart of 2026-11-24 1.6x faster: a VM's speed moves from day to day,
+# (The same VM ran the quickstart of 2026-11-24 1.6x faster, on another host: a VM's speed moves,
 # which is what the probes are for.)
 REFERENCE = {
     "probe": {"train": 257.2, "fp32": 166.4, "onnx_prompt": 18349, "onnx_decode": 10394},
