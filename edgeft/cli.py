@@ -16,6 +16,7 @@ import click
 
 from edgeft import __version__
 from edgeft.errors import EdgeftError
+from edgeft.evaluate import BASE_SAMPLE  # a light module: torch is imported where a row runs
 from edgeft.export.options import ExportConfig  # light dataclasses: the options are built from them
 from edgeft.extras import require_extra
 from edgeft.pipeline.config import TuneConfig
@@ -522,6 +523,15 @@ def _report_adapter(out: Path) -> None:
     "(auto: inferred from the references).",
 )
 @click.option(
+    "--base-sample",
+    default=BASE_SAMPLE,
+    show_default=True,
+    metavar="N",
+    type=click.IntRange(min=0),
+    help="A base row first answers N examples drawn at random and stops there when none matches exactly "
+    "(the table gives the 95% upper bound of its exact match); 0 answers every example.",
+)
+@click.option(
     "--merged/--no-merged",
     default=True,
     show_default=True,
@@ -533,7 +543,9 @@ def _report_adapter(out: Path) -> None:
     type=click.Path(dir_okay=False),
     help="JSON report path.  [default: RUN/logs/eval.json or ./edgeft-eval.json]",
 )
-def eval_cmd(models, data, shots, rag, shots_file, limit, max_tokens, batch_size, json_schema, merged, output) -> None:
+def eval_cmd(
+    models, data, shots, rag, shots_file, limit, max_tokens, batch_size, json_schema, base_sample, merged, output
+) -> None:
     """Compare models on held-out data: base, base with examples in the prompt, fine-tuned, exported.
 
     \b
@@ -559,6 +571,7 @@ def eval_cmd(models, data, shots, rag, shots_file, limit, max_tokens, batch_size
         output=output,
         json_schema=json_schema,
         merged=merged,
+        base_sample=base_sample,
     )
     click.echo(f"{report['samples']} examples from {report['data']}, greedy, up to {report['max_tokens']} new tokens:")
     for line in table(report):

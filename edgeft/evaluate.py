@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 # the recipe model as trained answered 96 prompts in 46 s at 32 a batch against 55-63 s at 8
 EVAL_BATCH_MEMORY = 2**30
 EVAL_BATCH_MAX = 32
+# A base row first answers this many examples drawn at random and stops there when none matches
+# exactly: its exact match is then at most 5.8% at 95% confidence, which no comparison with a
+# fine-tuned model turns on, and the base rows (long few-shot and retrieval prompts, answers that
+# ramble to the token limit) were most of the quickstart's evaluation time.
+BASE_SAMPLE = 50
 
 
 @dataclass
@@ -82,6 +87,9 @@ class Row:
     function_calls: dict | None = None
     # preference data: % of pairs where the model gives the preferred answer the higher log-likelihood
     preference_accuracy: float | None = None
+    # a base row that matched none of its first random examples and stopped there (see BASE_SAMPLE):
+    # {"examples": how many the other rows answered, "exact_match_upper95": its 95% upper bound in %}
+    stopped_early: dict | None = None
     predictions: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -385,6 +393,7 @@ def evaluate(
     json_schema: str | Path | None = None,
     rag: int = 0,
     merged: bool = True,
+    base_sample: int = BASE_SAMPLE,
 ) -> dict:
     """Evaluate every candidate on `data`; write a JSON report and record it in the runs involved.
 
@@ -393,13 +402,19 @@ def evaluate(
     also answers with the K training examples most similar to each prompt (BM25) in its prompt.
     `merged` False leaves out a run's merged PyTorch row (its merge already checked it against the
     model as trained, logit by logit): the slowest row after the model as trained, on a CPU.
+    `base_sample` N: a base row that matches none of N examples drawn at random stops there (its
+    row says so, with the 95% upper bound of its exact match); 0 answers every example.
     """
     if not specs:
         raise ConfigError(
             "name at least one model to evaluate (a built-in name, a run, a merged folder or an ONNX export)."
         )
-    if shots < 0 or rag < 0 or (limit is not None and limit < 1) or (batch_size is not None and batch_size < 1):
-        raise ConfigError("--shots and --rag must be 0 or more, --limit and --batch-size at least 1.")
+    if (
+        min(shots, rag, base_sample) < 0
+        or (limit is not None and limit < 1)
+        or (batch_size is not None and batch_size < 1)
+    ):
+        raise ConfigError("--shots, --rag and --base-sample must be 0 or more, --limit and --batch-size at least 1.")
     todo = candidates(specs, shots, rag, merged=merged)
     data = data or held_out_data(todo)
     samples = load_samples(data, limit)
@@ -412,7 +427,7 @@ def evaluate(
             prompts = [with_shots(s, found) for s, found in zip(samples, retrieve(pool, samples, candidate.shots))]
         else:
             prompts = [with_shots(s, pool[: candidate.shots]) if candidate.shots else s.messages for s in samples]
-        rows.append(evaluate_one(candidate, samples, prompts, max_tokens, batch_size))
+        rows.append(evaluate_one(candidate, samples, prompts, max_tokens, batch_size, base_sample))
     report = {
         "data": str(Path(data).resolve()),
         "samples": len(samples),
@@ -536,6 +551,7 @@ def evaluate_one(
     prompts: list[list[dict]],
     max_tokens: int | None,
     batch_size: int | None,
+    base_sample: int = 0,
 ) -> Row:
     """Answer every prompt (the samples' own, or with examples put in front) and score the answers."""
     from edgeft.progress import progress
@@ -551,14 +567,25 @@ def evaluate_one(
     # the reference is scored in the answer's own pass (the prompt is run once, not twice); a
     # constrained row's model is the unconstrained row's, so is its perplexity: it has none
     in_pass = candidate.response_format is None
-    order = list(range(len(samples)))
+    phases = [list(range(len(samples)))]
+    if candidate.kind == "base" and 0 < base_sample < len(samples):
+        phases = _sample_first(len(samples), base_sample)
     if step > 1:  # batches of prompts alike in length: less padding, and answers that end closer together
-        order.sort(key=chars.__getitem__)
+        for phase in phases:
+            phase.sort(key=chars.__getitem__)
+    batches = [phase[i : i + step] for phase in phases for i in range(0, len(phase), step)]
     predictions: list[dict] = [{}] * len(samples)
     seconds, generated, nll, count = 0.0, 0, 0.0, 0
     pairs = in_pass and any(s.rejected is not None for s in samples)
-    for i in progress(range(0, len(samples), step), desc=candidate.label, unit="batch" if step > 1 else "example"):
-        batch = order[i : i + step]
+    stopped = None
+    for batch in progress(batches, desc=candidate.label, unit="batch" if step > 1 else "example"):
+        if len(phases) > 1 and batch[0] == phases[1][0] and not any(predictions[j]["exact_match"] for j in phases[0]):
+            stopped = len(phases[0])
+            log.info(
+                f"  {candidate.label}: no exact match in {stopped} random examples, stopped there "
+                f"(at most {upper_bound_95(stopped):.1f}% at 95% confidence; --base-sample 0 scores every example)"
+            )
+            break
         margins = {}
         if in_pass:
             results, took, scores = backend.generate_scored(
@@ -580,6 +607,7 @@ def evaluate_one(
             sample = samples[j]
             generated += n_tokens
             predictions[j] = {
+                "example": j,  # its place in the data: rows that answered different examples pair up by it
                 "prediction": text,
                 "reference": sample.reference,
                 "finish_reason": finish,
@@ -592,6 +620,7 @@ def evaluate_one(
             if j in margins and sample.rejected is not None:
                 predictions[j]["preference_margin"] = round(margins[j], 4)
                 predictions[j]["prefers_preferred"] = margins[j] > 0
+    predictions = [p for p in predictions if p]  # in the samples' order; a row stopped early has fewer
     json_refs = [p for p in predictions if is_json(p["reference"])]
     n = len(predictions)
     row = Row(
@@ -618,10 +647,28 @@ def evaluate_one(
         max_tokens=max_tokens,
         function_calls=call_outcomes(predictions),
         preference_accuracy=_share(predictions, "prefers_preferred"),
+        stopped_early=(
+            {"examples": len(samples), "exact_match_upper95": round(upper_bound_95(stopped), 1)} if stopped else None
+        ),
         predictions=predictions,
     )
     log.info(f"  {row.label}: exact match {row.exact_match}%, {row.stop_rate}% stopped, {seconds:.0f} s")
     return row
+
+
+def _sample_first(total: int, size: int) -> list[list[int]]:
+    """The examples' indices in two phases: `size` drawn at random (the same draw every time), then the
+    rest. Random, because a file may be ordered (easy examples first, one label after another)."""
+    import random
+
+    first = sorted(random.Random(0).sample(range(total), size))
+    chosen = set(first)
+    return [first, [i for i in range(total) if i not in chosen]]
+
+
+def upper_bound_95(n: int) -> float:
+    """The exact one-sided 95% upper bound (Clopper-Pearson), in %, on a rate seen 0 times in n tries."""
+    return 100 * (1 - 0.05 ** (1 / n))
 
 
 def _share(predictions: list[dict], key: str) -> float | None:
@@ -681,12 +728,25 @@ def table(report: dict) -> list[str]:
     for r in report["rows"]:
         json_valid = "-" if r["json_valid"] is None else f"{r['json_valid']:.1f}"
         ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
+        exact = f"{r['exact_match']:.1f}"
+        if stop := r.get("stopped_early"):
+            exact += f" (≤ {stop['exact_match_upper95']:.1f}, {r['samples']} of {stop['examples']})"
         lines.append(
-            f"| {r['label']} | {r['exact_match']:.1f} | {r['token_f1']:.1f} | {json_valid} | {ppl} | "
+            f"| {r['label']} | {exact} | {r['token_f1']:.1f} | {json_valid} | {ppl} | "
             f"{r['stop_rate']:.1f} | {r.get('prompt_tokens', 0):.0f} | {r.get('answer_tokens', 0):.0f} | "
             f"{r.get('latency_p50_s', r['latency_s']):.2f} | {r.get('latency_p95_s', r['latency_s']):.2f} | "
             f"{r['tokens_per_second']:.1f} |"
         )
+    if stopped := [r for r in report["rows"] if r.get("stopped_early")]:
+        n = stopped[0]["samples"]
+        lines += [
+            "",
+            (
+                f"≤ X, n of N: a base row that matched none of {n} examples drawn at random stopped there; X is the "
+                "95% upper bound of its exact match, its other columns are from those examples (--base-sample 0 "
+                "answers them all)."
+            ),
+        ]
     if any(r.get("preference_accuracy") is not None for r in report["rows"]):
         lines += [
             "",

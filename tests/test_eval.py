@@ -262,3 +262,61 @@ def test_retrieval_puts_the_most_similar_training_examples_next_to_the_question(
     assert [s.messages[1]["content"] for s in found[0]] == ["garlic and butter toast", "garlic bread with butter"]
     assert found[1][-1].messages[1]["content"] == "tomato soup with basil"
     assert [m["content"] for m in with_shots(sample("q"), found[1])][-1] == "q"  # the question stays last
+
+
+def test_a_base_row_with_no_exact_match_stops_after_its_random_sample(
+    tiny_llama, tiny_llama_run, tmp_path, monkeypatch
+):
+    """--base-sample N: a base row that matches none of N examples drawn at random stops there and
+    says so with the 95% upper bound; one that matches answers every example, and so does every
+    row of the fine-tuned model whatever it scores."""
+    from edgeft.evaluate import _sample_first, table
+
+    data = recipes_like(tmp_path / "eval.jsonl", n=9, seed=3)
+    out = tmp_path / "r.json"
+    args = ("eval", tiny_llama, tiny_llama_run, "--no-merged", "--data", data, "--max-tokens", "6", "--output", out)
+    args += ("--batch-size", "3")  # the same batches each time: the same greedy answers
+    text = run_cli(*args, "--base-sample", "4").output
+    base, trained = json.loads(out.read_text())["rows"]
+    assert base["exact_match"] == 0 and base["samples"] == 4  # a random model matches nothing
+    assert base["stopped_early"] == {"examples": 9, "exact_match_upper95": 52.7}  # 1 - 0.05 ** (1 / 4)
+    assert trained["samples"] == 9 and trained["stopped_early"] is None and trained["exact_match"] == 0
+    predictions = [json.loads(line) for line in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    answered = [p["example"] for p in predictions if p["model"] == base["label"]]
+    assert answered == _sample_first(9, 4)[0] and len(set(answered)) == 4  # the random draw, in the data's order
+    references = [s.reference for s in load_samples(data)]
+    assert all(p["reference"] == references[p["example"]] for p in predictions)
+    assert "0.0 (≤ 52.7, 4 of 9)" in text and "stopped there" in "\n".join(table(json.loads(out.read_text())))
+
+    # a base model right on one drawn example answers every example; right on examples outside the
+    # draw only, it stops: the draw decides, as it must for its bound to hold
+    samples = load_samples(data)
+    drawn, rest = _sample_first(9, 4)
+    for right, answers in (({drawn[1]}, 9), (set(rest), 4)):
+        monkeypatch.setattr("edgeft.evaluate.TorchBackend", lambda c, right=right: _Answers(samples, right))
+        row = evaluate([str(tiny_llama)], data, max_tokens=6, output=out, base_sample=4)["rows"][0]
+        assert row["samples"] == answers and (row["stopped_early"] is None) == (answers == 9)
+        assert row["exact_match"] == round(100 * len(right & set(drawn if answers == 4 else range(9))) / answers, 1)
+    monkeypatch.setattr("edgeft.evaluate.TorchBackend", lambda c: _Answers(samples, set()))
+    assert evaluate([str(tiny_llama)], data, max_tokens=6, output=out, base_sample=0)["rows"][0]["samples"] == 9
+
+
+class _Answers:
+    """A stand-in PyTorch backend that answers the examples in `right` with their reference."""
+
+    def __init__(self, samples, right):
+        self.references = {s.reference: i for i, s in enumerate(samples)}
+        self.right = right
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def prompt_ids(self, messages):
+        return [0] * len(str(messages))
+
+    def batch_size(self, tokens):
+        return 2
+
+    def generate_scored(self, prompts, references, max_tokens):
+        answers = [(r if self.references[r] in self.right else "no", "stop", 1, 10) for r in references]
+        return answers, 0.01, [(1.0, 1)] * len(references)

@@ -79,32 +79,41 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
     assert again.output.count("reusing") == 6  # nothing is redone
 
 
+def changed(other: dict, base: dict) -> dict:
+    """The stages whose expected time differs from `base`, and by what factor."""
+    return {stage: round(other[stage] / base[stage], 6) for stage in base if other[stage] != pytest.approx(base[stage])}
+
+
 def test_the_expected_duration_scales_with_the_machine_and_the_work():
     """A machine that probes like the reference's, asked the same work, expects the reference's
-    times; every probe half as fast, twice as long for every stage; half the steps halve only the
-    fine-tune, half the examples only the evaluation; slower training kernels lengthen only the
+    times (its base rows cut to their sample); every probe half as fast, twice as long for every
+    stage; half the steps halve only the fine-tune, fewer examples shorten only the evaluation (in
+    proportion below the base rows' sample); slower training kernels lengthen only the
     fine-tune, and slower int4 kernels only the stages that run ONNX Runtime, each by less than the
     kernels slowed (a stage spends only part of its time in them)."""
+    from edgeft.evaluate import BASE_SAMPLE
     from edgeft.quickstart import REFERENCE, STAGE_PROBES, expected_seconds
 
     like = dict(REFERENCE["probe"])
     steps, examples = 100, 200
     base = expected_seconds(like, steps, examples)
-    assert expected_seconds(like, REFERENCE["steps"], REFERENCE["examples"]) == pytest.approx(REFERENCE["stages"])
+    # the reference machine and work: the reference run's times, but for its base rows, which now
+    # answer BASE_SAMPLE of the 200 examples
+    stages = dict(REFERENCE["stages"])
+    stages["evaluate"] -= REFERENCE["evaluate_base_rows"] * (1 - BASE_SAMPLE / REFERENCE["examples"])
+    assert expected_seconds(like, REFERENCE["steps"], REFERENCE["examples"]) == pytest.approx(stages)
+    few = BASE_SAMPLE // 2  # below the base rows' sample every row answers every example
+    assert changed(expected_seconds(like, steps, few), expected_seconds(like, steps, 2 * few)) == {"evaluate": 0.5}
     assert expected_seconds({k: v / 2 for k, v in like.items()}, steps, examples) == pytest.approx(
         {stage: 2 * seconds for stage, seconds in base.items()}
     )
 
-    def changed(other: dict) -> dict:
-        return {
-            stage: round(other[stage] / base[stage], 6) for stage in base if other[stage] != pytest.approx(base[stage])
-        }
-
-    assert changed(expected_seconds(like, steps // 2, examples)) == {"fine-tune (QLoRA)": 0.5}
-    assert changed(expected_seconds(like, steps, examples // 2)) == {"evaluate": 0.5}
-    slow_training = changed(expected_seconds({**like, "train": like["train"] / 1.4}, steps, examples))
+    assert changed(expected_seconds(like, steps // 2, examples), base) == {"fine-tune (QLoRA)": 0.5}
+    fewer = changed(expected_seconds(like, steps, examples // 2), base)  # the base rows' part stays
+    assert list(fewer) == ["evaluate"] and 0.5 < fewer["evaluate"] < 1
+    slow_training = changed(expected_seconds({**like, "train": like["train"] / 1.4}, steps, examples), base)
     assert list(slow_training) == ["fine-tune (QLoRA)"] and 1 < slow_training["fine-tune (QLoRA)"] < 1.4
-    slow_onnx = changed(expected_seconds({**like, "onnx_prompt": like["onnx_prompt"] / 2}, steps, examples))
+    slow_onnx = changed(expected_seconds({**like, "onnx_prompt": like["onnx_prompt"] / 2}, steps, examples), base)
     assert set(slow_onnx) == {stage for stage, probes in STAGE_PROBES.items() if probes.get("onnx_prompt")}
     assert {"evaluate", "export int4", "benchmark"} <= set(slow_onnx)
     assert all(1 < ratio < 2 for ratio in slow_onnx.values())
@@ -150,3 +159,35 @@ def test_the_probe_measures_the_kernels_the_stages_run():
     assert probe["onnx_decode"] > probe["onnx_prompt"] / 512
     bits = sorted(attr.i for node in _onnx_probe_model().graph.node for attr in node.attribute if attr.name == "bits")
     assert bits == [4] * 4 + [8] * 4
+
+
+def test_the_bar_counts_a_base_row_that_stopped_early_at_its_upper_bound(tmp_path):
+    """A base row that matched none of its random sample scored 0.0 on few examples: the gain the
+    bar asks for is measured from its 95% upper bound, and the report says both."""
+    from edgeft.artifacts import Run
+    from edgeft.evaluate import upper_bound_95
+    from edgeft.report import _quality
+
+    run = Run.create(tmp_path / "run")
+
+    def row(label, kind, exact, shots=0, samples=200, **extra):
+        return dict(
+            label=label, kind=kind, backend="onnx", shots=shots, exact_match=exact, token_f1=exact, json_valid=None,
+            perplexity=None, stop_rate=99.0, latency_s=0.1, tokens_per_second=10.0, samples=samples, **extra
+        )  # fmt: skip
+
+    def bar(samples: int) -> list[str]:
+        stop = {"examples": 200, "exact_match_upper95": round(upper_bound_95(samples), 1)}
+        rows = [row("zero", "base", 0.0, samples=samples, stopped_early=stop), row("few", "base", 0.0, shots=3)]
+        rows += [row("as trained", "as-trained", 72.0), row("int4", "fine-tuned", 70.0)]
+        report = tmp_path / "eval.json"
+        report.write_text(json.dumps({"samples": 200, "data": "eval.jsonl", "rows": rows}))
+        return [line for line in _quality(run, {"report": str(report)}, (40.0, 3.0, 95.0)) if "above every" in line]
+
+    assert bar(50) == [
+        (
+            "- PASS: fine-tuned int4 exact match 70.0% is at least 40 points above every base row: "
+            "zero-shot 0.0% (at most 5.8%, 50 examples), 3-shot 0.0%"
+        )
+    ]
+    assert bar(6)[0].startswith("- NOT MET:")  # 0 of 6 allows up to 39.3%: 70 is not 40 above that
