@@ -556,7 +556,9 @@ def evaluate_one(
     """Answer every prompt (the samples' own, or with examples put in front) and score the answers."""
     from edgeft.progress import progress
 
-    log.info(f"Evaluating {candidate.label} on {len(samples)} examples...")
+    sampled = candidate.kind == "base" and 0 < base_sample < len(samples)
+    first = f" ({base_sample} drawn at random first: it stops there if none matches)" if sampled else ""
+    log.info(f"Evaluating {candidate.label} on {len(samples)} examples{first}...")
     backend = OnnxBackend(candidate) if candidate.backend == "onnx" else TorchBackend(candidate)
     max_tokens = max_tokens or answer_room(backend.count_tokens, samples)
     chars = [sum(len(m["content"]) for m in p) for p in prompts]  # how long each prompt is, near enough
@@ -568,7 +570,7 @@ def evaluate_one(
     # constrained row's model is the unconstrained row's, so is its perplexity: it has none
     in_pass = candidate.response_format is None
     phases = [list(range(len(samples)))]
-    if candidate.kind == "base" and 0 < base_sample < len(samples):
+    if sampled:
         phases = _sample_first(len(samples), base_sample)
     if step > 1:  # batches of prompts alike in length: less padding, and answers that end closer together
         for phase in phases:

@@ -89,7 +89,9 @@ def test_onnx_runtime_assumes_the_zero_points_compaction_drops(bits):
 
     with_points, without = run(True), run(False)
     for a, b in zip(with_points, without):
-        np.testing.assert_array_equal(a, b)
+        # the same values up to float32 summation order: on AVX2-only CPUs MLAS takes another kernel
+        # without zero points (1e-7 apart); any other assumed zero point moves them by whole units
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert np.abs(with_points[1]).max() > 0
 
 
