@@ -111,8 +111,9 @@ REFERENCE = {
 # int4 86, the base's export 41, evaluate 836, benchmark 37). The designed shares (the fine-tune
 # all training kernels, the evaluation 81% ONNX kernels as its rows spent their time) announced
 # 34.7 min there for 26.6. Between hosts the fp32 probe tracked the whole run: this VM's earlier
-# host probed 236 GFLOPS and ran the quickstart in 15.2 min, 1.42x and 1.59x today's. Not yet
-# checked on a third kind of CPU (AMX, ARM).
+# host probed 236 GFLOPS and ran the quickstart in 15.2 min, 1.42x and 1.59x today's. Checked,
+# unchanged, on a third kind: a native AVX2-only VM announced 35.0 min for 36.0 and 30.0 for 27.8
+# (docs/quickstart.md); not on AMX or ARM.
 STAGE_PROBES = {
     "fine-tune (QLoRA)": {"fp32": 0.67, "train": 0.33},
     "merge": {"fp32": 1.0},
