@@ -143,16 +143,20 @@ def _layout(exported: dict) -> str | None:
     return f"{exported['rounding']}, blocks of {exported['block_size']}" + (f", int8 {int8}" if int8 else "")
 
 
-def markdown(results: list[dict], machine: str, quick: bool) -> list[str]:
+def markdown(results: list[dict], quick: bool) -> list[str]:
+    machines = list(dict.fromkeys(r.get("machine") or "not recorded" for r in results))
+    letter = {m: chr(ord("A") + i) for i, m in enumerate(machines)}
     lines = [
-        f"Machine: {machine}. "
-        + ("Quick runs (a few steps): the path only." if quick else "Full runs, default settings."),
+        ("Quick runs (a few steps): the path only." if quick else "Full runs, default settings.")
+        + " Machines: "
+        + "; ".join(f"{letter[m]} = {m}" for m in machines)
+        + ".",
         "",
         (
-            "| task | shape | variant | train / held out | exits tune, export, eval | int4 export | gate | metric "
-            "| as trained | int4 | int4 - as trained | best base row | tune min | export min | eval min |"
+            "| task | shape | variant | machine | train / held out | exits tune, export, eval | int4 export | gate "
+            "| metric | as trained | int4 | int4 - as trained | best base row | tune min | export min | eval min |"
         ),
-        "|---|---|---|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|",
+        "|---|---|---|---|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in results:
         delta = (
@@ -171,7 +175,8 @@ def markdown(results: list[dict], machine: str, quick: bool) -> list[str]:
         if r.get("resumed"):
             minutes[0] += " (resumed: the rest only)"
         lines.append(
-            f"| {r['task']} | {r['shape']} | {r['variant']} | {r['train_examples']} / {r['held_out']} | {exits} "
+            f"| {r['task']} | {r['shape']} | {r['variant']} | {letter[r.get('machine') or 'not recorded']} "
+            f"| {r['train_examples']} / {r['held_out']} | {exits} "
             f"| {r.get('export') or '-'} | {gate} "
             f"| {r['metric']} | {r.get('as_trained', '-')} | {r.get('int4', '-')} | {delta} | {base} | "
             + " | ".join(minutes)
@@ -208,7 +213,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
     saved = RESULTS / f"task_suite{suffix}.json"
-    earlier = json.loads(saved.read_text())["results"] if saved.is_file() else []
+    earlier_report = json.loads(saved.read_text()) if saved.is_file() else {}
+    # rows from before each row named its machine were all measured on the file's one machine
+    earlier = [{"machine": earlier_report.get("machine"), **r} for r in earlier_report.get("results", [])]
+    here = machine()
     results = []
     for task in args.tasks.split(","):
         variant = tuple(args.tune_args.split())
@@ -222,6 +230,7 @@ def main() -> None:
             resume=args.resume,
             base=not args.base_from_earlier,
         )
+        result["machine"] = here
         if args.base_from_earlier:
             scored = [
                 r for r in earlier if r["task"] == task and r.get("base") is not None and not r.get("base_earlier")
@@ -232,14 +241,16 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
         if args.compare_no_split:
             results.append(run_task(task, work, quick=args.quick, tune_args=("--val-split", "0"), name=f"{task}-all"))
+            results[-1]["machine"] = here
             print(json.dumps(results[-1]), flush=True)
-    # runs of other tasks stay in the table: a task run again replaces its own row
-    done = {(r["task"], r["variant"]) for r in results}
-    results = [r for r in earlier if (r["task"], r["variant"]) not in done] + results
-    report = {"machine": machine(), "quick": args.quick, "results": results}
+    # runs of other tasks, and on other machines, stay in the table: a task run again on the same
+    # machine replaces its own row
+    done = {(r["task"], r["variant"], r["machine"]) for r in results}
+    results = [r for r in earlier if (r["task"], r["variant"], r["machine"]) not in done] + results
+    report = {"quick": args.quick, "results": results}
     RESULTS.mkdir(exist_ok=True)
     saved.write_text(json.dumps(report, indent=2) + "\n")
-    text = "\n".join(markdown(results, report["machine"], args.quick)) + "\n"
+    text = "\n".join(markdown(results, args.quick)) + "\n"
     (RESULTS / f"task_suite{suffix}.md").write_text(text)
     print(text)
 
