@@ -575,19 +575,13 @@ def evaluate_one(
     if step > 1:  # batches of prompts alike in length: less padding, and answers that end closer together
         for phase in phases:
             phase.sort(key=chars.__getitem__)
-    batches = [phase[i : i + step] for phase in phases for i in range(0, len(phase), step)]
     predictions: list[dict] = [{}] * len(samples)
     seconds, generated, nll, count = 0.0, 0, 0.0, 0
     pairs = in_pass and any(s.rejected is not None for s in samples)
     stopped = None
-    for batch in progress(batches, desc=candidate.label, unit="batch" if step > 1 else "example"):
-        if len(phases) > 1 and batch[0] == phases[1][0] and not any(predictions[j]["exact_match"] for j in phases[0]):
-            stopped = len(phases[0])
-            log.info(
-                f"  {candidate.label}: no exact match in {stopped} random examples, stopped there "
-                f"(at most {upper_bound_95(stopped):.1f}% at 95% confidence; --base-sample 0 scores every example)"
-            )
-            break
+
+    def answer(batch: list[int]) -> None:
+        nonlocal seconds, generated, nll, count
         margins = {}
         if in_pass:
             results, took, scores = backend.generate_scored(
@@ -622,6 +616,20 @@ def evaluate_one(
             if j in margins and sample.rejected is not None:
                 predictions[j]["preference_margin"] = round(margins[j], 4)
                 predictions[j]["prefers_preferred"] = margins[j] > 0
+
+    for k, phase in enumerate(phases):
+        if k == 1 and not any(predictions[j]["exact_match"] for j in phases[0]):
+            stopped = len(phases[0])
+            log.info(
+                f"  {candidate.label}: no exact match in {stopped} random examples, stopped there "
+                f"(at most {upper_bound_95(stopped):.1f}% at 95% confidence; --base-sample 0 scores every example)"
+            )
+            break
+        # a drawn phase has its own progress line: its time left is the phase's, not the whole row's
+        desc = candidate.label if len(phases) == 1 else f"{candidate.label} ({'drawn' if k == 0 else 'the rest'})"
+        batches = [phase[i : i + step] for i in range(0, len(phase), step)]
+        for batch in progress(batches, desc=desc, unit="batch" if step > 1 else "example"):
+            answer(batch)
     predictions = [p for p in predictions if p]  # in the samples' order; a row stopped early has fewer
     json_refs = [p for p in predictions if is_json(p["reference"])]
     n = len(predictions)

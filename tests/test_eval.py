@@ -301,6 +301,37 @@ def test_a_base_row_with_no_exact_match_stops_after_its_random_sample(
     assert evaluate([str(tiny_llama)], data, max_tokens=6, output=out, base_sample=0)["rows"][0]["samples"] == 9
 
 
+def test_a_sampled_base_row_shows_each_phase_s_progress_against_its_own_size(tiny_llama, tmp_path, monkeypatch):
+    """Piped progress of a base row that answers a random draw first: the draw's lines count (and
+    estimate the time left) against the draw's batches, the rest's against the rest's; never the
+    whole row's, which would promise minutes a row that stops never takes."""
+    import logging
+
+    data = recipes_like(tmp_path / "eval.jsonl", n=9, seed=3)
+    samples = load_samples(data)
+    monkeypatch.setattr("edgeft.progress.PIPED_EVERY_S", 0.0)  # a line after every batch
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("edgeft").addHandler(handler)
+    try:
+        for right, phases in (
+            (set(), ["(drawn): 1/2 batch ", "(drawn): 2/2 batches "]),
+            ({0, 1, 2, 3, 4, 5, 6, 7, 8}, None),
+        ):
+            lines.clear()
+            monkeypatch.setattr("edgeft.evaluate.TorchBackend", lambda c, right=right: _Answers(samples, right))
+            evaluate([str(tiny_llama)], data, max_tokens=6, output=tmp_path / "r.json", base_sample=4)
+            shown = [line for line in lines if " batch" in line]
+            if phases:  # stopped after the draw: 4 examples in batches of 2
+                assert [next(p for p in phases if p in line) for line in shown] == phases
+            else:  # went on: 2 batches drawn, then the other 5 examples in 3
+                assert [line.split(": ")[1].split(" ")[0] for line in shown] == ["1/2", "2/2", "1/3", "2/3", "3/3"]
+                assert sum("(the rest)" in line for line in shown) == 3
+    finally:
+        logging.getLogger("edgeft").removeHandler(handler)
+
+
 class _Answers:
     """A stand-in PyTorch backend that answers the examples in `right` with their reference."""
 
