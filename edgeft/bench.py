@@ -26,7 +26,7 @@ from pathlib import Path
 
 from edgeft import artifacts
 from edgeft.artifacts import Run
-from edgeft.cpu import cpu_flags, usable_cpus
+from edgeft.cpu import cpu_flags, ort_session_options, usable_cpus
 from edgeft.errors import EdgeftError, ExportError
 from edgeft.runtime.engine import og_config
 
@@ -171,13 +171,11 @@ def measure_pytorch(folder: str, settings: Settings) -> dict:
 
 def measure_optimum(folder: str, settings: Settings) -> dict:
     torch = _torch_common(settings)
-    import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
     def load():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.threads or usable_cpus()
+        options = ort_session_options(settings.threads)
         return ORTModelForCausalLM.from_pretrained(folder, session_options=options), AutoTokenizer.from_pretrained(
             folder
         )

@@ -148,7 +148,7 @@ def probe_speed() -> dict:
     import onnxruntime as ort
     import torch
 
-    from edgeft.cpu import cpu_flags, has_native_bf16, usable_cpus
+    from edgeft.cpu import cpu_flags, has_native_bf16, ort_session_options
 
     flops = 2 * 512 * 576 * 1536
     a, b = torch.randn(512, 576), torch.randn(576, 1536)
@@ -162,10 +162,8 @@ def probe_speed() -> dict:
         (x @ w).float().square().mean().backward()
 
     train = 2 * flops * _per_second(step) / 1e9
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = usable_cpus()
     model = _onnx_probe_model().SerializeToString()
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, ort_session_options(), providers=["CPUExecutionProvider"])
     prompt, token = np.random.rand(512, 576).astype(np.float32), np.random.rand(1, 576).astype(np.float32)
     onnx_prompt = 512 * _per_second(lambda: session.run(None, {"x": prompt}))
     onnx_decode = _per_second(lambda: session.run(None, {"x": token}))

@@ -151,13 +151,15 @@ class BatchDecoder:
         batched this way: the answers then run one generator each, as without batching."""
         import onnxruntime as ort
 
+        from edgeft.cpu import ort_session_options
+
         decoder = model.genai_config.get("model", {}).get("decoder", {})
         reason = _unsupported(model.genai_config)
         if reason is None:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = model.threads
             graph = str(model.path / decoder["filename"])
-            session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                graph, ort_session_options(model.threads), providers=["CPUExecutionProvider"]
+            )
             inputs = {i.name for i in session.get_inputs()}
             expected = {decoder["inputs"]["input_ids"], decoder["inputs"]["attention_mask"]}
             expected |= {past for past, _ in kv_names(decoder)}
