@@ -29,30 +29,12 @@ from pathlib import Path
 from edgeft import artifacts, models
 from edgeft.artifacts import ADAPTER_FILE, ADAPTER_FOLDER, BASE_FILE, Run, model_version
 from edgeft.errors import ConfigError, ExportError, RunError
+from edgeft.export.matmuls import SLOT, SOURCES
 from edgeft.export.options import ExportConfig
 
 log = logging.getLogger(__name__)
 
 
-# A projection MatMul as the genai builder names it: /model/layers.3/attn/qkv_proj/MatMul(_Q4)
-_SLOT = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul")
-# The peft modules that feed each builder MatMul, in the order of its output columns, as
-# alternatives: Llama-style models have q/k/v apart, which the builder fuses into qkv_proj; Phi-3
-# has qkv_proj and gate_up_proj fused, which the builder splits into gate_proj and up_proj
-# (half 0 and 1 of the fused output).
-_SOURCES = {
-    "attn/qkv_proj": (
-        (("self_attn.q_proj", None), ("self_attn.k_proj", None), ("self_attn.v_proj", None)),
-        (("self_attn.qkv_proj", None),),
-    ),
-    "attn/q_proj": ((("self_attn.q_proj", None),),),
-    "attn/k_proj": ((("self_attn.k_proj", None),),),
-    "attn/v_proj": ((("self_attn.v_proj", None),),),
-    "attn/o_proj": ((("self_attn.o_proj", None),),),
-    "mlp/gate_proj": ((("mlp.gate_proj", None),), (("mlp.gate_up_proj", 0),)),
-    "mlp/up_proj": ((("mlp.up_proj", None),), (("mlp.gate_up_proj", 1),)),
-    "mlp/down_proj": ((("mlp.down_proj", None),),),
-}
 _PEFT_KEY = re.compile(r"layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 
 
@@ -102,6 +84,10 @@ def ensure_base(trained, cfg: ExportConfig, identity: str, calibration: Path | N
     folder.parent.mkdir(parents=True, exist_ok=True)
     artifacts.check_free_space(folder.parent, artifacts.dir_size(trained.base) * 3, "building the base export")
 
+    from edgeft.export.dequantize import source_export
+
+    if (dequantized := source_export(trained.base)) is not None:
+        return _base_from_export(dequantized, folder, identity)
     method = rounding(cfg, "genai", calibration)
     log.info(f"Building the shared base export {folder} from {trained.base.name} as trained...")
     start = time.perf_counter()
@@ -142,6 +128,46 @@ def ensure_base(trained, cfg: ExportConfig, identity: str, calibration: Path | N
     return folder
 
 
+def _base_from_export(export: Path, folder: Path, identity: str) -> Path:
+    """The base for a run trained on an export's own weights (export/dequantize.py): that export
+    itself, with the LoRA slots, so the adapter runs on the weights it was trained against."""
+    import shutil
+
+    from edgeft.export.onnx import check_export_folder, write_derived_graphs
+
+    log.info(f"Making the base export {folder} from {export}, the export whose weights the run trained on...")
+    start = time.perf_counter()
+    with artifacts.staged_dir(folder, force=True, what="base export") as tmp:
+        for file in export.iterdir():
+            if (
+                file.is_file()
+                and (file.suffix != ".onnx" or file.name == "model.onnx")
+                and file.name != "edgeft-export.json"
+            ):
+                shutil.copyfile(file, tmp / file.name)
+        slots = add_lora_slots(tmp / "model.onnx")
+        write_derived_graphs(tmp)
+        check_export_folder(tmp)
+        record = (
+            json.loads((export / "edgeft-export.json").read_text()) if (export / "edgeft-export.json").is_file() else {}
+        )
+        artifacts.write_json_atomic(
+            tmp / BASE_FILE,
+            {
+                "identity": identity,
+                "base_model": str(export),
+                "loaded": f"the export {export}, dequantized",
+                "options": record.get("options"),
+                "rounding": record.get("rounding"),
+                "slots": slots,
+                "seconds": round(time.perf_counter() - start, 1),
+                "size_bytes": artifacts.dir_size(tmp),
+                "finished_at": artifacts.now(),
+            },
+        )
+    return folder
+
+
 def _save_base_as_trained(trained, out: Path) -> None:
     """The base with the weights training saw (QLoRA: NF4 codes x scales in fp32), as a HF folder."""
     from edgeft.trained import load_base, save_merged, tokenizer_of
@@ -159,8 +185,8 @@ def add_lora_slots(model_file: Path) -> dict[str, list[int]]:
     model = onnx.load(str(model_file), load_external_data=False)
     graph, nodes, slots = model.graph, [], {}
     for node in graph.node:
-        match = _SLOT.match(node.name) if node.op_type in ("MatMul", "MatMulNBits") else None
-        if not match or f"{match[2]}/{match[3]}" not in _SOURCES:
+        match = SLOT.match(node.name) if node.op_type in ("MatMul", "MatMulNBits") else None
+        if not match or f"{match[2]}/{match[3]}" not in SOURCES:
             nodes.append(node)
             continue
         k, n = _matmul_size(node, graph)
@@ -224,7 +250,7 @@ def adapter_parameters(adapter_dir: Path, slots: dict[str, list[int]], model_con
     for slot, (k, n) in slots.items():
         layer, kind = int(slot.split(".")[2]), slot.split(".", 3)[3].replace(".", "/")
         # the alternative this adapter trained, if any
-        sources = next((c for c in _SOURCES[kind] if any((layer, m) in modules for m, _ in c)), None)
+        sources = next((c for c in SOURCES[kind] if any((layer, m) in modules for m, _ in c)), None)
         if sources is None:
             continue
         a_parts, blocks = [], []  # blocks: (B part or None, output width)
