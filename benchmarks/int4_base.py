@@ -12,9 +12,10 @@ instead, and is never merged:
     python -m edgeft.export.dequantize WORK/base-int4 <smollm2 folder> WORK/base-int4-hf
     edgeft tune --model WORK/base-int4-hf --method lora --data samples/TASK/train.jsonl --seed S --output WORK/RUN
     edgeft export WORK/RUN --as-adapter     # base = WORK/base-int4 itself, plus the fp32 adapter
-    edgeft eval WORK/RUN --data samples/TASK/test.jsonl --no-merged   # the model as trained (PyTorch)
+    edgeft eval WORK/RUN WORK/RUN/onnx-adapter --data samples/TASK/test.jsonl --no-merged
 
-and the deployed model (base + adapter through onnxruntime-genai) answers the same test set. The
+(the model as trained in PyTorch, and as deployed: the base export + adapter through
+onnxruntime-genai), on the same test set. The
 table compares both with the task suite's row of the default path for the same task and seed, if
 there is one (benchmarks/results/task_suite.json). Results: benchmarks/results/int4_base.{json,md}.
 """
@@ -40,30 +41,6 @@ def edgeft(*args: str, log: Path) -> float:
         out.flush()
         subprocess.run([sys.executable, "-m", "edgeft", *args], check=True, stdout=out, stderr=subprocess.STDOUT)
     return round(time.perf_counter() - start, 1)
-
-
-def deployed_answers(run: Path, test: Path, limit: int | None) -> list[dict]:
-    """The test set answered by the run's base export + adapter, greedy, as `edgeft eval` scores them."""
-    from edgeft.artifacts import Run
-    from edgeft.evaluate import answer_room, exact_match, load_samples, token_f1
-    from edgeft.runtime import ChatModel
-
-    adapter = Run.open(run).stage("adapter")
-    model = ChatModel.load(adapter["base"]).with_adapter(run / adapter["path"] / "adapter.onnx_adapter")
-    samples = load_samples(test, limit)
-    room = answer_room(model.count_tokens, samples)
-    out = []
-    for i, sample in enumerate(samples):
-        text = model.chat(sample.messages, max_tokens=room, temperature=0.0).text
-        out.append(
-            {
-                "example": i,
-                "prediction": text,
-                "exact_match": exact_match(text, sample.reference),
-                "token_f1": token_f1(text, sample.reference),
-            }
-        )
-    return out
 
 
 def main() -> None:
@@ -118,12 +95,16 @@ def main() -> None:
     seconds["export --as-adapter"] = edgeft("export", str(run), "--as-adapter", "--force", "--allow-drift", log=log)
     report = work / f"{run.name}-eval.json"
     limit = ["--limit", "4"] if args.quick else []
+    models = (str(run), str(run / "onnx-adapter"))
     seconds["eval"] = edgeft(
-        "eval", str(run), "--data", str(test), "--no-merged", "--output", str(report), *limit, log=log
+        "eval", *models, "--data", str(test), "--no-merged", "--output", str(report), *limit, log=log
     )
-    trained = [json.loads(line) for line in report.with_suffix(".predictions.jsonl").read_text().splitlines()]
-    trained = sorted(trained, key=lambda p: p["example"])
-    deployed = deployed_answers(run, test, len(trained))
+    rows = {"as-trained": [], "fine-tuned": []}
+    kinds = {r["label"]: r["kind"] for r in json.loads(report.read_text())["rows"]}
+    for line in report.with_suffix(".predictions.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        rows[kinds[p["model"]]].append(p)
+    trained, deployed = (sorted(rows[k], key=lambda p: p["example"]) for k in ("as-trained", "fine-tuned"))
     metric = "token_f1" if args.task == "freetext" else "exact_match"
 
     def score(rows):

@@ -550,7 +550,8 @@ def eval_cmd(
 
     \b
     MODELS are any mix of a built-in name or HF folder (base model), a run (its merged model, or base +
-    adapter), a merged folder, and an ONNX export folder. Example:
+    adapter), a merged folder, an ONNX export folder, and a runtime adapter's folder (RUN/onnx-adapter:
+    its shared base answering with it). Example:
       edgeft eval smollm2-135m runs/recipes runs/recipes/onnx-int4 --data samples/recipes/eval.jsonl --shots 3 --rag 3
     Metrics: exact match (JSON compared parsed), token F1, JSON validity, perplexity of the reference,
     answers that stop on their own, latency.

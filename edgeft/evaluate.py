@@ -44,7 +44,7 @@ BASE_SAMPLE = 50
 class Candidate:
     label: str
     backend: str  # pytorch | onnx
-    path: Path  # HF folder (pytorch) or export folder (onnx)
+    path: Path  # HF folder (pytorch) or export folder (onnx; or a runtime adapter's folder: its base + it)
     kind: str = (
         "base"  # base | as-trained (base as training loaded it + adapter) | merged | fine-tuned (an export or folder)
     )
@@ -118,7 +118,14 @@ def _candidates(specs: list[str], shots: int, merged: bool) -> list[Candidate]:
     out = []
     for spec in specs:
         path = Path(spec)
-        if (path / "genai_config.json").is_file():
+        if adapter_base(path) is not None:  # `export --as-adapter`'s folder: its shared base with it
+            run = _run_of(path)
+            out.append(
+                Candidate(
+                    f"{run.path.name if run else path.name} base + adapter (ONNX)", "onnx", path, kind="fine-tuned"
+                )
+            )
+        elif (path / "genai_config.json").is_file():
             if _fine_tuned_export(path):
                 out.append(Candidate(f"{path.name} (ONNX)", "onnx", path, kind="fine-tuned"))
             else:  # an export of a base model: it gets the few-shot row too
@@ -153,6 +160,15 @@ def _candidates(specs: list[str], shots: int, merged: bool) -> list[Candidate]:
             if shots and not fine_tuned:
                 out.append(Candidate(f"{name} {shots}-shot", "pytorch", resolved.path, shots=shots))
     return out
+
+
+def adapter_base(folder: Path) -> Path | None:
+    """The shared base export of a runtime adapter's folder (RUN/onnx-adapter); None for any other path."""
+    record = folder / "edgeft-export.json"
+    if not record.is_file():
+        return None
+    info = json.loads(record.read_text())
+    return Path(info["base"]) if info.get("kind") == "adapter" else None
 
 
 def _fine_tuned_export(folder: Path) -> bool:
@@ -346,7 +362,12 @@ class OnnxBackend:
 
         # a row that scores its references reads the logits of each reference position (the scoring
         # graph); a constrained row only answers, as an app does: the generation graph
-        self.model = ChatModel.load(candidate.path, scoring=candidate.response_format is None)
+        base = adapter_base(candidate.path)
+        self.model = ChatModel.load(
+            base or candidate.path,
+            adapter=candidate.path if base else None,
+            scoring=candidate.response_format is None,
+        )
         self.response_format = candidate.response_format
         # few-shot prompts share their examples, and every prompt its system prompt: run those once
         # (and a constrained row's grammar: compile it once)

@@ -8,6 +8,8 @@ output. A and B are graph inputs whose defaults are empty (rank 0: the branch ad
 the base answers as the base; an adapter file supplies A and B by name (onnxruntime's LoRA adapter
 format, run by onnxruntime-genai's Adapters). A and B stay fp32 with peft's scaling folded into B:
 the adapter's contribution is the trained one, only the base weights are rounded.
+A run trained on an export's own weights (export/dequantize.py) gets that export as its base: then
+nothing is rounded after training.
 
 Bases live in EDGEFT_HOME/bases, one per (base model weights, how training loaded them, export
 options), and are reused by every run that shares them. The identity is written into the base

@@ -89,7 +89,7 @@ class _Graph:
         return self.value(node.input[0])
 
 
-def dequantized_weights(folder: Path, model_config: dict, names: set[str], shape_of) -> dict[str, np.ndarray]:
+def dequantized_weights(folder: Path, names: set[str], shape_of) -> dict[str, np.ndarray]:
     """The export's quantized weights as HF tensors {name: float32 array}, for a model whose weights are
     `names` (shape_of(name) gives each one's shape)."""
     graph, out = _Graph(folder), {}
@@ -152,7 +152,7 @@ def write_dequantized(export: Path, source: Path, out: Path) -> Path:
         state.update({k: v.astype(np.float32) for k, v in load_file(str(file)).items()})
     if not state:
         raise ExportError(f"{source} has no safetensors weights to start from.")
-    weights = dequantized_weights(export, config, set(state), lambda name: state[name].shape)
+    weights = dequantized_weights(export, set(state), lambda name: state[name].shape)
     if config.get("tie_word_embeddings") and HEAD not in state:
         head, table = weights.get(HEAD), weights.get(EMBEDDING)
         if head is not None and table is not None and np.array_equal(head, table):

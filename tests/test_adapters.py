@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from edgeft.export.verify import OnnxScorer
 from edgeft.runtime import ChatModel
 from edgeft.runtime.adapters import ADAPTER_FILE, BASE_FILE
 from edgeft.runtime.server import create_app, load_adapters
-from tests.helpers import LiveServer, recipes_like, tiny_run
+from tests.helpers import LiveServer, recipes_like, run_cli, tiny_run
 
 # fp32: base + adapter must then be the model as trained, to float rounding
 FP32_ADAPTER = ExportConfig(precision="fp32", as_adapter=True, verify_samples=4)
@@ -53,6 +54,27 @@ def test_base_plus_adapter_is_the_model_as_trained(tiny_run_dir):
     prompt, answer = [1, 2, 3, 4], [5, 6, 7]
     alone, tuned = OnnxScorer(base), OnnxScorer(base, out / ADAPTER_FILE)
     assert np.abs(alone.logits(prompt, answer) - tuned.logits(prompt, answer)).max() > 1e-4
+
+
+def test_eval_scores_a_runtime_adapter_on_its_base(tiny_llama_run, tmp_path):
+    """`edgeft eval RUN RUN/onnx-adapter BASE`: the adapter's row is its shared base answering with
+    it; an fp32 base + adapter is the model as trained, so its answers and perplexity are the
+    as-trained row's, and not the base's alone."""
+    out = export(tiny_llama_run, replace(FP32_ADAPTER, verify=False))
+    base = _record(out)["base"]
+    report = tmp_path / "eval.json"
+    result = run_cli("eval", tiny_llama_run, out, base, "--no-merged", "--max-tokens", "6", "--output", report)
+    assert result.exit_code == 0, result.output
+    trained, adapter, alone = json.loads(report.read_text())["rows"]
+    assert adapter["label"] == f"{tiny_llama_run.name} base + adapter (ONNX)" and adapter["kind"] == "fine-tuned"
+    assert alone["kind"] == "base"
+    answers = {}
+    for line in report.with_suffix(".predictions.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        answers.setdefault(p["model"], []).append(p["prediction"])
+    assert answers[adapter["label"]] == answers[trained["label"]] and len(answers[trained["label"]]) > 1
+    assert adapter["perplexity"] == pytest.approx(trained["perplexity"], rel=2e-3)
+    assert alone["perplexity"] != pytest.approx(trained["perplexity"], rel=2e-2)  # the adapter is what answered
 
 
 def test_runs_on_one_base_share_its_export(tiny_llama_run, tmp_path, caplog):
