@@ -15,9 +15,9 @@ instead, and is never merged:
     edgeft eval WORK/RUN WORK/RUN/onnx-adapter --data samples/TASK/test.jsonl --no-merged
 
 (the model as trained in PyTorch, and as deployed: the base export + adapter through
-onnxruntime-genai), on the same test set. The
-table compares both with the task suite's row of the default path for the same task and seed, if
-there is one (benchmarks/results/task_suite.json). Results: benchmarks/results/int4_base.{json,md}.
+onnxruntime-genai), on the same test set. The table compares both with the task suite's row of the
+default path for the same task and seed (benchmarks/results/task_suite.json; the same machine's
+when there is one). Results: benchmarks/results/int4_base.{json,md}.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def main() -> None:
         if r["task"] == args.task and r["variant"] == (f"--seed {args.seed}" if args.seed != 1 else "defaults")
     ]
     if default:
-        result["default_path"] = {k: default[-1].get(k) for k in ("as_trained", "int4", "machine")}
+        pick = ([r for r in default if r.get("machine") == result["machine"]] or default)[-1]
+        result["default_path"] = {k: pick.get(k) for k in ("as_trained", "int4", "machine")}
     name = "int4_base-quick" if args.quick else "int4_base"
     saved = RESULTS / f"{name}.json"
     results = json.loads(saved.read_text())["results"] if saved.is_file() else []
