@@ -144,16 +144,6 @@ def pack_zero_points(zeros: np.ndarray) -> np.ndarray:
     return (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
 
 
-def unpack(packed: np.ndarray, packed_zeros: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """The float [N, K] weight an int4 MatMulNBits computes with (for checks)."""
-    rows, blocks, half = packed.shape
-    codes = np.empty((rows, blocks, half * 2), dtype=np.float32)
-    codes[..., 0::2], codes[..., 1::2] = packed & 0x0F, packed >> 4
-    zeros = np.empty((rows, packed_zeros.shape[1] * 2), dtype=np.float32)
-    zeros[:, 0::2], zeros[:, 1::2] = packed_zeros & 0x0F, packed_zeros >> 4
-    return ((codes - zeros[:, :blocks, None]) * scales.reshape(rows, blocks)[..., None]).reshape(rows, -1)
-
-
 # --- calibration --------------------------------------------------------------------------
 
 
