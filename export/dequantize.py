@@ -28,6 +28,7 @@ EMBEDDING = "model.embed_tokens.weight"
 # export as its base (export/adapters.py), not a new rounding of the rounded weights (which moved
 # ~2% of SmolLM2's int4 codes when tried).
 SOURCE_FILE = "edgeft-dequantized.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def nbits_weight(
@@ -170,7 +171,8 @@ def write_dequantized(export: Path, source: Path, out: Path) -> Path:
     state.update(weights)
     out.mkdir(parents=True, exist_ok=True)
     for file in source.iterdir():
-        if file.is_file() and file.suffix != ".safetensors" and not file.name.endswith(".index.json"):
+        # config and tokenizer files; not the weights (written below) nor a GGUF the folder was converted from
+        if file.is_file() and file.suffix not in WEIGHT_SUFFIXES and not file.name.endswith(".index.json"):
             shutil.copyfile(file, out / file.name)
     config["torch_dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2))
