@@ -72,7 +72,6 @@ def ensure_base(trained, cfg: ExportConfig, identity: str, calibration: Path | N
         finish_folder,
         rework_weights,
         rounding,
-        write_derived_graphs,
     )
 
     folder = bases_dir() / f"{trained.base.name}-{identity[:12]}"
@@ -108,34 +107,41 @@ def ensure_base(trained, cfg: ExportConfig, identity: str, calibration: Path | N
             ) from None
         weights = rework_weights(hf, tmp, cfg, method, calibration)
         finish_folder(hf, tmp)
-        slots = add_lora_slots(tmp / "model.onnx")
-        write_derived_graphs(tmp)  # after the slots: every graph takes the adapters
-        check_export_folder(tmp)
-        artifacts.write_json_atomic(
-            tmp / BASE_FILE,
-            {
-                "identity": identity,
-                "base_model": str(trained.base),
-                "loaded": "nf4" if trained.method == "qlora" else trained.precision,
-                "options": cfg.recorded(),
-                "rounding": method if cfg.precision == "int4" else None,
-                "calibration": f"{calibration} (from run {run_name})" if method == "gptq" else None,
-                **weights,
-                "slots": slots,
-                "seconds": round(time.perf_counter() - start, 1),
-                "size_bytes": artifacts.dir_size(tmp),
-                "finished_at": artifacts.now(),
-            },
+        _finish_base(
+            tmp,
+            start,
+            identity=identity,
+            base_model=str(trained.base),
+            loaded="nf4" if trained.method == "qlora" else trained.precision,
+            options=cfg.recorded(),
+            rounding=method if cfg.precision == "int4" else None,
+            calibration=f"{calibration} (from run {run_name})" if method == "gptq" else None,
+            **weights,
         )
     return folder
+
+
+def _finish_base(tmp: Path, start: float, **record) -> None:
+    """An export folder made a base: the LoRA slots, the derived graphs, checked, and its record
+    (`record` then the slots, the time it took and its size) in BASE_FILE."""
+    from edgeft.export.onnx import check_export_folder, write_derived_graphs
+
+    slots = add_lora_slots(tmp / "model.onnx")
+    write_derived_graphs(tmp)  # after the slots: every graph takes the adapters
+    check_export_folder(tmp)
+    record.update(
+        slots=slots,
+        seconds=round(time.perf_counter() - start, 1),
+        size_bytes=artifacts.dir_size(tmp),
+        finished_at=artifacts.now(),
+    )
+    artifacts.write_json_atomic(tmp / BASE_FILE, record)
 
 
 def _base_from_export(export: Path, folder: Path, identity: str) -> Path:
     """The base for a run trained on an export's own weights (export/dequantize.py): that export
     itself, with the LoRA slots, so the adapter runs on the weights it was trained against."""
     import shutil
-
-    from edgeft.export.onnx import check_export_folder, write_derived_graphs
 
     log.info(f"Making the base export {folder} from {export}, the export whose weights the run trained on...")
     start = time.perf_counter()
@@ -147,25 +153,16 @@ def _base_from_export(export: Path, folder: Path, identity: str) -> Path:
                 and file.name != "edgeft-export.json"
             ):
                 shutil.copyfile(file, tmp / file.name)
-        slots = add_lora_slots(tmp / "model.onnx")
-        write_derived_graphs(tmp)
-        check_export_folder(tmp)
-        record = (
-            json.loads((export / "edgeft-export.json").read_text()) if (export / "edgeft-export.json").is_file() else {}
-        )
-        artifacts.write_json_atomic(
-            tmp / BASE_FILE,
-            {
-                "identity": identity,
-                "base_model": str(export),
-                "loaded": f"the export {export}, dequantized",
-                "options": record.get("options"),
-                "rounding": record.get("rounding"),
-                "slots": slots,
-                "seconds": round(time.perf_counter() - start, 1),
-                "size_bytes": artifacts.dir_size(tmp),
-                "finished_at": artifacts.now(),
-            },
+        marker = export / "edgeft-export.json"
+        exported = json.loads(marker.read_text()) if marker.is_file() else {}
+        _finish_base(
+            tmp,
+            start,
+            identity=identity,
+            base_model=str(export),
+            loaded=f"the export {export}, dequantized",
+            options=exported.get("options"),
+            rounding=exported.get("rounding"),
         )
     return folder
 

@@ -39,9 +39,7 @@ def nbits_weight(
     per row (uint8) or floats, default 2^(bits-1)."""
     rows, blocks = n, -(-k // block)
     if bits == 4:
-        packed = codes.reshape(rows, blocks, block // 2)
-        q = np.empty((rows, blocks, block), np.float32)
-        q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
+        q = _nibbles(codes.reshape(rows, blocks, block // 2))
     elif bits == 8:
         q = codes.reshape(rows, blocks, block).astype(np.float32)
     else:
@@ -51,14 +49,18 @@ def nbits_weight(
     elif zeros.dtype != np.uint8:  # float zero points
         z = zeros.reshape(rows, blocks).astype(np.float32)
     elif bits == 4:
-        packed = zeros.reshape(rows, -1)
-        z = np.empty((rows, packed.shape[1] * 2), np.float32)
-        z[:, 0::2], z[:, 1::2] = packed & 0x0F, packed >> 4
-        z = z[:, :blocks]
+        z = _nibbles(zeros.reshape(rows, -1))[:, :blocks]  # each row's padded to whole bytes
     else:
         z = zeros.reshape(rows, blocks).astype(np.float32)
     weight = (q - z[..., None]) * scales.astype(np.float32).reshape(rows, blocks)[..., None]
     return weight.reshape(rows, blocks * block)[:, :k]
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """Two 4-bit values a byte, low nibble first, as floats (the last axis doubles)."""
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.float32)
+    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
+    return out
 
 
 def _gather_table(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, *, bits: int, block: int):
