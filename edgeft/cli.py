@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from edgeft import __version__
-from edgeft.errors import EdgeftError
+from edgeft.errors import ConfigError, EdgeftError
 from edgeft.evaluate import BASE_SAMPLE  # a light module: torch is imported where a row runs
 from edgeft.export.options import ExportConfig  # light dataclasses: the options are built from them
 from edgeft.extras import require_extra
@@ -341,9 +341,16 @@ def _duration(seconds: float) -> str:
     help="Continue an interrupted run from its last checkpoint.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing run directory.")
+@click.option(
+    "--int4-base",
+    is_flag=True,
+    help="Train against the int4 weights you deploy: --model is exported to int4 first (once), LoRA learns on "
+    "those weights, and `edgeft export RUN` ships that export + the adapter, so nothing is rounded after training "
+    "(decodes slower than a merged export). Also: --model EXPORT_FOLDER. See docs/adapters.md.",
+)
 @config_options(TuneConfig)
 @click.pass_context
-def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
+def tune(ctx: click.Context, config_file, resume_dir, force, int4_base, **options) -> None:
     """Fine-tune a model on your chat data with QLoRA (default), LoRA or DoRA.
 
     \b
@@ -361,11 +368,37 @@ def tune(ctx: click.Context, config_file, resume_dir, force, **options) -> None:
     if resume_dir:
         run_dir = tuning.resume(resume_dir)
     else:
-        cfg = load_config(TuneConfig, config_file, explicit(ctx, options))
+        given = explicit(ctx, options)
+        cfg = load_config(TuneConfig, config_file, given)
+        if int4_base or Path(cfg.model).expanduser().is_dir():
+            _train_on_export(cfg, method_given="method" in given, int4_base=int4_base)
         run_dir = tuning.tune(cfg, force=force)
     if tuning.launcher_rank() == 0:  # under accelerate launch / torchrun the main process reports
         for line in tuning.summary(run_dir):
             click.echo(line)
+
+
+def _train_on_export(cfg: TuneConfig, *, method_given: bool, int4_base: bool) -> None:
+    """--model EXPORT (or --int4-base: the model's int4 export, made here): train an adapter against
+    the export's own int4 (or int8) weights, in full precision (LoRA) and never merged: `edgeft export
+    RUN` then gives the adapter for that export."""
+    export = Path(cfg.model).expanduser()
+    if not int4_base and not (export / "edgeft-export.json").is_file():
+        return
+    require_extra("tune --int4-base" if int4_base else "tune --model EXPORT", "export")
+    if cfg.method in ("qlora", "dpo") and method_given:
+        raise ConfigError(
+            f"--method {cfg.method} would round the weights of {cfg.model}'s int4 export again, to NF4: an export's "
+            "weights train as they are with --method lora (the default here; DPO too, on preference data) or dora."
+        )
+    from edgeft.export.dequantize import int4_export_of, is_export, training_base
+
+    if not is_export(export):  # --int4-base on a model: its int4 export, made once
+        export = int4_export_of(cfg.model)
+    if cfg.method == "qlora":
+        cfg.method = "lora"
+    log.info(f"Training against the weights of the export {export} (--method {cfg.method}, never merged).")
+    cfg.model = str(training_base(export))
 
 
 # --- merge & export -----------------------------------------------------------------------
@@ -417,7 +450,8 @@ def merge(run: Path, force: bool, base_weights: str, allow_drift: bool) -> None:
 @click.option("--fp32", "precision", flag_value="fp32", help="Full precision (a reference; large and slower).")
 @click.option("--force", is_flag=True, help="Replace an existing export.")
 @config_options(ExportConfig, skip=("precision",))
-def export(target: str, precision: str, force: bool, **options) -> None:
+@click.pass_context
+def export(ctx: click.Context, target: str, precision: str, force: bool, **options) -> None:
     """Export a run (or a base model) to ONNX for onnxruntime-genai, quantized, verified against the model as trained.
 
     \b
@@ -429,6 +463,8 @@ def export(target: str, precision: str, force: bool, **options) -> None:
       edgeft export runs/recipes --int4 --backend optimum      # also loads in Optimum's ORTModelForCausalLM
       edgeft export smollm2-135m --int4 --output smollm2-int4  # the base model, no fine-tuning
       edgeft export runs/recipes --as-adapter  # a small adapter for a base shared by many runs
+    A run trained on an export's weights (edgeft tune --model EXPORT) exports its adapter for that
+    export by default: a merged int4 export would round the trained weights again.
     """
     require_extra("export", "export")
     from edgeft import artifacts
@@ -437,6 +473,8 @@ def export(target: str, precision: str, force: bool, **options) -> None:
     from edgeft.fidelity import table
 
     cfg = ExportConfig(precision=precision, **options)
+    if not cfg.as_adapter and "precision" not in explicit(ctx, {"precision": precision}):
+        cfg.as_adapter = _trained_on_export(Path(target))
     if cfg.as_adapter:
         from edgeft.export.adapters import export as export_adapter
 
@@ -459,6 +497,20 @@ def export(target: str, precision: str, force: bool, **options) -> None:
         for line in table(info["verification"]):
             click.echo(line)
     click.echo(f"Chat with it: edgeft chat {out}")
+
+
+def _trained_on_export(target: Path) -> bool:
+    """A run trained against an export's weights (`edgeft tune --model EXPORT`)?"""
+    from edgeft.artifacts import Run
+    from edgeft.export.dequantize import source_export
+
+    if not Run.is_run(target) or (export := source_export(Run.open(target).base_model().path)) is None:
+        return False
+    log.info(
+        f"{target} was trained against the weights of {export}: exporting its adapter for that export (as "
+        "--as-adapter does). For a merged export, which rounds the trained weights again, pass --int4."
+    )
+    return True
 
 
 def _report_adapter(out: Path) -> None:
@@ -758,7 +810,6 @@ def serve(
     Several fine-tunes on one base (edgeft export runs/NAME --as-adapter): a request's "model" picks one.
       edgeft serve ~/.cache/edgeft/bases/BASE --adapter recipes=runs/recipes --adapter support=runs/support
     """
-    from edgeft.errors import ConfigError
 
     for name, value, low in (
         ("--parallel", parallel, 1),

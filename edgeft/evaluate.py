@@ -163,12 +163,12 @@ def _candidates(specs: list[str], shots: int, merged: bool) -> list[Candidate]:
 
 
 def adapter_base(folder: Path) -> Path | None:
-    """The shared base export of a runtime adapter's folder (RUN/onnx-adapter); None for any other path."""
-    record = folder / "edgeft-export.json"
-    if not record.is_file():
-        return None
-    info = json.loads(record.read_text())
-    return Path(info["base"]) if info.get("kind") == "adapter" else None
+    """The shared base export of a runtime adapter's folder (RUN/onnx-adapter); None for any other path
+    (a run directory included: it gives the model as trained)."""
+    from edgeft.runtime.engine import adapter_alone
+
+    alone = None if Run.is_run(folder) else adapter_alone(folder)
+    return alone[0] if alone else None
 
 
 def _fine_tuned_export(folder: Path) -> bool:

@@ -390,7 +390,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
 
-def _chat_template(folder: Path, config: dict) -> str:
+def chat_template(folder: Path, config: dict) -> str:
+    """A HF folder's chat template: in tokenizer_config.json, else in chat_template.jinja (where
+    transformers >= 4.56 saves it)."""
     if isinstance(config.get("chat_template"), str):
         return config["chat_template"]
     jinja = folder / "chat_template.jinja"
@@ -418,7 +420,7 @@ def repair_tokenizer(folder: Path) -> None:
         config["tokenizer_class"] = "GPT2Tokenizer"
         config["add_bos_token"] = False
         config["add_prefix_space"] = False
-    template = _chat_template(folder, config)
+    template = chat_template(folder, config)
     eot = end_of_turn_token(template, vocab)
     if eot:
         config["eos_token"] = eot

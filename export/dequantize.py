@@ -13,14 +13,19 @@ The builder's MatMul names map to the HF modules through the same table the runt
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from edgeft.errors import ExportError
+from edgeft import artifacts, models
+from edgeft.errors import ConfigError, ExportError
 from edgeft.export.matmuls import SLOT, SOURCES
+
+log = logging.getLogger(__name__)
 
 HEAD = "lm_head.weight"
 EMBEDDING = "model.embed_tokens.weight"
@@ -145,8 +150,9 @@ def dequantized_weights(folder: Path, names: set[str], shape_of) -> dict[str, np
     return out
 
 
-def write_dequantized(export: Path, source: Path, out: Path) -> Path:
-    """`export`'s weights (an int4 or int8 export of the HF folder `source`) as the HF folder `out`."""
+def write_dequantized(export: Path, source: Path, out: Path, **record) -> Path:
+    """`export`'s weights (an int4 or int8 export of the HF folder `source`) as the HF folder `out`;
+    `record` goes into its marker beside the export's and the source's paths."""
     from safetensors.numpy import load_file, save_file
 
     config = json.loads((source / "config.json").read_text())
@@ -179,8 +185,84 @@ def write_dequantized(export: Path, source: Path, out: Path) -> Path:
     config["torch_dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(out / "model.safetensors"))
-    (out / SOURCE_FILE).write_text(json.dumps({"export": str(export.resolve()), "source": str(source.resolve())}))
+    (out / SOURCE_FILE).write_text(
+        json.dumps({"export": str(export.resolve()), "source": str(source.resolve()), **record})
+    )
     return out
+
+
+def is_export(path: Path) -> bool:
+    """An edgeft export folder (a model onnxruntime-genai loads, or a runtime adapter's folder)?"""
+    return (path / "edgeft-export.json").is_file() and (
+        (path / "genai_config.json").is_file() or (path / artifacts.ADAPTER_FILE).is_file()
+    )
+
+
+def training_base(export: Path) -> Path:
+    """The HF folder of `export`'s own weights, to train an adapter on (`edgeft tune --model EXPORT`):
+    made once per export in EDGEFT_HOME/int4-weights, made again when the export changes."""
+    export = export.resolve()
+    info = artifacts.read_json(export / "edgeft-export.json", "export record")
+    if info.get("kind") == "adapter":
+        raise ConfigError(
+            f"{export} is a runtime adapter, not a model: train on its base export ({info.get('base')}) or on a run's "
+            "model instead."
+        )
+    if info.get("precision") not in ("int4", "int8"):
+        raise ConfigError(
+            f"{export} is an {info.get('precision')} export, which computes with the model's own weights: pass the "
+            f"model it was exported from ({info.get('source')}) as --model."
+        )
+    source = Path(info.get("source", ""))
+    if not (source / "config.json").is_file():
+        raise ConfigError(
+            f"{export} was exported from {source}, which is gone: its config and tokenizer are needed to train on the "
+            "export's weights. Export the model again, then pass the new export."
+        )
+    stamp = _stamp(export)
+    out = models.edgeft_home() / "int4-weights" / f"{export.name}-{_digest(str(export))}"
+    marker = out / SOURCE_FILE
+    if (
+        (out / "model.safetensors").is_file()
+        and marker.is_file()
+        and json.loads(marker.read_text()).get("stamp") == stamp
+    ):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.check_free_space(out.parent, artifacts.dir_size(source) * 3, "the export's weights in full precision")
+    with artifacts.staged_dir(out, force=True, what="the export's weights") as tmp:
+        write_dequantized(export, source, tmp, stamp=stamp)
+    return out
+
+
+def int4_export_of(spec: str) -> Path:
+    """`edgeft tune --int4-base`: the model's int4 export to train against (RTN rounding, the default
+    layout otherwise), made once per model in EDGEFT_HOME/int4-exports."""
+    from edgeft.export.onnx import export
+    from edgeft.export.options import ExportConfig
+
+    model = models.resolve_model(spec).path.resolve()
+    weights = sorted(p for p in model.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    key = _digest(json.dumps([str(model), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]]))
+    folder = models.edgeft_home() / "int4-exports" / f"{model.name}-{key}"
+    if (folder / "edgeft-export.json").is_file() and (folder / "model.onnx").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    log.info(f"Exporting {spec} to int4 (once) to train against its weights: {folder}")
+    # not verified: its reference would be the full-precision model, and what is trained is this export
+    return export(
+        str(model), ExportConfig(precision="int4", quant_method="rtn", verify=False, output=str(folder)), force=True
+    )
+
+
+def _stamp(export: Path) -> list:
+    """What changes when the export is made again: its model file's (and weight data's) sizes and times."""
+    files = [p for p in (export / "model.onnx", export / "model.onnx.data") if p.is_file()]
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def source_export(folder: Path) -> Path | None:

@@ -316,6 +316,10 @@ def finish_folder(model_dir: Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (model_dir / name).exists():
             shutil.copyfile(model_dir / name, out / name)
+    tokenizing = out / "tokenizer_config.json"
+    settings = json.loads(tokenizing.read_text()) if tokenizing.exists() else {"chat_template": None}
+    if "chat_template" not in settings and (template := models.chat_template(model_dir, settings)):
+        artifacts.write_json_atomic(tokenizing, {**settings, "chat_template": template})  # was in chat_template.jinja
     for stale in ("vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json"):
         (out / stale).unlink(missing_ok=True)  # tokenizer.json and tokenizer_config.json say it all
     if (out / "tokenizer.json").exists():

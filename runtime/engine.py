@@ -813,6 +813,8 @@ class ChatModel:
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise GenerationError(f"threads must be a whole number of at least 1, got {threads!r}.")
+        if adapter is None and (alone := adapter_alone(Path(path).expanduser())) is not None:
+            path, adapter = alone  # a runtime adapter's folder, or a run exported only as one: its base with it
         folder, name = resolve_export(Path(path).expanduser())
         genai_config = _read_json(folder / "genai_config.json")
         graph = scoring_graph(folder) if scoring else None
@@ -1128,6 +1130,25 @@ def resolve_export(path: Path) -> tuple[Path, str]:
     parent = folder.resolve().parent
     name = f"{parent.name}/{folder.name}" if Run.is_run(parent) else folder.resolve().name
     return folder, name
+
+
+def adapter_alone(path: Path) -> tuple[Path, Path] | None:
+    """(base export, adapter folder) for a runtime adapter's folder, or for a run whose only export is
+    its adapter (a run trained on an export's weights); None for anything else."""
+    from edgeft.artifacts import ADAPTER_FOLDER, Run
+
+    folder = path
+    if Run.is_run(path):
+        run = Run.open(path)
+        stage = run.stage("adapter")
+        if run.stage("export") or not stage or any((path / name).is_dir() for name in EXPORT_FOLDERS):
+            return None
+        folder = path / stage.get("path", ADAPTER_FOLDER)
+    record = folder / "edgeft-export.json"
+    if not record.is_file():
+        return None
+    info = _read_json(record)
+    return (Path(info["base"]), folder) if info.get("kind") == "adapter" and info.get("base") else None
 
 
 def _export_of_run(run: Any) -> Path:

@@ -83,3 +83,76 @@ def test_an_adapter_trained_on_a_dequantized_export_runs_on_that_export(tiny_lla
         shutil.rmtree(folder)
     with pytest.raises(ExportError, match="which is gone"):
         adapters.export(run, ExportConfig(as_adapter=True, verify=False, **settings), force=True)
+
+
+def test_tune_on_an_export_then_export_and_chat_with_the_run(tiny_llama, tmp_path, monkeypatch):
+    """The path in docs/adapters.md: `edgeft tune --model EXPORT` trains LoRA against the export's own
+    weights (made into a model folder once per export), `edgeft export RUN` then gives the adapter for
+    that very export, and `edgeft chat RUN` / ChatModel.load(RUN) answer with the base + adapter, as
+    the model as trained does. What cannot work is refused in one line before any training."""
+    from edgeft.artifacts import Run
+    from edgeft.export.dequantize import SOURCE_FILE, source_export
+    from edgeft.runtime import ChatModel
+    from edgeft.runtime.adapters import ADAPTER_FILE
+    from edgeft.runtime.server import create_app
+    from tests.helpers import LiveServer, recipes_like, run_cli
+
+    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path / "home"))
+    settings = {"quant_method": "rtn", "accuracy_level": 1}
+    int4 = export(
+        str(tiny_llama), ExportConfig(precision="int4", verify=False, output=str(tmp_path / "int4"), **settings)
+    )
+    # tiny_llama keeps its template in chat_template.jinja: the export carries it in tokenizer_config.json
+    assert "chat_template" in json.loads((int4 / "tokenizer_config.json").read_text())
+    data, held = recipes_like(tmp_path / "train.jsonl"), recipes_like(tmp_path / "eval.jsonl", n=6, seed=1)
+    small = ["--epochs", "1", "--batch-tokens", "128", "--max-seq-len", "64", "--precision", "fp32"]
+
+    def tune(name: str, *extra: str, model=int4):
+        return run_cli(
+            "tune", "--model", model, "--data", data, "--eval-file", held, "--output", tmp_path / name, *small, *extra
+        )
+
+    assert "Training against the weights of the export" in tune("run").output
+    run = Run.open(tmp_path / "run")
+    assert run.stage("tune")["config"]["method"] == "lora"  # not QLoRA: that would round the weights again
+    base = run.base_model().path
+    assert source_export(base) == int4.resolve() and (base / "model.safetensors").is_file()
+    made = (base / SOURCE_FILE).stat().st_mtime_ns
+    tune("again")
+    assert Run.open(tmp_path / "again").base_model().path == base and (base / SOURCE_FILE).stat().st_mtime_ns == made
+    # --int4-base: the model's own int4 export is made (once) and trained against
+    outputs = [tune(name, "--int4-base", model=tiny_llama).output for name in ("made", "reused")]
+    assert ["to int4 (once)" in out for out in outputs] == [True, False]
+    made, reused = (source_export(Run.open(tmp_path / name).base_model().path) for name in ("made", "reused"))
+    assert made == reused and made.parent.name == "int4-exports"
+    assert json.loads((made / "edgeft-export.json").read_text())["precision"] == "int4"
+
+    out = run_cli("export", run.path, "--verify-samples", "4", "--accuracy-level", "1").output
+    assert "exporting its adapter" in out
+    assert (run.path / "onnx-adapter" / ADAPTER_FILE).is_file() and not (run.path / "onnx-int4").exists()
+    info = json.loads((run.path / "onnx-adapter" / "edgeft-export.json").read_text())
+    assert info["verification"]["token_agreement"] == 1.0, info["verification"]  # deployed = as trained
+
+    model = ChatModel.load(run.path)
+    assert model.adapter == "run" and model.path == Path(info["base"])
+    question = [{"role": "user", "content": "Ingredients: 2 cups tomato, 2 cups egg"}]
+    greedy = {"max_tokens": 8, "temperature": 0}
+    same = ChatModel.load(info["base"], adapter=run.path / "onnx-adapter").chat(question, **greedy).text
+    assert model.chat(question, **greedy).text == same
+    chatted = run_cli("chat", run.path, "--prompt", question[0]["content"], "--max-tokens", "8", "--temperature", "0")
+    assert same.strip() in chatted.output
+    live = LiveServer(create_app(ChatModel.load(run.path), parallel=2))  # what `edgeft serve RUN` serves
+    try:
+        reply = live.client().chat.completions.create(model="run", messages=question, **greedy)
+        assert reply.choices[0].message.content == same
+    finally:
+        live.stop()
+
+    refused = {
+        ("--method", "qlora"): "would round the weights",
+        ("--model", str(run.path / "onnx-adapter")): "is a runtime adapter, not a model",
+    }
+    for extra, message in refused.items():
+        result = run_cli("tune", "--model", int4, "--data", data, "--output", tmp_path / "no", *small, *extra, ok=False)
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert not (tmp_path / "no").exists()
