@@ -84,16 +84,28 @@ def _measure(load, first_token, decode, settings: Settings, encode) -> dict:
 
 
 def measure_genai(folder: str, settings: Settings) -> dict:
+    """An export folder, or a runtime adapter's folder: its base export answering with the adapter."""
     import onnxruntime_genai as og
 
+    from edgeft.runtime.adapters import resolve_adapter
+    from edgeft.runtime.engine import adapter_alone
+
+    base, adapter = adapter_alone(Path(folder)) or (Path(folder), None)
+
     def load():
-        model = og.Model(og_config(Path(folder), settings.threads or usable_cpus()))
-        return model, og.Tokenizer(model)
+        model = og.Model(og_config(base, settings.threads or usable_cpus()))
+        adapters = None
+        if adapter is not None:
+            adapters = og.Adapters(model)
+            adapters.load(str(resolve_adapter(adapter)), "adapter")
+        return model, og.Tokenizer(model), adapters
 
     def generator(state, prompt, new):
         params = og.GeneratorParams(state[0])
         params.set_search_options(do_sample=False, max_length=len(prompt) + new, min_length=len(prompt) + new)
         g = og.Generator(state[0], params)
+        if state[2] is not None:
+            g.set_active_adapter(state[2], "adapter")
         return g
 
     def first_token(state, prompt):
@@ -322,11 +334,15 @@ def plan(
     path: Path, compare: bool, gguf: str | None, engines: tuple[str, ...] = ("pytorch", "optimum", "llamacpp")
 ) -> tuple[list[Target], Path, Run | None]:
     """edgeft's export first (the baseline of every ratio), then the comparisons that can run here."""
-    from edgeft.runtime.engine import resolve_export
+    from edgeft.runtime.engine import adapter_alone, resolve_export
 
-    folder, _ = resolve_export(Path(path))
+    if alone := adapter_alone(Path(path)):  # a runtime adapter: its base export answering with it
+        folder = alone[1]
+        targets = [Target(f"edgeft {folder.name}", "genai", folder, f"the base {alone[0].name} + this adapter")]
+    else:
+        folder, _ = resolve_export(Path(path))
+        targets = [Target(f"edgeft {folder.name}", "genai", folder)]
     run = _run_of(Path(path), folder)
-    targets = [Target(f"edgeft {folder.name}", "genai", folder)]
     if not compare:
         return targets, folder, run
     source = _source_model(folder, run)
@@ -442,7 +458,7 @@ def bench(
             engine=target.engine,
             path=str(target.path),
             note=target.note,
-            size_bytes=artifacts.dir_size(target.path),
+            size_bytes=_size(target.path),
         )
         results.append(result)
     _ratios(results)
@@ -464,6 +480,14 @@ def bench(
             "bench", status="done", report=str(out_dir / "bench.json"), results=results, finished_at=artifacts.now()
         )
     return report
+
+
+def _size(path: Path) -> int:
+    """What the engine loads: a folder or file, and for a runtime adapter its base too."""
+    from edgeft.runtime.engine import adapter_alone
+
+    alone = adapter_alone(path) if path.is_dir() else None
+    return artifacts.dir_size(path) + (artifacts.dir_size(alone[0]) if alone else 0)
 
 
 def _ratios(results: list[dict]) -> None:

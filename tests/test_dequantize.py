@@ -90,7 +90,7 @@ def test_tune_on_an_export_then_export_and_chat_with_the_run(tiny_llama, tmp_pat
     weights (made into a model folder once per export), `edgeft export RUN` then gives the adapter for
     that very export, and `edgeft chat RUN` / ChatModel.load(RUN) answer with the base + adapter, as
     the model as trained does. What cannot work is refused in one line before any training."""
-    from edgeft.artifacts import Run
+    from edgeft.artifacts import Run, dir_size
     from edgeft.export.dequantize import SOURCE_FILE, source_export
     from edgeft.runtime import ChatModel
     from edgeft.runtime.adapters import ADAPTER_FILE
@@ -141,6 +141,12 @@ def test_tune_on_an_export_then_export_and_chat_with_the_run(tiny_llama, tmp_pat
     assert model.chat(question, **greedy).text == same
     chatted = run_cli("chat", run.path, "--prompt", question[0]["content"], "--max-tokens", "8", "--temperature", "0")
     assert same.strip() in chatted.output
+    run_cli("bench", run.path, "--runs", "1", "--decode-tokens", "8")  # the base answering with the adapter
+    (measured,) = json.loads((run.logs_dir / "bench.json").read_text())["results"]
+    assert measured["decode_tokens_per_s"]["median"] > 0 and "error" not in measured
+    assert (
+        measured["size_bytes"] > (run.path / "onnx-adapter").stat().st_size + (int4 / "model.onnx.data").stat().st_size
+    )
     live = LiveServer(create_app(ChatModel.load(run.path), parallel=2))  # what `edgeft serve RUN` serves
     try:
         reply = live.client().chat.completions.create(model="run", messages=question, **greedy)
