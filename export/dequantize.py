@@ -5,7 +5,8 @@ floats exactly as the kernel reads it, (code - zero point) x scale, and written 
 weight of the HF model the export came from; what the export keeps in full precision (norms, an fp32
 head) stays the HF model's. The embedding table comes from the lookup's own quantized table when it
 has one. Training an adapter on this folder trains it against the very weights an int4 export runs
-(the experiment in benchmarks/int4_base.py); it is also a way to look at what rounding did.
+(`edgeft tune --int4-base`, or `--model EXPORT`: training_base); it is also a way to look at what
+rounding did.
 
 The builder's MatMul names map to the HF modules through the same table the runtime adapters use
 (export/matmuls.py): fused q/k/v split by rows, Phi-3's fused gate_up assembled from its halves.
