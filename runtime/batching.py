@@ -337,23 +337,24 @@ class BatchDecoder:
             row.logits = logits[0, -1].copy()
 
     def _decode(self, fed: list[tuple[Row, list[int]]]) -> None:
-        """One token for each fed row, in one pass over rows 0..the last fed one. A row in that range
-        with no token (free, or its answer not ready) runs a stand-in token that writes its keys and
-        values one place past its own tokens, where nothing reads them."""
+        """One token for each fed row, in one pass over the rows from the first fed one to the last
+        (one answer alone: its row only, wherever it is). A row in that range with no token (free,
+        or its answer not ready) runs a stand-in token that writes its keys and values one place
+        past its own tokens, where nothing reads them."""
         import numpy as np
 
-        top = max(r.index for r, _ in fed) + 1
-        ids = np.zeros((top, 1), np.int64)
-        lengths = [len(r.tokens) for r in self.rows[:top]]
+        low, top = min(r.index for r, _ in fed), max(r.index for r, _ in fed) + 1
+        ids = np.zeros((top - low, 1), np.int64)
+        lengths = [len(r.tokens) for r in self.rows[low:top]]
         for r, (token,) in fed:
-            ids[r.index, 0] = token
-        mask = np.zeros((top, max(lengths) + 1), np.int64)
+            ids[r.index - low, 0] = token
+        mask = np.zeros((top - low, max(lengths) + 1), np.int64)
         for i, n in enumerate(lengths):
             mask[i, : n + 1] = 1
-        logits = self._pass(0, top, ids, mask)
+        logits = self._pass(low, top, ids, mask)
         for r, (token,) in fed:
             r.tokens.append(token)
-            r.logits = logits[r.index, -1].copy()
+            r.logits = logits[r.index - low, -1].copy()
 
     def _differs_from_genai(self) -> str | None:
         """Greedy tokens of a short prompt from row 0 and from onnxruntime-genai: None when they agree."""

