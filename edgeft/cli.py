@@ -810,7 +810,6 @@ def serve(
     Several fine-tunes on one base (edgeft export runs/NAME --as-adapter): a request's "model" picks one.
       edgeft serve ~/.cache/edgeft/bases/BASE --adapter recipes=runs/recipes --adapter support=runs/support
     """
-
     for name, value, low in (
         ("--parallel", parallel, 1),
         ("--queue-size", queue_size, 0),

@@ -3,6 +3,7 @@
     from edgeft.runtime import ChatModel
 
     model = ChatModel.load("runs/demo")               # a run directory or its onnx-int4 folder
+                                                      # (a --int4-base run: its base export + adapter)
     reply = model.chat([{"role": "user", "content": "hi"}], max_tokens=128, temperature=0.0)
     print(reply.text, reply.finish_reason, reply.usage)
 
