@@ -63,6 +63,8 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
         if cfg.output
         else (source.run.export_dir(cfg.precision) if source.run else Path(f"{source.name}-onnx-{cfg.precision}"))
     )
+    if cfg.allow_drift and (accepted := _accept_kept_drift(out, source, cfg)) is not None:
+        return accepted
     check_output(out, force=force)
     merged_size = artifacts.dir_size(source.model_dir)
     artifacts.check_free_space(out.parent if out.parent.exists() else Path("."), merged_size * 3, "exporting")
@@ -129,6 +131,33 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
         source.run.record_stage("export", whole=True, **record)
     if drifted:
         raise_drift(f"The {cfg.precision} export", out, verification, replace(cfg, quant_method=method), model_config)
+    return out
+
+
+def _accept_kept_drift(out: Path, source: Source, cfg: ExportConfig) -> Path | None:
+    """The same export again with --allow-drift, after the gate failed and kept it: the export on
+    disk, made from the same model (not changed since) with the same options, is accepted as it is
+    rather than made again (minutes). None when there is no such export."""
+    marker = out / "edgeft-export.json"
+    if not marker.is_file():
+        return None
+    record = json.loads(marker.read_text())
+    made = marker.stat().st_mtime
+    if (
+        record.get("status") != "drift"
+        or record.get("source") != str(source.model_dir)
+        or {**(record.get("options") or {}), "allow_drift": True} != cfg.recorded()
+        or any(p.stat().st_mtime > made for p in source.model_dir.iterdir() if p.is_file())
+    ):
+        return None
+    record.update(status="done", options=cfg.recorded(), finished_at=artifacts.now())
+    record["verification"]["gate"]["accepted"] = True
+    artifacts.write_json_atomic(marker, record)
+    if source.run:
+        source.run.record_stage("export", whole=True, **{k: v for k, v in record.items() if k != "source"})
+    log.info(f"Accepting the export {out} the fidelity gate failed on (--allow-drift); it is not made again.")
+    for line in fidelity.table(record["verification"]):
+        log.info(line)
     return out
 
 

@@ -148,10 +148,19 @@ def test_an_export_outside_the_gate_fails_but_is_kept_and_recorded(tiny_llama_ru
     record = Run.open(tiny_llama_run).stage("export")
     assert record["status"] == "drift" and record["verification"]["gate"]["accepted"] is False
     assert (tiny_llama_run / "onnx-int4" / "genai_config.json").is_file()
-    out = run_cli("export", tiny_llama_run, "--int4", "--verify-samples", "3", "--allow-drift", "--force").output
-    assert "FAILED, accepted with --allow-drift" in out
+    made = (tiny_llama_run / "onnx-int4" / "model.onnx").stat().st_mtime_ns
+    # the same command again with --allow-drift, as the message says: the kept export is accepted, not made again
+    out = run_cli("export", tiny_llama_run, "--int4", "--verify-samples", "3", "--allow-drift").output
+    assert "FAILED, accepted with --allow-drift" in out and "it is not made again" in out
+    assert (tiny_llama_run / "onnx-int4" / "model.onnx").stat().st_mtime_ns == made
     record = Run.open(tiny_llama_run).stage("export")
     assert record["status"] == "done" and record["verification"]["gate"]["accepted"] is True
+    kept = json.loads((tiny_llama_run / "onnx-int4" / "edgeft-export.json").read_text())
+    assert kept["status"] == "done" and kept["options"]["allow_drift"] is True
+    # other options make it again (and, the export being there, need --force)
+    out = run_cli("export", tiny_llama_run, "--int4", "--verify-samples", "2", "--allow-drift", "--force").output
+    assert "it is not made again" not in out and "FAILED, accepted with --allow-drift" in out
+    assert (tiny_llama_run / "onnx-int4" / "model.onnx").stat().st_mtime_ns != made
 
 
 # --- the gate -----------------------------------------------------------------------------------
