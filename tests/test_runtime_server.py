@@ -709,7 +709,10 @@ def test_logprobs_through_the_openai_client(client, model):
         )
     )
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    # to float rounding: the second request may reuse the first one's prompt from the server's cache
+    # (a CI run saw -5.429707 against -5.429706)
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
     plain = client.chat.completions.create(model=model.name, messages=HI, max_tokens=2, temperature=0)
     assert plain.choices[0].logprobs is None
 
