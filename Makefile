@@ -58,8 +58,10 @@ demo: setup-tool
 # workers, a test at a time; tests/conftest.py pins each worker to its own CPUs, so torch's and ONNX
 # Runtime's threads are sized to them instead of thrashing (2-core AMD EPYC VM, 2026-12-07: the fast
 # tests 6.5 min, 8.2 unpinned a file at a time; the real and browser ones 14.7, 18.9 one at a time).
-# loadgroup with no test in a group hands out one test at a time as workers free up: 6.5 min,
-# against 7.4 for `load`, which queues tests on each worker ahead and ended unevenly.
+# loadgroup hands out one test at a time as workers free up (6.5 min, against 7.4 for `load`,
+# which queues tests on each worker ahead and ended unevenly), except tests marked with one
+# xdist_group, which share an expensive module fixture and go to one worker (pytest 9.1: on 9.2
+# pytest-xdist 3.8 cannot group, see constraints.txt).
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
 test: setup test-tools
 	$(VENV)/bin/python -m pytest -m "not real and not browser" $(XDIST) $(PYTEST_ARGS)

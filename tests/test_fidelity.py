@@ -289,6 +289,7 @@ def narrow_run(real_home, tmp_path_factory):
 
 
 @pytest.mark.real
+@pytest.mark.xdist_group("narrow_run")  # one worker builds the module's run (~2 min) for both tests
 def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(narrow_run, smollm2, tmp_path):
     """SmolLM2 learns a small task with QLoRA; the merged and int4 models must give its answers."""
     from edgeft.evaluate import evaluate
@@ -315,6 +316,7 @@ def test_real_qlora_merge_and_int4_answer_like_the_model_as_trained(narrow_run, 
 
 
 @pytest.mark.real
+@pytest.mark.xdist_group("narrow_run")
 def test_real_gate_judges_a_narrow_task_on_its_own_prompts(narrow_run, smollm2, tmp_path):
     """A narrow task and no eval file: its export is checked on the split held out of the training data
     and passes; an export with the adapter dropped (the base model's) fails on those same prompts."""

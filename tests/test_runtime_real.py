@@ -7,7 +7,7 @@ import pytest
 from edgeft.runtime import ChatModel
 from tests.conftest import _build_test_export
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.xdist_group("smollm2_fp32")]  # one worker builds the export
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
