@@ -89,7 +89,7 @@ def _export(source: Source, cfg: ExportConfig, *, force: bool) -> Path:
 
             build_optimum(source.model_dir, tmp, replace(cfg, quant_method=method))
         else:
-            weights = rework_weights(source.model_dir, tmp, cfg, method, calibration)
+            weights = rework_weights(source.model_dir, tmp, cfg, method, calibration, _held_out(source.run))
         finish_folder(source.model_dir, tmp)
         if backend == "genai":
             write_derived_graphs(tmp)
@@ -243,9 +243,16 @@ def rounding(cfg: ExportConfig, backend: str, calibration: Path | None, *, fallb
     return method
 
 
-def rework_weights(model_dir: Path, folder: Path, cfg: ExportConfig, method: str, calibration: Path | None) -> dict:
-    """After the builder: the int8 embedding table (tied models), GPTQ rounding, then the compact
-    storage. Returns what was done."""
+def rework_weights(
+    model_dir: Path,
+    folder: Path,
+    cfg: ExportConfig,
+    method: str,
+    calibration: Path | None,
+    held_out: Path | None = None,
+) -> dict:
+    """After the builder: the int8 embedding table (tied models), GPTQ rounding (never calibrated on
+    `held_out`, the data the export is checked on), then the compact storage. Returns what was done."""
     if cfg.precision != "int4":
         return {}
     from edgeft.export import embeddings, gptq
@@ -260,9 +267,14 @@ def rework_weights(model_dir: Path, folder: Path, cfg: ExportConfig, method: str
         done["embeddings"] = "int8-shared" if embeddings.share_int8(model_dir, folder) else "own"
     if method == "gptq" and calibration:
         log.info(f"Rounding the int4 weights with GPTQ, calibrated on {calibration}...")
-        done["gptq"] = gptq.apply(model_dir, folder, calibration)
+        done["gptq"] = gptq.apply(model_dir, folder, calibration, held_out)
     done["compacted_bytes"] = compact.compact_weights(folder, json.loads((model_dir / "config.json").read_text()))
     return done
+
+
+def _held_out(run: Run | None) -> Path | None:
+    record = run.tune_record() if run else None
+    return record.held_out if record else None
 
 
 def _check_files(run: Run | None) -> list[Path]:

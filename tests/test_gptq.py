@@ -161,6 +161,72 @@ def test_hessians_are_each_layers_own(tiny_llama):
     assert not torch.allclose(H["model.layers.0.mlp.gate_proj"], H["model.layers.1.mlp.gate_proj"])
 
 
+def test_shared_prefix_leaves_each_example_a_token():
+    assert gptq.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 5]]) == 2
+    assert gptq.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter keeps its last token
+    assert gptq.shared_prefix([[7, 2], [1, 2]]) == 0
+    assert gptq.shared_prefix([[1, 2, 3]]) == 0
+
+
+def _chats(path, examples):
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in examples))
+    return path
+
+
+def test_calibration_takes_more_short_examples_and_never_the_held_out_ones(tiny_llama, tmp_path):
+    """64 short messages under one long system prompt hold few tokens of their own; the gate's prompts stay out."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    system = {"role": "system", "content": "Pick one label: " + ", ".join(f"label_{i}" for i in range(12))}
+    short = [
+        [system, {"role": "user", "content": f"message {i}"}, {"role": "assistant", "content": f"label_{i % 12}"}]
+        for i in range(300)
+    ]
+    data, held = _chats(tmp_path / "short.jsonl", short), _chats(tmp_path / "held.jsonl", short[::15])
+    every = gptq.calibration_ids(tokenizer, data)
+    assert len(every) == 300
+    kept = gptq.calibration_ids(tokenizer, data, held_out=held)
+    assert len(kept) == 280 and not {tuple(ids) for ids in kept} & {tuple(ids) for ids in every[::15]}
+
+    words = ["salt", "pepper", "flour", "butter", "sugar", "eggs", "milk", "water", "oil", "garlic", "onion", "basil"]
+    long = [
+        [
+            {"role": "user", "content": " ".join(words[(i + j) % 12] + str(j) for j in range(80))},
+            {"role": "assistant", "content": "ok"},
+        ]
+        for i in range(300)
+    ]
+    assert len(gptq.calibration_ids(tokenizer, _chats(tmp_path / "long.jsonl", long))) == 64
+
+
+def test_a_prefix_every_example_shares_counts_once(tiny_llama):
+    """A system prompt 64 examples repeat would outweigh what differs; its states are the same in each."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    names = ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    prompt = [4, 8, 15, 16, 23, 42]
+    batches = [prompt + [5, 9], prompt + [7], prompt + [11, 12, 13]]
+    H = gptq.hessians(model, names, batches)
+    inputs = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: inputs.setdefault(n, []).append(i[0][0]))
+        for n in names
+    ]
+    with torch.no_grad():
+        for ids in batches:
+            model(torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    for name in names:
+        first, *rest = inputs[name]
+        once = torch.cat([first] + [x[len(prompt) :] for x in rest]).double()
+        torch.testing.assert_close(H[name], once.T @ once, rtol=1e-4, atol=1e-5)
+        every = torch.cat(inputs[name]).double()
+        assert not torch.allclose(H[name], every.T @ every, rtol=1e-3)
+
+
 def test_every_int4_projection_is_rounded(tiny_run_dir):
     """Llama stacks q, k, v into the builder's qkv_proj; Phi-3 fuses gate and up in torch, which the builder splits."""
     export(merged(tiny_run_dir), ExportConfig(verify=False, int8_matmuls="none"))

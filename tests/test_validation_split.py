@@ -29,7 +29,7 @@ def tune_cli(tiny_llama, data, out, *extra):
     )  # fmt: skip
 
 
-def test_a_run_without_eval_file_holds_out_a_split_and_is_checked_on_it(tmp_path, tiny_llama):
+def test_a_run_without_eval_file_holds_out_a_split_and_is_checked_on_it(tmp_path, tiny_llama, monkeypatch):
     data = recipes_like(tmp_path / "train.jsonl", n=120)
     out = tune_cli(tiny_llama, data, tmp_path / "run", "--eval-every", "4").output
     assert "Validation: 12 of 120 examples held out (--val-split 0.1)" in out  # said before training
@@ -55,6 +55,23 @@ def test_a_run_without_eval_file_holds_out_a_split_and_is_checked_on_it(tmp_path
     # `edgeft eval RUN` needs no --data: the split is the held-out data
     report = evaluate([str(tmp_path / "run")], limit=3, merged=False)
     assert report["data"] == str(run.held_out_file.resolve()) and report["samples"] == 3
+    # GPTQ calibrates on the training data without the split the export's check then uses
+    from edgeft.export import gptq
+    from edgeft.export.onnx import ExportConfig, export
+
+    calibrated = {}
+
+    def spy(tokenizer, data_file, *args, **kwargs):
+        calibrated.update(held_out=kwargs.get("held_out"), ids=original(tokenizer, data_file, *args, **kwargs))
+        calibrated["checked"] = original(tokenizer, run.held_out_file)
+        return calibrated["ids"]
+
+    original = gptq.calibration_ids
+    monkeypatch.setattr(gptq, "calibration_ids", spy)
+    export(tmp_path / "run", ExportConfig(verify_samples=2, allow_drift=True))
+    assert Run.open(tmp_path / "run").stage("export")["rounding"] == "gptq"
+    assert calibrated["held_out"] == run.held_out_file and len(calibrated["checked"]) == 12
+    assert not {tuple(x) for x in calibrated["ids"]} & {tuple(x) for x in calibrated["checked"]}
 
 
 def test_val_split_0_trains_on_everything_and_checks_on_training_prompts(tmp_path, tiny_llama):
