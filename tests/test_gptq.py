@@ -137,6 +137,20 @@ def test_gptq_needs_calibration_data_and_the_builder(tiny_phi3, tiny_llama_run, 
     assert json.loads((bare / "edgeft-export.json").read_text())["rounding"] == "k_quant"
 
 
+def _linear_inputs(model, names, batches) -> dict:
+    """Each named Linear's input in each example, the model run on the examples one at a time."""
+    inputs = {name: [] for name in names}
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: inputs[n].append(i[0][0])) for n in names
+    ]
+    with torch.no_grad():
+        for ids in batches:
+            model(torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
 def test_hessians_are_each_layers_own(tiny_llama):
     from transformers import AutoModelForCausalLM
 
@@ -144,20 +158,10 @@ def test_hessians_are_each_layers_own(tiny_llama):
     names = [f"model.layers.{i}.mlp.{kind}" for i in range(2) for kind in ("gate_proj", "up_proj", "down_proj")]
     batches = [[1, 5, 9, 3, 7], [2, 4, 6, 8, 10], [3, 3, 3, 11, 12]]
     H = gptq.hessians(model, names, batches)
-    seen = {name: 0 for name in names}
-    handles = [
-        model.get_submodule(n).register_forward_hook(
-            lambda m, i, o, n=n: seen.__setitem__(n, seen[n] + (i[0][0].T @ i[0][0]).double())
-        )
-        for n in names
-    ]
-    with torch.no_grad():
-        for ids in batches:
-            model(torch.tensor([ids]))
-    for handle in handles:
-        handle.remove()
+    inputs = _linear_inputs(model, names, batches)
     for name in names:
-        torch.testing.assert_close(H[name], seen[name], rtol=1e-4, atol=1e-5)
+        seen = sum((x.T @ x).double() for x in inputs[name])
+        torch.testing.assert_close(H[name], seen, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(H["model.layers.0.mlp.gate_proj"], H["model.layers.1.mlp.gate_proj"])
 
 
@@ -209,16 +213,7 @@ def test_a_prefix_every_example_shares_counts_once(tiny_llama):
     prompt = [4, 8, 15, 16, 23, 42]
     batches = [prompt + [5, 9], prompt + [7], prompt + [11, 12, 13]]
     H = gptq.hessians(model, names, batches)
-    inputs = {}
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: inputs.setdefault(n, []).append(i[0][0]))
-        for n in names
-    ]
-    with torch.no_grad():
-        for ids in batches:
-            model(torch.tensor([ids]))
-    for handle in handles:
-        handle.remove()
+    inputs = _linear_inputs(model, names, batches)
     for name in names:
         first, *rest = inputs[name]
         once = torch.cat([first] + [x[len(prompt) :] for x in rest]).double()
