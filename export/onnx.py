@@ -221,7 +221,7 @@ def _calibration_file(cfg: ExportConfig, run: Run | None) -> Path | None:
                 f"calibration = {cfg.calibration!r}: no such file. Pass a chat JSONL file, such as the training data."
             )
         return path
-    record = run.tune_record() if run else None
+    record = _tune_record(run)
     return record.data if record else None
 
 
@@ -272,13 +272,18 @@ def rework_weights(
     return done
 
 
+def _tune_record(run: Run | None):
+    """The run's tune record (its data files), or None for a base model or a run not trained here."""
+    return run.tune_record() if run else None
+
+
 def _held_out(run: Run | None) -> Path | None:
-    record = run.tune_record() if run else None
+    record = _tune_record(run)
     return record.held_out if record else None
 
 
 def _check_files(run: Run | None) -> list[Path]:
-    record = run.tune_record() if run else None
+    record = _tune_record(run)
     return record.check_files() if record else []
 
 
