@@ -239,6 +239,7 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
         ("benchmark", _bench),
     ]
     expected, probe = _announce(cfg)
+    ran: list[str] = []  # the stages made anew, whose times show this run's pace
     for number, (name, step) in enumerate(stages, start=1):
         guess = f" (expected: about {duration(expected[name])})"
         log.info(f"\n[{number}/{len(stages) + 1}] {name}{guess}")
@@ -250,7 +251,9 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
             log.info(f"  {reused}")
             timings[name] = _earlier_timing(run_dir, name, timings[name])
         else:
-            log.info(f"  {name}: {duration(timings[name])}")
+            ran.append(name)
+            rest = [later for later, _ in stages[number:]]
+            log.info(f"  {name}: {duration(timings[name])}{time_left(expected, timings, ran, rest)}")
     expected = {name: round(seconds, 1) for name, seconds in expected.items()}
     Run.open(run_dir).update(
         quickstart={
@@ -265,6 +268,17 @@ def quickstart(cfg: QuickstartConfig, *, force: bool = False) -> Path:
     from edgeft.report import write_report
 
     return write_report(Run.open(run_dir), bar=(BAR_GAIN, BAR_INT4_DROP, BAR_STOPS))
+
+
+def time_left(expected: dict[str, float], timings: dict[str, float], ran: list[str], rest: list[str]) -> str:
+    """What the stages to come should take at this run's pace so far: their expected times scaled
+    by how the stages made anew compared with theirs. The probe at the start cannot see a machine
+    that slows down later (a VM under a neighbour's load)."""
+    if not ran or not rest:
+        return ""
+    pace = sum(timings[n] for n in ran) / max(sum(expected[n] for n in ran), 1e-9)
+    left = pace * sum(expected[n] for n in rest)
+    return f" (expected {duration(expected[ran[-1]])}); about {duration(left)} left at this pace ({pace:.2f}x the estimate)"
 
 
 def _announce(cfg: QuickstartConfig) -> tuple[dict[str, float], dict]:

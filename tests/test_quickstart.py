@@ -30,7 +30,7 @@ def test_reduced_quickstart_produces_every_artifact(smollm2, tmp_path):
     assert Run.open(tmp_path / "qs").stage("export")["status"] == "drift"
     # ...until the user accepts it, and the report says so.
     out = run_cli(*args, "--allow-drift").output
-    assert "Expected: about" in out and "(expected: about" in out
+    assert "Expected: about" in out and "(expected: about" in out and "left at this pace" in out
     run = Run.open(tmp_path / "qs")
     stages = run.manifest()["stages"]
     assert [stages[s]["status"] for s in ("tune", "merge", "export", "eval", "bench")] == ["done"] * 5
@@ -147,6 +147,21 @@ def test_the_announced_estimate_follows_the_measured_speed(monkeypatch, caplog):
     assert f"Expected: about {duration(slow_total)} on this machine" in slow_text
     assert f"fp32 {reference['fp32'] / 3:.0f} GFLOPS ({reference['fp32']:.0f})" in slow_text
     assert "flags: avx2 avx512_vnni" in slow_text
+
+
+def test_what_is_left_follows_the_pace_of_the_stages_that_ran():
+    """After each stage the rest is re-estimated: a fine-tune that took 1.25x its estimate makes
+    the stages to come 1.25x theirs (the probe at the start cannot see a machine that slows later);
+    reused stages say nothing about the pace, and nothing is said after the last stage."""
+    from edgeft.quickstart import time_left
+
+    expected = {"fine-tune": 480.0, "merge": 30.0, "evaluate": 420.0}
+    timings = {"fine-tune": 600.0, "merge": 30.0}
+    line = time_left(expected, timings, ["fine-tune"], ["merge", "evaluate"])
+    assert line == " (expected 8 min); about 9 min left at this pace (1.25x the estimate)"  # 1.25 x 450 s
+    assert "(1.24x the estimate)" in time_left(expected, timings, ["fine-tune", "merge"], ["evaluate"])  # 630 / 510
+    assert time_left(expected, timings, [], ["merge", "evaluate"]) == ""
+    assert time_left(expected, timings, ["fine-tune", "merge"], []) == ""
 
 
 def test_the_probe_measures_the_kernels_the_stages_run():

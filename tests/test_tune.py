@@ -492,6 +492,25 @@ def test_a_damaged_throughput_file_only_loses_the_estimate(content, tiny_llama):
     assert estimate_seconds("smollm2-135m", tiny_llama, "qlora", "cpu", 10_000) == (20.0, "measured 500 tokens/s here")
 
 
+def test_the_piped_progress_line_says_what_is_left_at_this_pace(monkeypatch, caplog):
+    """Piped (a log, CI): every line says the time left, the steps to come at the pace of the steps
+    this process ran; a resumed run counts only its own steps."""
+    import logging
+
+    from edgeft.pipeline.tune import progress
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(logging.getLogger("edgeft"), "propagate", True)  # the CLI turns it off; caplog needs it
+    bar = progress.Progress(total=100, initial=20)  # resumed at step 20
+    entry = {"loss": 1.0, "epoch": 0.3, "tokens_per_second": 300.0, "lr": 1e-4}
+    with caplog.at_level(logging.INFO, logger="edgeft"):
+        clock["now"] += 120  # 10 steps in 2 minutes: 70 more take 14
+        bar.update(0, {**entry, "step": 30})
+    bar.close()
+    assert "elapsed 2.0 min  left 14.0 min" in caplog.text
+
+
 def test_the_summary_says_when_a_run_ended_still_learning(tiny_llama_run):
     """The last evaluation is the best and more than 10% below the one before: the run stopped while
     the model was still learning, and the summary says what to try."""

@@ -26,7 +26,7 @@ class Progress:
     def __init__(self, total: int, initial: int, *, enabled: bool = True):
         from tqdm.auto import tqdm
 
-        self.total, self.enabled = total, enabled
+        self.total, self.initial, self.enabled = total, initial, enabled
         self.tty = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not self.tty)
         self.last_log, self.start = 0.0, time.monotonic()
@@ -46,9 +46,11 @@ class Progress:
         step, now = entry["step"], time.monotonic()
         if step == self.total or now - self.last_log > 30 or step % max(1, self.total // 10) == 0:
             elapsed = now - self.start
+            # the steps to come at this process's pace so far (the bar shows its own on a terminal)
+            left = elapsed / max(step - self.initial, 1) * (self.total - step)
             log.info(
                 f"step {step}/{self.total}  epoch {entry['epoch']:.2f}  loss {self.smoothed:.3f}  "
-                f"{entry['tokens_per_second']:.0f} tokens/s  elapsed {elapsed / 60:.1f} min"
+                f"{entry['tokens_per_second']:.0f} tokens/s  elapsed {elapsed / 60:.1f} min  left {left / 60:.1f} min"
             )
             self.last_log = now
 
