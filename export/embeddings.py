@@ -6,8 +6,9 @@ to the first layer as is. Measured on the recipe sample (200 answers, SmolLM2-13
 PyTorch with the export's dequantized weights): int4 head alone 82.5% exact match, int4 embedding
 alone 75.5%, fp32 80.5%. Two ways out:
 - `share_int8` (the default): one int8 matrix for both, as llama.cpp's Q8_0 token embedding; the
-  head's MatMulNBits reads it at 8 bits and the lookup reads the same bytes. The size of one int8
-  table, about 13 MB more than the int4 matrix for SmolLM2-135M.
+  head's MatMulNBits reads it at 8 bits and the lookup reads the same bytes, in the blocks of every
+  int8 MatMul (options.int8_block). The size of one int8 table, about 11 MB more than the int4
+  matrix for SmolLM2-135M.
 - `separate_int8`: the lookup gets its own int8 table and the head keeps the int4 matrix (+15 MB
   over `share_int8`).
 """
@@ -20,6 +21,7 @@ import numpy as np
 
 from edgeft.errors import ExportError
 from edgeft.export.compact import fp16_exact, save_model
+from edgeft.export.options import int8_block
 
 EMBEDDING_KEYS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
 
@@ -68,7 +70,9 @@ def separate_int8(model_dir: Path, folder: Path) -> bool:
     if node is None:
         return False
     attrs = {a.name: a for a in node.attribute}
-    codes, scales, zeros = quantize_int8(embedding_table(model_dir), attrs["block_size"].i)
+    table = embedding_table(model_dir)
+    attrs["block_size"].i = int8_block(table.shape[1])
+    codes, scales, zeros = quantize_int8(table, attrs["block_size"].i)
     onnx.load_external_data_for_model(proto, str(folder))
     names = ("model.embed_tokens.weight_Q8", "model.embed_tokens.weight_scale", "model.embed_tokens.weight_zp")
     proto.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip((codes, scales, zeros), names))
@@ -100,7 +104,8 @@ def share_int8(model_dir: Path, folder: Path) -> bool:
         n for n in graph.node if n.op_type == "MatMulNBits" and set(n.input[1:]) & set(_lookup_sources(graph, lookup))
     )
     head_attrs = {a.name: a for a in head.attribute}
-    block_size, rows, cols = head_attrs["block_size"].i, head_attrs["N"].i, head_attrs["K"].i
+    rows, cols = head_attrs["N"].i, head_attrs["K"].i
+    block_size = int8_block(cols)
     codes, scales, zeros = quantize_int8(embedding_table(model_dir), block_size)
     if codes.shape != (rows, cols):
         raise ExportError(f"{folder}: the head is {rows}x{cols} but the embedding table is {codes.shape}.")
@@ -115,10 +120,11 @@ def share_int8(model_dir: Path, folder: Path) -> bool:
     graph.node.insert(0, helper.make_node("Reshape", [names[0], shape.name], [table], name=f"{table}/Reshape"))
     old = list(head.input[1:]) + [lookup.input[0]]
     head.input[1:] = list(names)
-    head_attrs["bits"].i = 8
+    head_attrs["bits"].i, head_attrs["block_size"].i = 8, block_size
     lookup.input[0], lookup.input[2] = table, names[1]
     lookup.input[3:] = [names[2]]
-    {a.name: a for a in lookup.attribute}["bits"].i = 8
+    lookup_attrs = {a.name: a for a in lookup.attribute}
+    lookup_attrs["bits"].i, lookup_attrs["block_size"].i = 8, block_size
     _drop_unread(graph, old)
     save_model(proto, folder)
     return True

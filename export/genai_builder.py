@@ -1,5 +1,5 @@
-"""Run the onnxruntime-genai model builder with two changes: int8 for chosen MatMul kinds in every
-layer, and quantization one weight at a time.
+"""Run the onnxruntime-genai model builder with three changes: int8 for chosen MatMul kinds in every
+layer, int8 weights in larger blocks, and quantization one weight at a time.
 
 The builder (0.15) can keep the head and a llama.cpp-style third of the layers in int8, but not a
 kind of MatMul throughout. On SmolLM2-135M that is what int4 needs (measured on the recipe sample,
@@ -26,19 +26,34 @@ import sys
 from pathlib import Path
 
 
-def _add_int8_kinds(kinds: list[str]) -> None:
+def _int8_layout(kinds: list[str]) -> None:
+    """int8 for `kinds` in every layer (on top of the builder's own mixed layers and head), and
+    every int8 MatMul symmetric in blocks as large as its input size allows (options.int8_block)."""
     import onnxruntime_genai.models  # noqa: F401  (puts its folder on sys.path)
 
     # builder.py imports its helpers as the top-level package `builders`: patch that copy.
     from builders.base import Model
 
+    from edgeft.export.options import int8_block
+
     original = Model.make_matmul_mixed_precision
 
     def make_matmul_mixed_precision(self, placement):
         original(self, placement)
+        config = self.int4_customized_weight_config
         for i in range(self.num_layers):
             for kind in kinds:
-                self.int4_customized_weight_config[f"/model/layers.{i}/{kind}/MatMul"] = {"bits": 8}
+                config[f"/model/layers.{i}/{kind}/MatMul"] = {"bits": 8}
+        for name, node in config.items():
+            if node.get("bits") == 8:
+                inputs = (
+                    self.intermediate_size
+                    if "/down_proj/" in name
+                    else self.num_attn_heads * self.head_size
+                    if "/o_proj/" in name
+                    else self.hidden_size
+                )
+                node.update(group_size=int8_block(inputs), scheme="sym")
 
     Model.make_matmul_mixed_precision = make_matmul_mixed_precision
 
@@ -178,9 +193,7 @@ def _copy(kind, message):
 
 
 if __name__ == "__main__":
-    kinds = [k for k in sys.argv[1].split(",") if k and k != "-"]
-    if kinds:
-        _add_int8_kinds(kinds)
+    _int8_layout([k for k in sys.argv[1].split(",") if k and k != "-"])
     _pack_zero_points_per_row()
     if not os.environ.get("EDGEFT_BUILDER_WHOLE_GRAPH"):  # the builder's own way: for the equality test
         _quantize_tensor_by_tensor()

@@ -256,15 +256,22 @@ def test_optimum_export_loads_in_ort_model_for_causal_lm(tiny_llama_run, precisi
     og.Model(str(out))
 
 
-def _bits_by_kind(folder) -> dict[str, set[int]]:
+def _matmuls_by_kind(folder) -> dict[str, set[tuple[int, int, int, bool]]]:
+    """Each MatMulNBits kind's (bits, block size, inputs K, has zero points)."""
     import onnx
 
-    kinds: dict[str, set[int]] = {}
+    kinds: dict[str, set[tuple[int, int, int, bool]]] = {}
     for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node:
         if node.op_type == "MatMulNBits":
             kind = node.name.split("/")[-2] if node.name.count("/") > 1 else node.name
-            kinds.setdefault(kind, set()).update(a.i for a in node.attribute if a.name == "bits")
+            a = {x.name: x.i for x in node.attribute}
+            zero_points = len(node.input) > 3 and bool(node.input[3])
+            kinds.setdefault(kind, set()).add((a["bits"], a["block_size"], a["K"], zero_points))
     return kinds
+
+
+def _bits_by_kind(folder) -> dict[str, set[int]]:
+    return {kind: {m[0] for m in found} for kind, found in _matmuls_by_kind(folder).items()}
 
 
 @pytest.mark.parametrize("backend", ["genai", "optimum"])
@@ -280,6 +287,21 @@ def test_int8_matmuls_choose_the_bit_width_per_projection(tiny_llama_run, tmp_pa
     assert rest and set().union(*rest.values()) == ({8} if mode == "attention" else {4})
     assert bits["gate_proj"] == bits["up_proj"] == {4}  # the MLP body stays int4 either way
     assert json.loads((out / "edgeft-export.json").read_text())["int8_matmuls"] == mode  # recorded as chosen
+    # int8 in blocks as large as the input size allows, symmetric (k_quant keeps its zero points);
+    # int4 keeps its blocks of 32
+    k_quant = json.loads((out / "edgeft-export.json").read_text())["rounding"] == "k_quant"
+    for found in _matmuls_by_kind(out).values():
+        for bits_, block, k, zero_points in found:
+            if bits_ == 8:
+                assert block == options.int8_block(k) > 32 and zero_points == k_quant
+            else:
+                assert block == 32
+
+
+def test_int8_blocks_divide_the_input_size():
+    # SmolLM2-135M's attention (576 inputs) and down projection (1536); Phi-3-mini's (3072, 8192)
+    assert [options.int8_block(k) for k in (576, 1536, 3072, 8192)] == [64, 256, 256, 256]
+    assert options.int8_block(48) == 16 and options.int8_block(40) == 16  # never below 16 (padded)
 
 
 def test_auto_int8_matmuls_by_model_size():
