@@ -116,22 +116,19 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
     int8 += [head] if head and head_precision == "int8" else []
     exclude = [head] if head and head_precision == "fp32" else []
     common = dict(block_size=block_size(cfg), is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level)
-    # int8 symmetric, in blocks as large as each MatMul's input size allows (as the builder path)
-    weights = {t.name: t.dims for t in model.graph.initializer}
-    inputs = {n.name: weights[n.input[1]][0] for n in model.graph.node if n.name in int8 and n.input[1] in weights}
-    int8_blocks = {n: int8_block(k) for n, k in inputs.items()}
-    if cfg.quant_method == "default":  # MLAS rounding takes one bit width (and block) per pass
-        passes = [(dict(common, bits=4), dict(nodes_to_exclude=exclude + int8))]
+    if cfg.quant_method == "default":  # MLAS rounding takes one bit width (and block) per pass, as in the builder
+        passes = [(4, DefaultWeightOnlyQuantConfig(bits=4, **common), dict(nodes_to_exclude=exclude + int8))]
         if int8:
-            wide = dict(common, bits=8, is_symmetric=True, block_size=min(int8_blocks.values(), default=32))
-            passes.append((wide, dict(nodes_to_include=int8)))
-        passes = [(DefaultWeightOnlyQuantConfig(**settings), settings, nodes) for settings, nodes in passes]
+            passes.append((8, DefaultWeightOnlyQuantConfig(bits=8, **common), dict(nodes_to_include=int8)))
     else:
+        # int8 symmetric, in blocks as large as each MatMul's input size allows (as the builder path)
+        weights = {t.name: t.dims for t in model.graph.initializer}
+        inputs = {n.name: weights[n.input[1]][0] for n in model.graph.node if n.input[1:2] and n.input[1] in weights}
+        layout = {n: {"bits": 8, "group_size": int8_block(inputs.get(n, 32)), "scheme": "sym"} for n in int8}
         algo = KQuantWeightOnlyQuantConfig if cfg.quant_method == "k_quant" else RTNWeightOnlyQuantConfig
-        layout = {n: {"bits": 8, "group_size": int8_blocks.get(n, 32), "scheme": "sym"} for n in int8}
-        passes = [(algo(customized_weight_config=layout), dict(common, bits=4), dict(nodes_to_exclude=exclude))]
-    for algo_config, settings, nodes in passes:
-        quantizer = MatMulNBitsQuantizer(model, algo_config=algo_config, **settings, **nodes)
+        passes = [(4, algo(customized_weight_config=layout), dict(nodes_to_exclude=exclude))]
+    for bits, algo_config, nodes in passes:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, algo_config=algo_config, **common, **nodes)
         with contextlib.redirect_stdout(io.StringIO()):  # k_quant draws its own progress bar on stdout
             quantizer.process()
         model = quantizer.model.model
