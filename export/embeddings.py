@@ -6,9 +6,8 @@ to the first layer as is. Measured on the recipe sample (200 answers, SmolLM2-13
 PyTorch with the export's dequantized weights): int4 head alone 82.5% exact match, int4 embedding
 alone 75.5%, fp32 80.5%. Two ways out:
 - `share_int8` (the default): one int8 matrix for both, as llama.cpp's Q8_0 token embedding; the
-  head's MatMulNBits reads it at 8 bits and the lookup reads the same bytes, in the blocks of every
-  int8 MatMul (options.int8_block). The size of one int8 table, about 11 MB more than the int4
-  matrix for SmolLM2-135M.
+  head's MatMulNBits reads it at 8 bits and the lookup reads the same bytes. The size of one int8
+  table, about 13 MB more than the int4 matrix for SmolLM2-135M.
 - `separate_int8`: the lookup gets its own int8 table and the head keeps the int4 matrix (+15 MB
   over `share_int8`).
 """
@@ -21,7 +20,6 @@ import numpy as np
 
 from edgeft.errors import ExportError
 from edgeft.export.compact import fp16_exact, save_model
-from edgeft.export.options import int8_block
 
 EMBEDDING_KEYS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
 
@@ -70,9 +68,7 @@ def separate_int8(model_dir: Path, folder: Path) -> bool:
     if node is None:
         return False
     attrs = {a.name: a for a in node.attribute}
-    table = embedding_table(model_dir)
-    attrs["block_size"].i = int8_block(table.shape[1])
-    codes, scales, zeros = quantize_int8(table, attrs["block_size"].i)
+    codes, scales, zeros = quantize_int8(embedding_table(model_dir), attrs["block_size"].i)
     onnx.load_external_data_for_model(proto, str(folder))
     names = ("model.embed_tokens.weight_Q8", "model.embed_tokens.weight_scale", "model.embed_tokens.weight_zp")
     proto.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip((codes, scales, zeros), names))
@@ -104,8 +100,7 @@ def share_int8(model_dir: Path, folder: Path) -> bool:
         n for n in graph.node if n.op_type == "MatMulNBits" and set(n.input[1:]) & set(_lookup_sources(graph, lookup))
     )
     head_attrs = {a.name: a for a in head.attribute}
-    rows, cols = head_attrs["N"].i, head_attrs["K"].i
-    block_size = int8_block(cols)
+    block_size, rows, cols = head_attrs["block_size"].i, head_attrs["N"].i, head_attrs["K"].i
     codes, scales, zeros = quantize_int8(embedding_table(model_dir), block_size)
     if codes.shape != (rows, cols):
         raise ExportError(f"{folder}: the head is {rows}x{cols} but the embedding table is {codes.shape}.")
@@ -120,11 +115,10 @@ def share_int8(model_dir: Path, folder: Path) -> bool:
     graph.node.insert(0, helper.make_node("Reshape", [names[0], shape.name], [table], name=f"{table}/Reshape"))
     old = list(head.input[1:]) + [lookup.input[0]]
     head.input[1:] = list(names)
-    head_attrs["bits"].i, head_attrs["block_size"].i = 8, block_size
+    head_attrs["bits"].i = 8
     lookup.input[0], lookup.input[2] = table, names[1]
     lookup.input[3:] = [names[2]]
-    lookup_attrs = {a.name: a for a in lookup.attribute}
-    lookup_attrs["bits"].i, lookup_attrs["block_size"].i = 8, block_size
+    {a.name: a for a in lookup.attribute}["bits"].i = 8
     _drop_unread(graph, old)
     save_model(proto, folder)
     return True

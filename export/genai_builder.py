@@ -28,7 +28,8 @@ from pathlib import Path
 
 def _int8_layout(kinds: list[str]) -> None:
     """int8 for `kinds` in every layer (on top of the builder's own mixed layers and head), and
-    every int8 MatMul symmetric in blocks as large as its input size allows (options.int8_block)."""
+    every int8 layer MatMul symmetric in blocks as large as its input size allows
+    (options.int8_block). The head keeps int4's blocks (see options.INT8_MAX_BLOCK)."""
     import onnxruntime_genai.models  # noqa: F401  (puts its folder on sys.path)
 
     # builder.py imports its helpers as the top-level package `builders`: patch that copy.
@@ -45,7 +46,7 @@ def _int8_layout(kinds: list[str]) -> None:
             for kind in kinds:
                 config[f"/model/layers.{i}/{kind}/MatMul"] = {"bits": 8}
         for name, node in config.items():
-            if node.get("bits") == 8:
+            if node.get("bits") == 8 and not name.startswith("/lm_head/"):
                 inputs = (
                     self.intermediate_size
                     if "/down_proj/" in name

@@ -121,10 +121,12 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
         if int8:
             passes.append((8, DefaultWeightOnlyQuantConfig(bits=8, **common), dict(nodes_to_include=int8)))
     else:
-        # int8 symmetric, in blocks as large as each MatMul's input size allows (as the builder path)
+        # int8 layer MatMuls symmetric, in blocks as large as their input size allows; the head keeps
+        # int4's blocks (as the builder path)
         weights = {t.name: t.dims for t in model.graph.initializer}
         inputs = {n.name: weights[n.input[1]][0] for n in model.graph.node if n.input[1:2] and n.input[1] in weights}
         layout = {n: {"bits": 8, "group_size": int8_block(inputs.get(n, 32)), "scheme": "sym"} for n in int8}
+        layout.update({head: {"bits": 8}} if head in layout else {})
         algo = KQuantWeightOnlyQuantConfig if cfg.quant_method == "k_quant" else RTNWeightOnlyQuantConfig
         passes = [(4, algo(customized_weight_config=layout), dict(nodes_to_exclude=exclude))]
     for bits, algo_config, nodes in passes:
