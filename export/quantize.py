@@ -125,8 +125,8 @@ def quantize_int4(src: Path, dst: Path, cfg, model_config: dict) -> None:
         # int4's blocks (as the builder path)
         weights = {t.name: t.dims for t in model.graph.initializer}
         inputs = {n.name: weights[n.input[1]][0] for n in model.graph.node if n.input[1:2] and n.input[1] in weights}
-        layout = {n: {"bits": 8, "group_size": int8_block(inputs.get(n, 32)), "scheme": "sym"} for n in int8}
-        layout.update({head: {"bits": 8}} if head in layout else {})
+        wide = {n: {"group_size": int8_block(inputs.get(n, 32)), "scheme": "sym"} for n in int8 if n != head}
+        layout = {n: {"bits": 8, **wide.get(n, {})} for n in int8}
         algo = KQuantWeightOnlyQuantConfig if cfg.quant_method == "k_quant" else RTNWeightOnlyQuantConfig
         passes = [(4, algo(customized_weight_config=layout), dict(nodes_to_exclude=exclude))]
     for bits, algo_config, nodes in passes:
