@@ -125,7 +125,7 @@ def block_size(cfg: ExportConfig) -> int:
 # int8 needs no small blocks: its 255 steps hold a whole row's range. Symmetric in blocks of up to
 # 256 (no zero points), an int8 weight of a layer costs 8.06-8.25 bits instead of 8.75 in blocks of
 # 32 with zero points (scales stored in fp16): 4 MB less for SmolLM2-135M's int8 attention and down
-# projections, and 5-15% faster decoding. The head, which writes the logits, keeps int4's blocks:
+# projections, and 6-16% faster decoding. The head, which writes the logits, keeps int4's blocks:
 # in blocks of 64 it took the base model's k_quant export from +8.6% to +9.9% perplexity against
 # the fp32 model (the export gate stops at +10%), for 0.9 MB.
 INT8_MAX_BLOCK = 256
