@@ -177,7 +177,7 @@ def common_start(sequences: Sequence[Sequence[int]]) -> int:
     if len(sequences) < 2:
         return 0
     shared = functools.reduce(lambda n, s: common_prefix(sequences[0][:n], s), sequences[1:], len(sequences[0]))
-    return min(shared, min(map(len, sequences)) - 1)
+    return max(0, min(shared, min(map(len, sequences)) - 1))
 
 
 def _positions(mask):

@@ -189,13 +189,9 @@ def calibration_ids(
 def shared_prefix(batches: list[list[int]]) -> int:
     """How many leading tokens every calibration example shares (a system prompt, tool definitions),
     leaving each example at least one token of its own."""
-    if len(batches) < 2:
-        return 0
-    n = min(len(ids) for ids in batches) - 1
-    first = batches[0]
-    for ids in batches[1:]:
-        n = next((i for i in range(n) if ids[i] != first[i]), n)
-    return max(n, 0)
+    from edgeft.fidelity import common_start
+
+    return common_start(batches)
 
 
 class _Stop(Exception):

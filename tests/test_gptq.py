@@ -170,6 +170,7 @@ def test_shared_prefix_leaves_each_example_a_token():
     assert gptq.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter keeps its last token
     assert gptq.shared_prefix([[7, 2], [1, 2]]) == 0
     assert gptq.shared_prefix([[1, 2, 3]]) == 0
+    assert gptq.shared_prefix([[], [1, 2]]) == 0  # never negative
 
 
 def _chats(path, examples):
