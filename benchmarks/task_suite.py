@@ -114,7 +114,7 @@ def _numbers(run: Path, report: Path, metric: str) -> dict:
         "held_out": (data.get("held_out") or {}).get("examples", 0),
         "best_step": stages.get("tune", {}).get("metrics", {}).get("best_step"),
         "steps": stages.get("tune", {}).get("metrics", {}).get("steps"),
-        "export": _layout(exported),
+        "export": _layout(exported, run / "onnx-int4" / "model.onnx"),
         "gate": (verification.get("gate") or {}).get("passed"),
         "gate_problems": (verification.get("gate") or {}).get("problems"),
         "token_agreement": verification.get("token_agreement"),
@@ -135,12 +135,28 @@ def _numbers(run: Path, report: Path, metric: str) -> dict:
     return out
 
 
-def _layout(exported: dict) -> str | None:
-    """How the int4 export rounded: "gptq, blocks of 32, int8 attention"."""
+def _layout(exported: dict, graph: Path) -> str | None:
+    """How the int4 export rounded: "gptq, blocks of 32, int8 attention in blocks of 64/256" (the
+    int8 layer MatMuls' blocks as the graph has them: rows before 2026-12-07 had int4's)."""
     if not exported.get("rounding"):
         return None
     int8 = exported.get("int8_matmuls")  # not recorded by exports before it was
-    return f"{exported['rounding']}, blocks of {exported['block_size']}" + (f", int8 {int8}" if int8 else "")
+    blocks = _int8_layer_blocks(graph) if int8 and int8 != "none" else []
+    return (
+        f"{exported['rounding']}, blocks of {exported['block_size']}"
+        + (f", int8 {int8}" if int8 else "")
+        + (f" in blocks of {'/'.join(map(str, blocks))}" if blocks else "")
+    )
+
+
+def _int8_layer_blocks(graph: Path) -> list[int]:
+    import onnx
+
+    if not graph.is_file():
+        return []
+    nodes = onnx.load(graph, load_external_data=False).graph.node
+    attrs = [{a.name: a.i for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits" and "/layers." in n.name]
+    return sorted({a["block_size"] for a in attrs if a.get("bits") == 8})
 
 
 def markdown(results: list[dict], quick: bool) -> list[str]:

@@ -26,6 +26,7 @@ def test_each_task_shape_goes_the_readme_way(task, smollm2, tmp_path):
     verification = manifest["stages"]["export"]["verification"]
     assert verification["exact_match_samples"] == verification["samples"]  # checked on the task's own prompts
     assert None not in (result["as_trained"], result["int4"], result["base"])  # every row answered
+    assert result["export"].endswith("int8 attention in blocks of 64/256")  # the layout as the graph has it
 
 
 @pytest.mark.real
