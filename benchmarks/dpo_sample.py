@@ -70,7 +70,11 @@ def run(work: Path, *, quick: bool = False) -> dict:
         exported = manifest.get("stages", {}).get("export", {})
         gate = (exported.get("verification") or {}).get("gate") or {}
         metrics = manifest.get("stages", {}).get("tune", {}).get("metrics", {})
-        result[key] = {"export": _layout(exported), "gate": gate.get("passed"), "tune_metrics": metrics}
+        result[key] = {
+            "export": _layout(exported, folder / "onnx-int4" / "model.onnx"),
+            "gate": gate.get("passed"),
+            "tune_metrics": metrics,
+        }
     if report.is_file():
         result["rows"] = [
             {k: r[k] for k in ("label", "kind", "backend", "exact_match", "preference_accuracy", "samples")}
